@@ -1,0 +1,201 @@
+"""Read `params.yaml` once, into typed frozen dataclasses, and refuse anything unknown or impossible.
+
+Every stage gets only its own section. Defaults live in `params.yaml`; nothing here repeats them, so a
+missing key is an error too (it usually means a typo elsewhere in the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from pipeline.augmentations import TransformSpec, parse_transforms
+from pipeline.errors import PipelineError
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise PipelineError(f"params: `{key}` must be {allowed}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class CollectParams:
+    source: Literal["mnist", "folder"]
+    folder: str
+    images_per_class: int
+    external_limit: int
+    folds: tuple[int, ...]
+    image_size: int
+    channels: Literal[1, 3]
+    seed: int
+
+    def __post_init__(self) -> None:
+        k = len(self.folds)
+        _require(k >= 2 and list(self.folds) == list(range(k)), "collect.folds",
+                 "the fold ids 0..k-1 with k >= 2, e.g. [0, 1, 2, 3, 4] for 5-fold CV", list(self.folds))
+        _require(self.images_per_class >= k, "collect.images_per_class",
+                 f"at least the number of folds ({k}) so every fold has an image of every class",
+                 self.images_per_class)
+        _require(self.external_limit >= 0, "collect.external_limit", ">= 0 (0 keeps them all)",
+                 self.external_limit)
+        size = self.image_size
+        _require(16 <= size <= 128 and size & (size - 1) == 0, "collect.image_size",
+                 "a power of two from 16 to 128", size)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    seed: int
+    preview_images: int
+    transforms: tuple[TransformSpec, ...]
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.preview_images <= 256, "augment.preview_images", "from 1 to 256", self.preview_images)
+
+
+@dataclass(frozen=True)
+class SynthesizeParams:
+    seed: int
+    steps: int
+    batch_size: int
+    z_dim: int
+    base_channels: int
+    lr_g: float
+    lr_d: float
+    diffaugment: str
+    ema_decay: float
+    log_every: int
+    samples_per_class: int
+    device: Literal["auto", "cpu", "cuda"]
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "z_dim", "base_channels", "log_every", "samples_per_class"):
+            _require(getattr(self, key) >= 1, f"synthesize.{key}", ">= 1", getattr(self, key))
+        for key in ("lr_g", "lr_d"):
+            _require(0 < getattr(self, key) < 1, f"synthesize.{key}", "between 0 and 1", getattr(self, key))
+        _require(0 <= self.ema_decay < 1, "synthesize.ema_decay", "in [0, 1)", self.ema_decay)
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    seed: int
+    backbone: str
+    input_size: int
+    epochs: int
+    batch_size: int
+    lr_head: float
+    lr_body: float
+    weight_decay: float
+    warmup_epochs: int
+    label_smoothing: float
+    device: Literal["auto", "cpu", "cuda"]
+
+    def __post_init__(self) -> None:
+        _require(16 <= self.input_size <= 1024, "finetune.input_size", "from 16 to 1024", self.input_size)
+        _require(self.epochs >= 1, "finetune.epochs", ">= 1", self.epochs)
+        _require(self.batch_size >= 2, "finetune.batch_size", ">= 2 (batch norm needs two images)",
+                 self.batch_size)
+        _require(0 <= self.warmup_epochs < self.epochs, "finetune.warmup_epochs",
+                 f"from 0 to epochs - 1 ({self.epochs - 1})", self.warmup_epochs)
+        for key in ("lr_head", "lr_body"):
+            _require(0 < getattr(self, key) < 1, f"finetune.{key}", "between 0 and 1", getattr(self, key))
+        _require(self.weight_decay >= 0, "finetune.weight_decay", ">= 0", self.weight_decay)
+        _require(0 <= self.label_smoothing < 1, "finetune.label_smoothing", "in [0, 1)", self.label_smoothing)
+
+
+@dataclass(frozen=True)
+class Variant:
+    weights: Literal["packaged", "hub", "none"]
+    augment: bool
+    synthetic: bool
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    confidence: float
+
+    def __post_init__(self) -> None:
+        _require(0.5 <= self.confidence < 1, "evaluate.confidence", "in [0.5, 1)", self.confidence)
+
+
+@dataclass(frozen=True)
+class Params:
+    collect: CollectParams
+    augment: AugmentParams
+    synthesize: SynthesizeParams
+    finetune: FinetuneParams
+    variants: dict[str, Variant]
+    evaluate: EvaluateParams
+
+    def __post_init__(self) -> None:
+        _require(len(self.variants) >= 1, "variants", "at least one variant", self.variants)
+        for name in self.variants:
+            _require(name.replace("_", "").isalnum(), f"variants.{name}",
+                     "named with letters, digits and underscores only (the name becomes a folder and a DVC stage)",
+                     name)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the type `hint` and convert it (lists to tuples, mappings to dataclasses)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if hint == tuple[TransformSpec, ...]:
+        _require(isinstance(value, Mapping), key, "a mapping of transform name to options", value)
+        return parse_transforms(value, key)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        _require(value in allowed and type(value) is type(allowed[0]), key,
+                 "one of " + ", ".join(repr(a) for a in allowed), value)
+        return value
+    if origin is tuple:
+        (item_hint, _) = typing.get_args(hint)
+        _require(isinstance(value, list), key, "a list", value)
+        return tuple(_convert(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        _, item_hint = typing.get_args(hint)
+        _require(isinstance(value, Mapping), key, "a mapping", value)
+        return {str(k): _convert(v, item_hint, f"{key}.{k}") for k, v in value.items()}
+    if hint is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        return float(value)
+    if hint in (int, str, bool):
+        _require(type(value) is hint, key, f"of type {hint.__name__}", value)
+        return value
+    raise TypeError(f"params.py cannot check type {hint!r} of `{key}`")  # a bug here, not the user's mistake
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    where = f"`{key}`" if key else "the top level"
+    if not isinstance(raw, Mapping):
+        raise PipelineError(f"params: {where} must be a mapping of keys to values; got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{key}." if key else ""
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise PipelineError(f"params: unknown key `{prefix}{unknown[0]}`; allowed keys here: {', '.join(names)}")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise PipelineError(f"params: missing key `{prefix}{missing[0]}` (see README for what it does)")
+    return cls(**{n: _convert(raw[n], hints[n], prefix + n) for n in names})
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a params mapping (as read from YAML) and return it typed."""
+    return _build(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"params: {path} not found; run from the repository root") from None
+    except yaml.YAMLError as err:
+        raise PipelineError(f"params: {path} is not valid YAML: {err}") from None
+    return parse_params(raw)

@@ -1,0 +1,47 @@
+"""What every stage does before its work: logging, seeds, the device, and turning user mistakes into messages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from typing import Callable
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; components with their own seed (albumentations, sklearn) get it too."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str):
+    """`auto` is CUDA when there is one, else the CPU; asking for `cuda` without one is a user error."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("device: cuda was asked for but torch sees no CUDA GPU; use `device: auto` or `cpu`")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def cli(main: Callable[[list[str] | None], None]) -> None:
+    """Run a stage's main(); a PipelineError ends the run with its message and exit status 2, no traceback."""
+    try:
+        main(None)
+    except PipelineError as err:
+        logging.getLogger("pipeline").error("%s", err)
+        sys.exit(2)

@@ -1,0 +1,79 @@
+"""Shared fixtures: the real params.yaml shrunk to smoke-test size, and real images (MNIST, scikit-learn digits)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline import collect
+from pipeline.params import Params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Smallest settings that still exercise every code path; used by unit tests and the end-to-end DVC run.
+TINY = {
+    "collect.images_per_class": 4,
+    "collect.external_limit": 300,
+    "collect.folds": [0, 1],
+    "collect.image_size": 16,
+    "synthesize.steps": 20,
+    "synthesize.batch_size": 16,
+    "synthesize.base_channels": 8,
+    "synthesize.samples_per_class": 3,
+    "synthesize.log_every": 5,
+    "finetune.input_size": 32,
+    "finetune.epochs": 3,
+    "finetune.warmup_epochs": 1,
+    "finetune.batch_size": 16,
+}
+
+
+def raw_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_overrides(raw: dict, overrides: dict) -> dict:
+    """A copy of a params mapping with dotted keys replaced, e.g. {"collect.folds": [0, 1]}."""
+    raw = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return raw
+
+
+def make_params(**overrides) -> Params:
+    """params.yaml at TINY size, plus keyword overrides with `__` for dots (collect__folds=[0, 1, 2])."""
+    return parse_params(with_overrides(raw_params(), {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}))
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> Params:
+    return make_params()
+
+
+@pytest.fixture(scope="session")
+def collected_dir(tmp_path_factory, tiny_params) -> Path:
+    """The collect stage's real output on MNIST at TINY size (read-only for tests)."""
+    out = tmp_path_factory.mktemp("collected") / "collected"
+    collect.run(tiny_params.collect, out)
+    return out
+
+
+def digit_images(per_class: int, classes: int = 3, size: int = 24) -> dict[int, list[np.ndarray]]:
+    """Real handwritten digits from scikit-learn, upscaled to `size` px, `per_class` distinct ones per class."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    out = {}
+    for label in range(classes):
+        picked = digits.images[digits.target == label][:per_class]
+        out[label] = [np.asarray(Image.fromarray((d * 255 / 16).astype(np.uint8)).resize((size, size))) for d in picked]
+    return out

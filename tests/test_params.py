@@ -1,0 +1,73 @@
+"""params.yaml is validated before any work: unknown keys, wrong types and impossible values name the key."""
+
+import pytest
+
+from conftest import make_params, raw_params, with_overrides
+from pipeline.errors import PipelineError
+from pipeline.params import load_params, parse_params
+
+
+def test_default_params_yaml_is_valid():
+    params = load_params("params.yaml")
+    assert params.collect.folds == (0, 1, 2, 3, 4)
+    assert params.collect.images_per_class == 10
+    assert params.finetune.backbone == "efficientnet_lite0"
+    assert set(params.variants) >= {"baseline", "augment", "synthetic"}
+    assert params.variants["synthetic"].synthetic and not params.variants["baseline"].augment
+    assert [t.name for t in params.augment.transforms][0] == "affine"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"collect.colour": 1}, r"unknown key `collect.colour`; allowed keys here: source, folder"),
+    ({"finetune.epochs": "ten"}, r"`finetune.epochs` must be of type int; got 'ten'"),
+    ({"finetune.lr_head": True}, r"`finetune.lr_head` must be a number"),
+    ({"collect.source": "imagenet"}, r"`collect.source` must be one of 'mnist', 'folder'"),
+    ({"collect.channels": 2}, r"`collect.channels` must be one of 1, 3"),
+    ({"collect.folds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "collect.images_per_class": 10},
+     r"`collect.images_per_class` must be at least the number of folds \(11\)"),
+    ({"collect.folds": [1, 2]}, r"`collect.folds` must be the fold ids 0..k-1"),
+    ({"collect.image_size": 48}, r"`collect.image_size` must be a power of two"),
+    ({"finetune.warmup_epochs": 30, "finetune.epochs": 30}, r"`finetune.warmup_epochs` must be from 0 to epochs - 1"),
+    ({"finetune.device": "tpu"}, r"`finetune.device` must be one of 'auto', 'cpu', 'cuda'"),
+    ({"variants.baseline.weights": "imagenet"}, r"`variants.baseline.weights` must be one of 'packaged', 'hub'"),
+    ({"augment.transforms.rotate90": {"p": 1}}, r"unknown transform `augment.transforms.rotate90`; allowed: affine"),
+    ({"augment.transforms.affine": {"p": 0.5}}, r"`augment.transforms.affine` must set exactly these options"),
+    ({"augment.transforms.hflip": {"p": 1.5}}, r"`augment.transforms.hflip.p` must be a probability"),
+    ({"augment.transforms.affine.scale": [1.2, 0.8]}, r"`augment.transforms.affine.scale` must be a \[low, high\]"),
+    ({"synthesize.ema_decay": 1.0}, r"`synthesize.ema_decay` must be in \[0, 1\)"),
+])
+def test_bad_values_are_refused_with_the_key_named(overrides, message):
+    with pytest.raises(PipelineError, match=message):
+        parse_params(with_overrides(raw_params(), overrides))
+
+
+def test_missing_key_is_named():
+    raw = raw_params()
+    del raw["finetune"]["label_smoothing"]
+    with pytest.raises(PipelineError, match=r"missing key `finetune.label_smoothing`"):
+        parse_params(raw)
+
+
+def test_unknown_top_level_section_is_named():
+    with pytest.raises(PipelineError, match=r"unknown key `train`"):
+        parse_params({**raw_params(), "train": {}})
+
+
+def test_variant_names_must_be_usable_as_folder_names():
+    with pytest.raises(PipelineError, match=r"`variants.my variant`"):
+        make_params(**{"variants": {"my variant": {"weights": "none", "augment": False, "synthetic": False}}})
+
+
+def test_missing_or_broken_file_is_a_clear_error(tmp_path):
+    with pytest.raises(PipelineError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("collect: [unclosed\n")
+    with pytest.raises(PipelineError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_params_are_frozen():
+    params = make_params()
+    with pytest.raises(AttributeError):
+        params.finetune.epochs = 100

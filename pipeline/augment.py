@@ -1,0 +1,58 @@
+"""Stage 2, augment: build the albumentations policy from params, save it, and preview it on training images.
+
+Writes `policy.json` (albumentations' own serialisation, which finetune loads) and `preview.png`: each pair
+of rows shows real labelled images and, under them, one augmented draw of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import atomic, paths
+from pipeline.augmentations import augment_image, build_policy, describe, save_policy
+from pipeline.images import grid, load_collected, save_png
+from pipeline.params import AugmentParams, load_params
+from pipeline.runtime import cli, setup_logging
+
+log = logging.getLogger(__name__)
+PREVIEW_COLUMNS = 8
+
+
+def preview(policy, images: np.ndarray, columns: int = PREVIEW_COLUMNS) -> np.ndarray:
+    """Rows of originals interleaved with rows of their augmented versions."""
+    rows = []
+    for start in range(0, len(images), columns):
+        chunk = images[start:start + columns]
+        rows.append(chunk)
+        rows.append(np.stack([augment_image(policy, image) for image in chunk]))
+    padded = [np.concatenate([r, np.zeros((columns - len(r), *r.shape[1:]), np.uint8)]) for r in rows]
+    return grid(np.concatenate(padded), columns)
+
+
+def run(params: AugmentParams, collected_dir: Path, output: Path) -> None:
+    collected = load_collected(collected_dir)
+    images, _ = collected.select(collected.labelled)
+    rng = np.random.default_rng(params.seed)
+    shown = images[np.sort(rng.choice(len(images), min(params.preview_images, len(images)), replace=False))]
+    policy = build_policy(params.transforms, params.seed)
+    with atomic.atomic_dir(output) as tmp:
+        save_policy(policy, tmp / paths.POLICY_FILE)
+        scale = max(1, 96 // images.shape[1])  # enlarge tiny images so a person can see the transforms
+        save_png(tmp / "preview.png", preview(policy, shown), scale=scale)
+    log.info("augment: policy %s, preview of %d images", describe(params.transforms), len(shown))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    setup_logging()
+    run(load_params(args.params).augment, paths.COLLECTED, paths.AUGMENT)
+
+
+if __name__ == "__main__":
+    cli(main)

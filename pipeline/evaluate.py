@@ -1,0 +1,158 @@
+"""Stage 5, evaluate: out-of-fold metrics per variant (mean, std and interval across folds), external test
+accuracy per fold and for the ensemble of folds, confusion matrices, `reports/metrics.json` and a report
+that says in words which variant did best."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import atomic, paths
+from pipeline.errors import PipelineError
+from pipeline.images import Collected, load_collected
+from pipeline.metrics import METRICS, mean_interval, save_confusion, score
+from pipeline.params import EvaluateParams, load_params
+from pipeline.runtime import cli, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluateOutputs:
+    metrics: Path
+    report: Path
+    figures: Path
+
+
+@dataclass
+class VariantResult:
+    name: str
+    fold_scores: list[dict[str, float]]  # validation metrics, one dict per fold
+    oof_targets: np.ndarray  # every labelled image once, predicted by the fold that did not train on it
+    oof_probs: np.ndarray
+    external_fold_accuracy: list[float]
+    external_probs: np.ndarray | None  # mean of the folds' probabilities (the ensemble); None without a test set
+
+
+def load_variant(name: str, collected: Collected, finetune_dir) -> VariantResult:
+    fold_scores, oof_targets, oof_probs, ext_acc, ext_probs = [], [], [], [], []
+    targets = collected.manifest.target.to_numpy()
+    for fold in collected.folds:
+        path = finetune_dir(fold, name) / paths.PREDICTIONS_FILE
+        try:
+            with np.load(path) as data:
+                pred = {k: data[k] for k in data.files}
+        except FileNotFoundError:
+            raise PipelineError(f"{path} is missing: run `dvc repro` so finetune covers fold {fold}, variant {name}")
+        expected = collected.fold_split(fold)[1]["index"].to_numpy()
+        if not np.array_equal(np.sort(pred["val_index"]), np.sort(expected)):
+            raise PipelineError(f"{path} was made for other folds than the collected data; re-run `dvc repro`")
+        y = targets[pred["val_index"]]
+        fold_scores.append(score(y, pred["val_probs"]))
+        oof_targets.append(y)
+        oof_probs.append(pred["val_probs"])
+        if len(pred["test_index"]):
+            ext_acc.append(score(targets[pred["test_index"]], pred["test_probs"])["accuracy"])
+            ext_probs.append(pred["test_probs"])
+    ensemble = np.mean(ext_probs, axis=0) if ext_probs else None
+    return VariantResult(name, fold_scores, np.concatenate(oof_targets), np.concatenate(oof_probs), ext_acc, ensemble)
+
+
+def summarise(result: VariantResult, external_targets: np.ndarray, confidence: float) -> dict:
+    """Flat numbers for metrics.json: cv_<metric>{,_std,_low,_high}, oof_<metric>, external_* ."""
+    out = {}
+    for metric in METRICS:
+        interval = mean_interval([s[metric] for s in result.fold_scores], confidence)
+        out[f"cv_{metric}"] = interval["mean"]
+        out.update({f"cv_{metric}_{k}": v for k, v in interval.items() if k != "mean"})
+    out.update({f"oof_{k}": v for k, v in score(result.oof_targets, result.oof_probs).items()})
+    if result.external_probs is not None:
+        out["external_accuracy_fold_mean"] = float(np.mean(result.external_fold_accuracy))
+        out["external_accuracy_fold_std"] = float(np.std(result.external_fold_accuracy, ddof=1))
+        out.update({f"external_ensemble_{k}": v for k, v in score(external_targets, result.external_probs).items()})
+    return out
+
+
+def write_report(path: Path, summary: dict[str, dict], collected: Collected, params: EvaluateParams) -> str:
+    """The Markdown report; returns the name of the best variant (highest mean CV accuracy)."""
+    best = max(summary, key=lambda v: summary[v]["cv_accuracy"])
+    level = f"{params.confidence:.0%}"
+    has_external = "external_ensemble_accuracy" in summary[best]
+    lines = [
+        "# Results", "",
+        f"{len(collected.labelled)} labelled images in {len(collected.classes)} classes, "
+        f"{len(collected.folds)}-fold cross-validation"
+        + (f"; {len(collected.external)} external test images that no stage trained on." if has_external else "."),
+        "",
+        f"| variant | CV accuracy (mean ± std, {level} interval) | CV balanced accuracy | CV macro-F1 |"
+        + (" external accuracy, folds (mean ± std) | external accuracy, ensemble |" if has_external else ""),
+        "|---|---|---|---|" + ("---|---|" if has_external else ""),
+    ]
+    for name, m in sorted(summary.items(), key=lambda kv: -kv[1]["cv_accuracy"]):
+        row = (f"| {'**' + name + '**' if name == best else name} | {m['cv_accuracy']:.3f} ± {m['cv_accuracy_std']:.3f} "
+               f"[{m['cv_accuracy_low']:.3f}, {m['cv_accuracy_high']:.3f}] | {m['cv_balanced_accuracy']:.3f} | "
+               f"{m['cv_macro_f1']:.3f} |")
+        if has_external:
+            row += (f" {m['external_accuracy_fold_mean']:.3f} ± {m['external_accuracy_fold_std']:.3f} | "
+                    f"{m['external_ensemble_accuracy']:.3f} |")
+        lines.append(row)
+    lines += ["", _verdict(summary, best, has_external), "",
+              "Intervals are Student-t intervals over folds. Folds share training images, so they understate the "
+              "uncertainty; differences inside them are not evidence that one variant is better.", ""]
+    lines += [f"![confusion matrix of {name}](figures/confusion_{name}.png)" for name in summary]
+    atomic.write_text(path, "\n".join(lines) + "\n")
+    return best
+
+
+def _verdict(summary: dict[str, dict], best: str, has_external: bool) -> str:
+    m = summary[best]
+    text = (f"**{best}** did best in cross-validation with a mean accuracy of {m['cv_accuracy']:.3f} "
+            f"({m['cv_accuracy_low']:.3f} to {m['cv_accuracy_high']:.3f}).")
+    overlapping = [v for v in summary if v != best and summary[v]["cv_accuracy_high"] >= m["cv_accuracy_low"]]
+    if overlapping:
+        text += f" Its interval overlaps that of {', '.join(overlapping)}, so that lead is not clear-cut."
+    if has_external:
+        ext_best = max(summary, key=lambda v: summary[v]["external_ensemble_accuracy"])
+        text += (f" On the external test set the ensemble of its fold models scores {m['external_ensemble_accuracy']:.3f}"
+                 + (", also the best there." if ext_best == best else
+                    f"; there {ext_best} scores higher ({summary[ext_best]['external_ensemble_accuracy']:.3f})."))
+    return text
+
+
+def run(params: EvaluateParams, variants: list[str], collected_dir: Path, finetune_dir,
+        outputs: EvaluateOutputs) -> dict:
+    """Evaluate every variant's fold predictions; write metrics, report and figures; return the metrics."""
+    collected = load_collected(collected_dir)
+    ext_targets = collected.external.target.to_numpy()
+    results = [load_variant(name, collected, finetune_dir) for name in variants]
+    summary = {r.name: summarise(r, ext_targets, params.confidence) for r in results}
+    outputs.figures.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        has_ext = r.external_probs is not None
+        targets, probs = (ext_targets, r.external_probs) if has_ext else (r.oof_targets, r.oof_probs)
+        where = "external test, ensemble of folds" if has_ext else "out-of-fold"
+        save_confusion(outputs.figures / f"confusion_{r.name}.png", targets, probs, collected.classes,
+                       f"{r.name} ({where})")
+    best = write_report(outputs.report, summary, collected, params)
+    atomic.write_text(outputs.metrics, json.dumps(summary, indent=2) + "\n")
+    log.info("evaluate: best variant %s (CV accuracy %.3f)", best, summary[best]["cv_accuracy"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = load_params(args.params)
+    outputs = EvaluateOutputs(paths.METRICS, paths.REPORT, paths.FIGURES)
+    run(params.evaluate, list(params.variants), paths.COLLECTED, paths.finetune_dir, outputs)
+
+
+if __name__ == "__main__":
+    cli(main)

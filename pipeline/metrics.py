@@ -1,0 +1,60 @@
+"""Metrics by name (a dict, not branches), intervals across folds, and the confusion-matrix figure."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
+
+from pipeline import atomic
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "accuracy": accuracy_score,
+    "balanced_accuracy": balanced_accuracy_score,
+    "macro_f1": lambda y, p: f1_score(y, p, average="macro", zero_division=0),
+}
+
+
+def score(targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    predicted = probs.argmax(1)
+    return {name: float(fn(targets, predicted)) for name, fn in METRICS.items()}
+
+
+def mean_interval(values: list[float], confidence: float) -> dict[str, float]:
+    """Mean, standard deviation and a Student-t interval over folds (folds share training images, so the
+    interval is optimistic; it is the usual first look, not a significance test)."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * std / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "low": mean - half, "high": mean + half}
+
+
+def save_confusion(path: Path, targets: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], title: str) -> None:
+    """A row-normalised confusion matrix with counts, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = confusion_matrix(targets, probs.argmax(1), labels=range(len(classes)))
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    size = 2 + 0.45 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(counts):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title=title)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic.write_bytes(path, buffer.getvalue())

@@ -1,0 +1,77 @@
+"""The evaluate stage on predictions with known answers."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_params
+from pipeline import evaluate
+from pipeline.errors import PipelineError
+from pipeline.evaluate import EvaluateOutputs
+from pipeline.images import load_collected
+from pipeline.metrics import mean_interval, score
+
+
+def write_predictions(root, collected_dir, name, correct_share, seed):
+    """Predictions that are right for `correct_share` of the images (chosen at random), confidently."""
+    data = load_collected(collected_dir)
+    rng = np.random.default_rng(seed)
+    targets = data.manifest.target.to_numpy()
+
+    def probs(index):
+        predicted = np.where(rng.random(len(index)) < correct_share, targets[index], (targets[index] + 1) % 10)
+        out = np.full((len(index), 10), 0.01)
+        out[np.arange(len(index)), predicted] = 0.91
+        return out
+
+    for fold in data.folds:
+        val = data.fold_split(fold)[1]["index"].to_numpy()
+        test = data.external["index"].to_numpy()
+        folder = root / f"fold{fold}-{name}"
+        folder.mkdir(parents=True)
+        np.savez(folder / "predictions.npz", val_index=val, val_probs=probs(val), test_index=test, test_probs=probs(test))
+
+
+def outputs(tmp_path):
+    return EvaluateOutputs(tmp_path / "reports" / "metrics.json", tmp_path / "reports" / "report.md",
+                           tmp_path / "reports" / "figures")
+
+
+def test_metrics_and_report_name_the_better_variant(tmp_path, collected_dir):
+    preds = tmp_path / "finetune"
+    write_predictions(preds, collected_dir, "perfect", 1.0, 0)
+    write_predictions(preds, collected_dir, "coin", 0.5, 1)
+    out = outputs(tmp_path)
+    summary = evaluate.run(make_params().evaluate, ["coin", "perfect"], collected_dir,
+                           lambda fold, name: preds / f"fold{fold}-{name}", out)
+    assert json.loads(out.metrics.read_text()) == summary
+    perfect, coin = summary["perfect"], summary["coin"]
+    assert perfect["cv_accuracy"] == perfect["oof_accuracy"] == perfect["external_ensemble_accuracy"] == 1.0
+    assert perfect["cv_accuracy_std"] == 0.0 and perfect["cv_macro_f1"] == 1.0
+    assert 0.3 < coin["cv_accuracy"] < 0.7 and 0.35 < coin["external_accuracy_fold_mean"] < 0.65
+    # averaging the folds' probabilities: wrong answers disagree less often than right ones, so the ensemble is
+    # at least as good as the folds
+    assert coin["external_ensemble_accuracy"] >= coin["external_accuracy_fold_mean"] - 0.05
+    report = out.report.read_text()
+    assert "**perfect** did best in cross-validation" in report
+    assert "| **perfect** | 1.000 ± 0.000" in report
+    assert (out.figures / "confusion_perfect.png").stat().st_size > 1000
+    assert (out.figures / "confusion_coin.png").exists()
+
+
+def test_missing_predictions_say_what_to_run(tmp_path, collected_dir):
+    with pytest.raises(PipelineError, match=r"is missing: run `dvc repro` so finetune covers fold 0, variant x"):
+        evaluate.run(make_params().evaluate, ["x"], collected_dir, lambda f, n: tmp_path / f"{f}{n}", outputs(tmp_path))
+
+
+def test_score_and_interval_known_answers():
+    targets = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6]])
+    result = score(targets, probs)
+    assert result["accuracy"] == 0.75 and result["balanced_accuracy"] == 0.75
+    assert result["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    interval = mean_interval([0.5, 0.7, 0.6], 0.95)
+    assert interval["mean"] == pytest.approx(0.6) and interval["std"] == pytest.approx(0.1)
+    # t(0.975, 2) = 4.303: half-width 4.303 * 0.1 / sqrt(3)
+    assert interval["high"] - interval["mean"] == pytest.approx(4.3027 * 0.1 / 3 ** 0.5, rel=1e-3)

@@ -144,6 +144,28 @@ def train(model: Classifier, data: ImageSet, params: FinetuneParams, steps_per_e
     return history
 
 
+@torch.no_grad()
+def recalibrate_batch_norm(model: Classifier, images: np.ndarray, device: torch.device) -> None:
+    """Re-estimate batch-norm statistics on the un-augmented training images. After a few hundred steps the
+    running averages still mix in ImageNet's statistics (momentum 0.1), which are far from small grayscale
+    images; exact averages over the training set make eval-mode predictions match what training saw."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(images) < 2:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.train()
+    for start in range(0, len(images), EVAL_BATCH):
+        chunk = images[start:start + EVAL_BATCH]
+        if len(chunk) > 1:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                model(to_device(to_tensor(chunk), device))
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
+
+
 @torch.inference_mode()
 def predict(model: Classifier, images: np.ndarray, device: torch.device) -> np.ndarray:
     """Class probabilities (float32, N x classes) for uint8 NHWC images."""
@@ -171,6 +193,7 @@ def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInp
         model = model.to(memory_format=torch.channels_last)
     start = time.perf_counter()
     history = train(model, data, params, steps_per_epoch, device, pretrained=variant.weights != "none")
+    recalibrate_batch_norm(model, data.images[:real], device)  # real images come first in the training set
     train_seconds = time.perf_counter() - start
     val_images, val_targets = collected.select(val_rows)
     ext_images, _ = collected.select(external_rows)

@@ -1,0 +1,135 @@
+"""Time the default `dvc repro` from scratch, stage by stage, then a `dvc repro` with nothing changed.
+
+Machines here are noisy, so every figure is printed beside a baseline measured in the same run:
+- the full run against a fixed CPU workload (ratio = how many "reference units" the pipeline costs);
+- the no-op run against `dvc --version` (ratio = the no-op's cost over DVC's own start-up).
+
+    python benchmarks/pipeline_time.py [--keep DIR] [--set key=value ...]
+
+It copies the repository's tracked files into a temporary git repository, so your workspace is untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = re.compile(r"Running stage '([^']+)'")
+
+
+def reference_seconds() -> float:
+    """A fixed CPU workload (float32 matrix products with torch, on all threads): the machine's current speed."""
+    import torch
+
+    a = torch.randn(768, 768, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    for _ in range(300):
+        a = torch.tanh(a @ a)
+    return time.perf_counter() - start
+
+
+def copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith(("tests/", "benchmarks/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark"]):
+        subprocess.run(git + args, cwd=dest, check=True)
+
+
+def apply_overrides(path: Path, settings: list[str]) -> None:
+    """`key.sub=value` pairs (value in YAML) written into params.yaml, then committed like the rest."""
+    import yaml
+
+    params = yaml.safe_load(path.read_text())
+    for setting in settings:
+        dotted, value = setting.split("=", 1)
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[leaf] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qam",
+                    "overrides"], cwd=path.parent, check=True)
+
+
+def timed_repro(repo: Path, env: dict) -> tuple[float, list[tuple[str, float]]]:
+    """Run `dvc repro`, streaming its output; a stage lasts from its 'Running stage' line to the next one."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    marks, log = [], []
+    for line in proc.stdout:
+        log.append(line)
+        match = STAGE.search(line)
+        if match:
+            marks.append((match.group(1), time.perf_counter()))
+    if proc.wait() != 0:
+        sys.exit("dvc repro failed:\n" + "".join(log[-40:]))
+    end = time.perf_counter()
+    ends = [t for _, t in marks[1:]] + [end]
+    return end - start, [(name, stop - t) for (name, t), stop in zip(marks, ends)]
+
+
+def seconds_of(cmd: list[str], repo: Path, env: dict, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param before the run, as `dvc exp run -S` would")
+    args = parser.parse_args()
+    repo = args.keep or Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
+    repo.mkdir(parents=True, exist_ok=True)
+    copy_repo(repo)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    if args.set:
+        apply_overrides(repo / "params.yaml", args.set)
+
+    ref_before = reference_seconds()
+    total, stages = timed_repro(repo, env)
+    ref_after = reference_seconds()
+    reference = (ref_before + ref_after) / 2
+    noop = seconds_of([sys.executable, "-m", "dvc", "repro"], repo, env)
+    dvc_start = seconds_of([sys.executable, "-m", "dvc", "--version"], repo, env)
+
+    groups: dict[str, list[float]] = {}
+    for name, seconds in stages:
+        groups.setdefault(name.split("@")[0], []).append(seconds)
+    print(f"{'stage':<12} {'runs':>4} {'seconds':>9} {'each':>7}")
+    for name, times in groups.items():
+        print(f"{name:<12} {len(times):>4} {sum(times):>9.1f} {sum(times) / len(times):>7.1f}")
+    print(f"full dvc repro: {total:.1f} s = {total / 60:.1f} min; reference workload {reference:.2f} s "
+          f"(before {ref_before:.2f}, after {ref_after:.2f}); ratio {total / reference:.0f}")
+    print(f"no-op dvc repro: {noop:.2f} s; dvc --version: {dvc_start:.2f} s; ratio {noop / dvc_start:.2f}")
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    for variant, m in metrics.items():
+        print(f"{variant:<10} CV accuracy {m['cv_accuracy']:.3f} ± {m['cv_accuracy_std']:.3f}, external ensemble "
+              f"{m.get('external_ensemble_accuracy', float('nan')):.3f}, external folds "
+              f"{m.get('external_accuracy_fold_mean', float('nan')):.3f}")
+    if not args.keep:
+        shutil.rmtree(repo, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One entry point that sets itself up: creates .venv (first run), installs the project under constraints.txt
+# (again only when pyproject.toml or constraints.txt changed), then runs what you asked for. Safe to run twice.
+#
+#   ./dev.sh repro [dvc repro args]   run the whole pipeline with DVC
+#   ./dev.sh test [pytest args]       run the test suite
+#   ./dev.sh dvc ARGS...              any dvc command inside the environment (exp run, metrics show, ...)
+#   ./dev.sh python ARGS...           the environment's python
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
+  echo "dev.sh: needs Python 3.10 or newer; set PYTHON=/path/to/python3.x" >&2; exit 1; }
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+
+stamp="$VENV/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[dev]"
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+fi
+export PATH="$PWD/$VENV/bin:$PATH"   # dvc runs `python -m pipeline.<stage>`: this environment's python
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+  repro)  dvc repro "$@"; dvc metrics show ;;
+  test)   python -m pytest "$@" ;;
+  dvc)    dvc "$@" ;;
+  python) python "$@" ;;
+  *) echo "usage: ./dev.sh repro|test|dvc|python [args]" >&2; exit 2 ;;
+esac

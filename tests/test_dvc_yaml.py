@@ -1,0 +1,30 @@
+"""dvc.yaml and pipeline/paths.py name the same paths, and each stage lists its own module and params."""
+
+import yaml
+
+from conftest import ROOT
+from pipeline import paths
+
+
+def stages():
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_stage_outputs_are_the_paths_the_code_writes():
+    s = stages()
+    assert s["collect"]["outs"] == [str(paths.COLLECTED)]
+    assert s["augment"]["outs"] == [str(paths.AUGMENT)]
+    assert s["synthesize"]["outs"] == [str(paths.synthetic_dir("${item.fold}"))]
+    assert s["finetune"]["outs"] == [str(paths.finetune_dir("${item.fold}", "${item.variant}"))]
+    assert s["evaluate"]["metrics"] == [str(paths.METRICS)]
+    assert set(s["evaluate"]["outs"]) == {str(paths.REPORT), str(paths.FIGURES)}
+    assert str(paths.AUGMENT / paths.POLICY_FILE) in s["finetune"]["deps"]
+    assert str(paths.FINETUNE) in s["evaluate"]["deps"]
+
+
+def test_each_stage_runs_its_module_lists_it_and_only_its_params():
+    for name, stage in stages().items():
+        assert stage["cmd"].startswith(f"python -m pipeline.{name}")
+        assert f"pipeline/{name}.py" in stage["deps"]
+        assert stage["params"][0] == name
+    assert stages()["finetune"]["params"] == ["finetune", "variants.${item.variant}"]

@@ -131,13 +131,13 @@ def run(params: EvaluateParams, variants: list[str], collected_dir: Path, finetu
     ext_targets = collected.external.target.to_numpy()
     results = [load_variant(name, collected, finetune_dir) for name in variants]
     summary = {r.name: summarise(r, ext_targets, params.confidence) for r in results}
-    outputs.figures.mkdir(parents=True, exist_ok=True)
-    for r in results:
-        has_ext = r.external_probs is not None
-        targets, probs = (ext_targets, r.external_probs) if has_ext else (r.oof_targets, r.oof_probs)
-        where = "external test, ensemble of folds" if has_ext else "out-of-fold"
-        save_confusion(outputs.figures / f"confusion_{r.name}.png", targets, probs, collected.classes,
-                       f"{r.name} ({where})")
+    with atomic.atomic_dir(outputs.figures) as figures:
+        for r in results:
+            has_ext = r.external_probs is not None
+            targets, probs = (ext_targets, r.external_probs) if has_ext else (r.oof_targets, r.oof_probs)
+            where = "external test, ensemble of folds" if has_ext else "out-of-fold"
+            save_confusion(figures / f"confusion_{r.name}.png", targets, probs, collected.classes,
+                           f"{r.name} ({where})")
     best = write_report(outputs.report, summary, collected, params)
     atomic.write_text(outputs.metrics, json.dumps(summary, indent=2) + "\n")
     log.info("evaluate: best variant %s (CV accuracy %.3f)", best, summary[best]["cv_accuracy"])

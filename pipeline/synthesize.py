@@ -8,6 +8,7 @@ sha256 of every image the GAN was trained on, so anyone can check it never saw t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -30,13 +31,14 @@ def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path) 
     collected = load_collected(collected_dir)
     train_rows, _ = collected.fold_split(fold)
     images, targets = collected.select(train_rows)
-    seed_everything(params.seed + fold)
+    params = dataclasses.replace(params, seed=params.seed + fold)  # each fold's GAN its own random stream
+    seed_everything(params.seed)
     device = pick_device(params.device)
     start = time.perf_counter()
     trained = train_gan(images, targets, len(collected.classes), params, device)
     seconds = time.perf_counter() - start
     fake, labels = generate(trained.generator, per_class=params.samples_per_class, z_dim=params.z_dim,
-                            seed=params.seed + fold, device=device)
+                            seed=params.seed, device=device)
     meta = {"fold": fold, "device": str(device), "steps": params.steps, "train_seconds": round(seconds, 2),
             "samples": len(fake), "classes": list(collected.classes),
             "trained_on_sha256": sorted(train_rows.sha256)}

@@ -77,3 +77,15 @@ def digit_images(per_class: int, classes: int = 3, size: int = 24) -> dict[int, 
         picked = digits.images[digits.target == label][:per_class]
         out[label] = [np.asarray(Image.fromarray((d * 255 / 16).astype(np.uint8)).resize((size, size))) for d in picked]
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skip them, saying so, on machines without it (CI never has one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

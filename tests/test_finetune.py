@@ -79,3 +79,25 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
     assert factor(100) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.gpu
+def test_cuda_path_with_bf16_autocast(tmp_path, inputs):
+    """On a GPU: a fold trains with bf16 autocast and channels-last and predicts sane probabilities."""
+    params = make_params(finetune__device="cuda", finetune__epochs=8)
+    meta = finetune.run(params.finetune, params.variants["augment"], 0, inputs, tmp_path / "gpu")
+    assert meta["device"].startswith("cuda")
+    data = load_collected(inputs.collected)
+    with np.load(tmp_path / "gpu" / "predictions.npz") as p:
+        assert np.isfinite(p["test_probs"]).all() and np.allclose(p["test_probs"].sum(1), 1, atol=1e-3)
+        accuracy = (p["test_probs"].argmax(1) == data.manifest.target.to_numpy()[p["test_index"]]).mean()
+    assert accuracy > 0.2
+
+
+def test_asking_for_cuda_without_one_is_a_clear_error(tmp_path, inputs, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    params = make_params(finetune__device="cuda")
+    with pytest.raises(PipelineError, match="device: cuda was asked for but torch sees no CUDA GPU"):
+        finetune.run(params.finetune, params.variants["baseline"], 0, inputs, tmp_path / "out")

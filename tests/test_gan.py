@@ -252,7 +252,6 @@ def test_gan_learns_class_conditional_brightness():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_train_and_generate_on_cuda_with_bf16_autocast():
     images, labels = make_dataset(channels=3, size=32)
     cuda = torch.device("cuda")

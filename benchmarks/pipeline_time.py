@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks` importable
+from benchmarks import workspace  # noqa: E402
 STAGE = re.compile(r"Running stage '([^']+)'")
 
 
@@ -35,18 +35,6 @@ def reference_seconds() -> float:
     for _ in range(300):
         a = torch.tanh(a @ a)
     return time.perf_counter() - start
-
-
-def copy_repo(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file() and not name.startswith(("tests/", "benchmarks/")):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark"]):
-        subprocess.run(git + args, cwd=dest, check=True)
 
 
 def apply_overrides(path: Path, settings: list[str]) -> None:
@@ -62,14 +50,13 @@ def apply_overrides(path: Path, settings: list[str]) -> None:
             node = node[key]
         node[leaf] = yaml.safe_load(value)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qam",
-                    "overrides"], cwd=path.parent, check=True)
+    workspace.run("git", "commit", "-qam", "overrides", cwd=path.parent)
 
 
-def timed_repro(repo: Path, env: dict) -> tuple[float, list[tuple[str, float]]]:
+def timed_repro(repo: Path) -> tuple[float, list[tuple[str, float]]]:
     """Run `dvc repro`, streaming its output; a stage lasts from its 'Running stage' line to the next one."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=workspace.ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     marks, log = [], []
     for line in proc.stdout:
@@ -84,11 +71,11 @@ def timed_repro(repo: Path, env: dict) -> tuple[float, list[tuple[str, float]]]:
     return end - start, [(name, stop - t) for (name, t), stop in zip(marks, ends)]
 
 
-def seconds_of(cmd: list[str], repo: Path, env: dict, repeats: int = 3) -> float:
+def seconds_of(cmd: list[str], repo: Path, repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+        subprocess.run(cmd, cwd=repo, env=workspace.ENV, check=True, capture_output=True)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -101,17 +88,16 @@ def main() -> None:
     args = parser.parse_args()
     repo = args.keep or Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
     repo.mkdir(parents=True, exist_ok=True)
-    copy_repo(repo)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    workspace.make_repo(repo)
     if args.set:
         apply_overrides(repo / "params.yaml", args.set)
 
     ref_before = reference_seconds()
-    total, stages = timed_repro(repo, env)
+    total, stages = timed_repro(repo)
     ref_after = reference_seconds()
     reference = (ref_before + ref_after) / 2
-    noop = seconds_of([sys.executable, "-m", "dvc", "repro"], repo, env)
-    dvc_start = seconds_of([sys.executable, "-m", "dvc", "--version"], repo, env)
+    noop = seconds_of([sys.executable, "-m", "dvc", "repro"], repo)
+    dvc_start = seconds_of([sys.executable, "-m", "dvc", "--version"], repo)
 
     groups: dict[str, list[float]] = {}
     for name, seconds in stages:

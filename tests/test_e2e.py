@@ -1,44 +1,19 @@
 """The whole pipeline through DVC, in a temporary git repository made from this one, at smoke-test size."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from conftest import ROOT, TINY, raw_params, with_overrides
-
-
-def sh(*args, cwd, env=None):
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
+from benchmarks.workspace import dvc, make_repo
+from conftest import TINY, raw_params, with_overrides
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """A fresh git repo holding this project's tracked files and TINY params."""
-    repo = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file() and not name.startswith(("tests/", "benchmarks/")):
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
+    """A fresh git repo holding this project's files, with TINY params."""
     params = with_overrides(raw_params(), {**TINY, "finetune.epochs": 6})
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh("git", "init", "-q", cwd=repo)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=repo)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=repo)
-    return repo
-
-
-def dvc(repo, *args):
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    return sh(sys.executable, "-m", "dvc", *args, cwd=repo, env=env)
+    return make_repo(tmp_path_factory.mktemp("repo"), yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.mark.slow

@@ -1,0 +1,46 @@
+"""A throw-away git repository holding this project's files, for end-to-end DVC runs (the e2e test and the
+timing benchmark), so the developer's own workspace and DVC cache are never touched."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# dvc runs `python -m pipeline.<stage>`, which must be this interpreter's; git (and `dvc exp`) need an identity,
+# which a bare CI machine does not have.
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+       "GIT_AUTHOR_NAME": "pipeline", "GIT_AUTHOR_EMAIL": "pipeline@localhost",
+       "GIT_COMMITTER_NAME": "pipeline", "GIT_COMMITTER_EMAIL": "pipeline@localhost"}
+
+
+def run(*args: str, cwd: Path) -> str:
+    """Run a command; on failure raise with its output, which says what went wrong."""
+    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout + result.stderr
+
+
+def dvc(repo: Path, *args: str) -> str:
+    return run(sys.executable, "-m", "dvc", *args, cwd=repo)
+
+
+def make_repo(dest: Path, params_yaml: str | None = None) -> Path:
+    """Copy the working tree's tracked and untracked-but-not-ignored files (no tests, no benchmarks) into
+    `dest`, optionally replace params.yaml, and commit it all in a new git repository."""
+    names = run("git", "ls-files", "-co", "--exclude-standard", cwd=ROOT).splitlines()
+    for name in names:
+        if (ROOT / name).is_file() and not name.startswith(("tests/", "benchmarks/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    if params_yaml is not None:
+        (dest / "params.yaml").write_text(params_yaml)
+    run("git", "init", "-q", cwd=dest)
+    run("git", "add", "-A", cwd=dest)
+    run("git", "commit", "-qm", "pipeline copy", cwd=dest)
+    return dest

@@ -15,7 +15,7 @@ import numpy as np
 from pipeline import atomic, paths
 from pipeline.errors import PipelineError
 from pipeline.images import Collected, load_collected
-from pipeline.metrics import METRICS, mean_interval, save_confusion, score
+from pipeline.metrics import METRICS, bootstrap_accuracy, mean_interval, save_confusion, score
 from pipeline.params import EvaluateParams, load_params
 from pipeline.runtime import cli, setup_logging
 
@@ -64,13 +64,16 @@ def load_variant(name: str, collected: Collected, finetune_dir) -> VariantResult
 
 
 def summarise(result: VariantResult, external_targets: np.ndarray, confidence: float) -> dict:
-    """Flat numbers for metrics.json: cv_<metric>{,_std,_low,_high}, oof_<metric>, external_* ."""
+    """Numbers for metrics.json: cv_<metric>{,_std,_low,_high} over folds; oof_<metric> on the pooled out-of-fold
+    predictions, with oof_accuracy_{low,high} bootstrapped over images; external_* on the external test set."""
     out = {}
     for metric in METRICS:
         interval = mean_interval([s[metric] for s in result.fold_scores], confidence)
         out[f"cv_{metric}"] = interval["mean"]
         out.update({f"cv_{metric}_{k}": v for k, v in interval.items() if k != "mean"})
     out.update({f"oof_{k}": v for k, v in score(result.oof_targets, result.oof_probs).items()})
+    out["oof_accuracy_low"], out["oof_accuracy_high"] = bootstrap_accuracy(result.oof_targets, result.oof_probs,
+                                                                           confidence)
     if result.external_probs is not None:
         out["external_accuracy_fold_mean"] = float(np.mean(result.external_fold_accuracy))
         out["external_accuracy_fold_std"] = float(np.std(result.external_fold_accuracy, ddof=1))
@@ -79,7 +82,7 @@ def summarise(result: VariantResult, external_targets: np.ndarray, confidence: f
 
 
 def write_report(path: Path, summary: dict[str, dict], collected: Collected, params: EvaluateParams) -> str:
-    """The Markdown report; returns the name of the best variant (highest mean CV accuracy)."""
+    """The Markdown report; returns the name of the best variant (highest mean accuracy over folds)."""
     best = max(summary, key=lambda v: summary[v]["cv_accuracy"])
     level = f"{params.confidence:.0%}"
     has_external = "external_ensemble_accuracy" in summary[best]
@@ -89,21 +92,25 @@ def write_report(path: Path, summary: dict[str, dict], collected: Collected, par
         f"{len(collected.folds)}-fold cross-validation"
         + (f"; {len(collected.external)} external test images that no stage trained on." if has_external else "."),
         "",
-        f"| variant | CV accuracy (mean ± std, {level} interval) | CV balanced accuracy | CV macro-F1 |"
+        f"| variant | out-of-fold accuracy [{level} interval] | CV accuracy per fold (mean ± std) | "
+        "CV balanced accuracy | CV macro-F1 |"
         + (" external accuracy, folds (mean ± std) | external accuracy, ensemble |" if has_external else ""),
-        "|---|---|---|---|" + ("---|---|" if has_external else ""),
+        "|---|---|---|---|---|" + ("---|---|" if has_external else ""),
     ]
     for name, m in sorted(summary.items(), key=lambda kv: -kv[1]["cv_accuracy"]):
-        row = (f"| {'**' + name + '**' if name == best else name} | {m['cv_accuracy']:.3f} ± {m['cv_accuracy_std']:.3f} "
-               f"[{m['cv_accuracy_low']:.3f}, {m['cv_accuracy_high']:.3f}] | {m['cv_balanced_accuracy']:.3f} | "
+        row = (f"| {'**' + name + '**' if name == best else name} | {m['oof_accuracy']:.3f} "
+               f"[{m['oof_accuracy_low']:.3f}, {m['oof_accuracy_high']:.3f}] | "
+               f"{m['cv_accuracy']:.3f} ± {m['cv_accuracy_std']:.3f} | {m['cv_balanced_accuracy']:.3f} | "
                f"{m['cv_macro_f1']:.3f} |")
         if has_external:
             row += (f" {m['external_accuracy_fold_mean']:.3f} ± {m['external_accuracy_fold_std']:.3f} | "
                     f"{m['external_ensemble_accuracy']:.3f} |")
         lines.append(row)
     lines += ["", _verdict(summary, best, has_external), "",
-              "Intervals are Student-t intervals over folds. Folds share training images, so they understate the "
-              "uncertainty; differences inside them are not evidence that one variant is better.", ""]
+              "Intervals are percentile bootstrap intervals over the out-of-fold images (every labelled image is "
+              "predicted once, by the fold model that did not train on it). They do not include the variation "
+              "from retraining on other data, so they are a lower bound on the uncertainty; a difference between "
+              "overlapping intervals is not evidence that one variant is better.", ""]
     lines += [f"![confusion matrix of {name}](figures/confusion_{name}.png)" for name in summary]
     atomic.write_text(path, "\n".join(lines) + "\n")
     return best
@@ -111,9 +118,9 @@ def write_report(path: Path, summary: dict[str, dict], collected: Collected, par
 
 def _verdict(summary: dict[str, dict], best: str, has_external: bool) -> str:
     m = summary[best]
-    text = (f"**{best}** did best in cross-validation with a mean accuracy of {m['cv_accuracy']:.3f} "
-            f"({m['cv_accuracy_low']:.3f} to {m['cv_accuracy_high']:.3f}).")
-    overlapping = [v for v in summary if v != best and summary[v]["cv_accuracy_high"] >= m["cv_accuracy_low"]]
+    text = (f"**{best}** did best in cross-validation with an accuracy of {m['oof_accuracy']:.3f} "
+            f"({m['oof_accuracy_low']:.3f} to {m['oof_accuracy_high']:.3f}).")
+    overlapping = [v for v in summary if v != best and summary[v]["oof_accuracy_high"] >= m["oof_accuracy_low"]]
     if overlapping:
         text += f" Its interval overlaps that of {', '.join(overlapping)}, so that lead is not clear-cut."
     if has_external:

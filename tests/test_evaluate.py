@@ -10,7 +10,7 @@ from pipeline import evaluate
 from pipeline.errors import PipelineError
 from pipeline.evaluate import EvaluateOutputs
 from pipeline.images import load_collected
-from pipeline.metrics import mean_interval, score
+from pipeline.metrics import bootstrap_accuracy, mean_interval, score
 
 
 def write_predictions(root, collected_dir, name, correct_share, seed):
@@ -55,7 +55,11 @@ def test_metrics_and_report_name_the_better_variant(tmp_path, collected_dir):
     assert coin["external_ensemble_accuracy"] >= coin["external_accuracy_fold_mean"] - 0.05
     report = out.report.read_text()
     assert "**perfect** did best in cross-validation" in report
-    assert "| **perfect** | 1.000 ± 0.000" in report
+    assert "| **perfect** | 1.000 [1.000, 1.000] | 1.000 ± 0.000" in report
+    assert "Its interval overlaps" not in report  # 40 coin flips cannot reach 1.0
+    # the bootstrap interval of the coin-flip variant is wide and holds its point estimate
+    assert coin["oof_accuracy_low"] < coin["oof_accuracy"] < coin["oof_accuracy_high"]
+    assert coin["oof_accuracy_high"] - coin["oof_accuracy_low"] > 0.2
     assert (out.figures / "confusion_perfect.png").stat().st_size > 1000
     assert (out.figures / "confusion_coin.png").exists()
 
@@ -75,3 +79,14 @@ def test_score_and_interval_known_answers():
     assert interval["mean"] == pytest.approx(0.6) and interval["std"] == pytest.approx(0.1)
     # t(0.975, 2) = 4.303: half-width 4.303 * 0.1 / sqrt(3)
     assert interval["high"] - interval["mean"] == pytest.approx(4.3027 * 0.1 / 3 ** 0.5, rel=1e-3)
+
+
+def test_bootstrap_interval_matches_the_binomial_spread():
+    """200 images, 150 right: the 95% interval of the accuracy is about 0.75 +- 1.96 * sqrt(.75 * .25 / 200)."""
+    targets = np.zeros(200, dtype=int)
+    probs = np.tile([[0.2, 0.8]], (200, 1))
+    probs[:150] = [0.8, 0.2]
+    low, high = bootstrap_accuracy(targets, probs, 0.95)
+    half = 1.96 * (0.75 * 0.25 / 200) ** 0.5
+    assert low == pytest.approx(0.75 - half, abs=0.015) and high == pytest.approx(0.75 + half, abs=0.015)
+    assert bootstrap_accuracy(targets, probs, 0.95) == (low, high)  # seeded: reproducible

@@ -6,7 +6,6 @@ of rows shows real labelled images and, under them, one augmented draw of each.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -15,8 +14,8 @@ import numpy as np
 from pipeline import atomic, paths
 from pipeline.augmentations import augment_image, build_policy, describe, save_policy
 from pipeline.images import grid, load_collected, save_png
-from pipeline.params import AugmentParams, load_params
-from pipeline.runtime import cli, setup_logging
+from pipeline.params import AugmentParams
+from pipeline.runtime import cli, stage_args
 
 log = logging.getLogger(__name__)
 PREVIEW_COLUMNS = 8
@@ -47,11 +46,8 @@ def run(params: AugmentParams, collected_dir: Path, output: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    setup_logging()
-    run(load_params(args.params).augment, paths.COLLECTED, paths.AUGMENT)
+    _, params = stage_args(__doc__, argv)
+    run(params.augment, paths.COLLECTED, paths.AUGMENT)
 
 
 if __name__ == "__main__":

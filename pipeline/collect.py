@@ -11,7 +11,6 @@ the stage checks that these add up.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass, field
@@ -25,8 +24,8 @@ from sklearn.model_selection import StratifiedKFold
 from pipeline import atomic, paths
 from pipeline.errors import PipelineError
 from pipeline.images import EXTERNAL, LABELLED, decode_file, pixel_sha256, save_collected, to_square
-from pipeline.params import CollectParams, load_params
-from pipeline.runtime import cli, setup_logging
+from pipeline.params import CollectParams
+from pipeline.runtime import cli, stage_args
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +191,8 @@ def run(params: CollectParams, output: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    setup_logging()
-    params = load_params(args.params).collect
-    run(params, paths.COLLECTED)
+    _, params = stage_args(__doc__, argv)
+    run(params.collect, paths.COLLECTED)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ that says in words which variant did best."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -16,8 +15,8 @@ from pipeline import atomic, paths
 from pipeline.errors import PipelineError
 from pipeline.images import Collected, load_collected
 from pipeline.metrics import METRICS, bootstrap_accuracy, mean_interval, save_confusion, score
-from pipeline.params import EvaluateParams, load_params
-from pipeline.runtime import cli, setup_logging
+from pipeline.params import EvaluateParams
+from pipeline.runtime import cli, stage_args
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +151,7 @@ def run(params: EvaluateParams, variants: list[str], collected_dir: Path, finetu
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    setup_logging()
-    params = load_params(args.params)
+    _, params = stage_args(__doc__, argv)
     outputs = EvaluateOutputs(paths.METRICS, paths.REPORT, paths.FIGURES)
     run(params.evaluate, list(params.variants), paths.COLLECTED, paths.finetune_dir, outputs)
 

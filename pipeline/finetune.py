@@ -8,7 +8,6 @@ ablation compares ingredients, not compute.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -27,8 +26,8 @@ from pipeline.augmentations import augment_image, load_policy
 from pipeline.backbones import Classifier, create_backbone
 from pipeline.errors import PipelineError
 from pipeline.images import load_collected
-from pipeline.params import FinetuneParams, Variant, load_params
-from pipeline.runtime import cli, pick_device, seed_everything, setup_logging
+from pipeline.params import FinetuneParams, Variant
+from pipeline.runtime import cli, pick_device, seed_everything, stage_args
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 256
@@ -215,13 +214,7 @@ def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInp
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fold", type=int, required=True)
-    parser.add_argument("--variant", required=True)
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    setup_logging()
-    params = load_params(args.params)
+    args, params = stage_args(__doc__, argv, fold=True, variant=True)
     if args.variant not in params.variants:
         raise PipelineError(f"--variant {args.variant!r} is not in params `variants` ({', '.join(params.variants)})")
     inputs = FinetuneInputs(paths.COLLECTED, paths.AUGMENT / paths.POLICY_FILE, paths.synthetic_dir(args.fold))

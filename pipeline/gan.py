@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # the attributes train_gan reads; any object with them will do (tests use their own)
+    from pipeline.params import SynthesizeParams as GanConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +50,6 @@ GENERATOR_INIT_STD = 0.02
 MODE_SEEKING_WEIGHT = 0.03
 GRID_PADDING = 2
 GRID_PAD_VALUE = 255  # white, so cells stay visible on dark (e.g. MNIST-like) backgrounds
-
-
-class GanConfig(Protocol):
-    """The attributes train_gan reads; params.py's frozen dataclass provides them."""
-
-    seed: int
-    steps: int
-    batch_size: int
-    z_dim: int
-    base_channels: int
-    lr_g: float
-    lr_d: float
-    diffaugment: str
-    ema_decay: float
-    log_every: int
 
 
 # --------------------------------------------------------------------------------------------------

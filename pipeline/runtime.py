@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import random
@@ -45,3 +46,18 @@ def cli(main: Callable[[list[str] | None], None]) -> None:
     except PipelineError as err:
         logging.getLogger("pipeline").error("%s", err)
         sys.exit(2)
+
+
+def stage_args(doc: str, argv: list[str] | None, *, fold: bool = False, variant: bool = False):
+    """Parse a stage's command line, set up logging and load the params: (args, Params)."""
+    from pipeline.params import load_params
+
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    if fold:
+        parser.add_argument("--fold", type=int, required=True, help="cross-validation fold id")
+    if variant:
+        parser.add_argument("--variant", required=True, help="a name from params `variants`")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    return args, load_params(args.params)

@@ -7,7 +7,6 @@ sha256 of every image the GAN was trained on, so anyone can check it never saw t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -20,8 +19,8 @@ from safetensors.torch import save_file
 from pipeline import atomic, paths
 from pipeline.gan import generate, sample_grid, train_gan
 from pipeline.images import load_collected, save_png
-from pipeline.params import SynthesizeParams, load_params
-from pipeline.runtime import cli, pick_device, seed_everything, setup_logging
+from pipeline.params import SynthesizeParams
+from pipeline.runtime import cli, pick_device, seed_everything, stage_args
 
 log = logging.getLogger(__name__)
 GRID_COLUMNS = 10
@@ -56,13 +55,8 @@ def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fold", type=int, required=True)
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    setup_logging()
-    params = load_params(args.params).synthesize
-    run(params, args.fold, paths.COLLECTED, paths.synthetic_dir(args.fold))
+    args, params = stage_args(__doc__, argv, fold=True)
+    run(params.synthesize, args.fold, paths.COLLECTED, paths.synthetic_dir(args.fold))
 
 
 if __name__ == "__main__":

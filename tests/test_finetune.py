@@ -51,13 +51,14 @@ def test_same_params_same_predictions_on_cpu(tmp_path, inputs):
 
 
 def test_pretrained_baseline_learns_digits(tmp_path, inputs):
-    """Even at smoke-test size the pretrained model must beat chance (0.1) clearly on 300 unseen digits."""
-    params = make_params(finetune__epochs=8)
+    """Even at smoke-test size (20 training digits of 16 px) the pretrained model must beat chance (0.1) clearly
+    on 300 unseen digits: chance accuracy has a standard deviation of 0.017 there, and seeds 0-2 scored 0.26-0.35."""
+    params = make_params(finetune__epochs=15)
     finetune.run(params.finetune, params.variants["baseline"], 0, inputs, tmp_path / "out")
     data = load_collected(inputs.collected)
     with np.load(tmp_path / "out" / "predictions.npz") as p:
         accuracy = (p["test_probs"].argmax(1) == data.manifest.target.to_numpy()[p["test_index"]]).mean()
-    assert accuracy > 0.25
+    assert accuracy > 0.18
 
 
 def test_missing_gan_samples_say_which_stage_to_run(tmp_path, inputs):

@@ -8,6 +8,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from pipeline.params import EvaluateParams
 from pipeline.runtime import cli, stage_args
 
 log = logging.getLogger(__name__)
+FoldDir = Callable[[int, str], Path]  # (fold, variant) -> that finetune run's output folder
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class VariantResult:
     external_probs: np.ndarray | None  # mean of the folds' probabilities (the ensemble); None without a test set
 
 
-def load_variant(name: str, collected: Collected, finetune_dir) -> VariantResult:
+def load_variant(name: str, collected: Collected, finetune_dir: FoldDir) -> VariantResult:
     fold_scores, oof_targets, oof_probs, ext_acc, ext_probs = [], [], [], [], []
     targets = collected.manifest.target.to_numpy()
     for fold in collected.folds:
@@ -130,7 +132,7 @@ def _verdict(summary: dict[str, dict], best: str, has_external: bool) -> str:
     return text
 
 
-def run(params: EvaluateParams, variants: list[str], collected_dir: Path, finetune_dir,
+def run(params: EvaluateParams, variants: list[str], collected_dir: Path, finetune_dir: FoldDir,
         outputs: EvaluateOutputs) -> dict:
     """Evaluate every variant's fold predictions; write metrics, report and figures; return the metrics."""
     collected = load_collected(collected_dir)

@@ -15,7 +15,7 @@ import numpy as np
 from pipeline import atomic, paths
 from pipeline.errors import PipelineError
 from pipeline.images import Collected, load_collected
-from pipeline.metrics import METRICS, bootstrap_accuracy, mean_interval, save_confusion, score
+from pipeline.metrics import METRICS, bootstrap_accuracy, mean_std, save_confusion, score
 from pipeline.params import EvaluateParams
 from pipeline.runtime import cli, stage_args
 
@@ -65,13 +65,11 @@ def load_variant(name: str, collected: Collected, finetune_dir: FoldDir) -> Vari
 
 
 def summarise(result: VariantResult, external_targets: np.ndarray, confidence: float) -> dict:
-    """Numbers for metrics.json: cv_<metric>{,_std,_low,_high} over folds; oof_<metric> on the pooled out-of-fold
+    """Numbers for metrics.json: cv_<metric>{,_std} over folds; oof_<metric> on the pooled out-of-fold
     predictions, with oof_accuracy_{low,high} bootstrapped over images; external_* on the external test set."""
     out = {}
     for metric in METRICS:
-        interval = mean_interval([s[metric] for s in result.fold_scores], confidence)
-        out[f"cv_{metric}"] = interval["mean"]
-        out.update({f"cv_{metric}_{k}": v for k, v in interval.items() if k != "mean"})
+        out[f"cv_{metric}"], out[f"cv_{metric}_std"] = mean_std([s[metric] for s in result.fold_scores])
     out.update({f"oof_{k}": v for k, v in score(result.oof_targets, result.oof_probs).items()})
     out["oof_accuracy_low"], out["oof_accuracy_high"] = bootstrap_accuracy(result.oof_targets, result.oof_probs,
                                                                            confidence)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from scipy import stats
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
 
 from pipeline import atomic
@@ -27,17 +26,12 @@ def score(targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 BOOTSTRAP_RESAMPLES = 2000
 
 
-def mean_interval(values: list[float], confidence: float) -> dict[str, float]:
-    """Mean, standard deviation and a Student-t interval over folds. Folds share training images, so this
-    interval is optimistic, and with a handful of validation images per fold it can even have zero width:
-    the report leads with the bootstrap interval over images instead."""
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over folds. No interval: with a handful of validation images per
+    fold the folds often tie (std 0), and a t-interval over them would claim a certainty the data lacks; the
+    report's interval is the bootstrap over images instead."""
     values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return {"mean": mean, "std": 0.0, "low": mean, "high": mean}
-    std = float(values.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * std / np.sqrt(len(values)))
-    return {"mean": mean, "std": std, "low": mean - half, "high": mean + half}
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def bootstrap_accuracy(targets: np.ndarray, probs: np.ndarray, confidence: float, seed: int = 0) -> tuple[float, float]:

@@ -10,7 +10,7 @@ from pipeline import evaluate
 from pipeline.errors import PipelineError
 from pipeline.evaluate import EvaluateOutputs
 from pipeline.images import load_collected
-from pipeline.metrics import bootstrap_accuracy, mean_interval, score
+from pipeline.metrics import bootstrap_accuracy, mean_std, score
 
 
 def write_predictions(root, collected_dir, name, correct_share, seed):
@@ -75,10 +75,8 @@ def test_score_and_interval_known_answers():
     result = score(targets, probs)
     assert result["accuracy"] == 0.75 and result["balanced_accuracy"] == 0.75
     assert result["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
-    interval = mean_interval([0.5, 0.7, 0.6], 0.95)
-    assert interval["mean"] == pytest.approx(0.6) and interval["std"] == pytest.approx(0.1)
-    # t(0.975, 2) = 4.303: half-width 4.303 * 0.1 / sqrt(3)
-    assert interval["high"] - interval["mean"] == pytest.approx(4.3027 * 0.1 / 3 ** 0.5, rel=1e-3)
+    assert mean_std([0.5, 0.7, 0.6]) == (pytest.approx(0.6), pytest.approx(0.1))
+    assert mean_std([0.9]) == (0.9, 0.0)
 
 
 def test_bootstrap_interval_matches_the_binomial_spread():

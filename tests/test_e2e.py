@@ -46,3 +46,31 @@ def test_changing_one_variant_reruns_only_its_stages(repo):
     out = dvc(repo, "exp", "run", "-S", "variants.augment.weights=none")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"finetune@0-augment", "finetune@1-augment", "evaluate"}, out
+
+
+@pytest.mark.slow
+def test_your_own_folder_of_images_through_dvc(tmp_path):
+    """The README's recipe: images in data/raw/<class>/, then `dvc exp run -S collect.source=folder ...`."""
+    from PIL import Image
+
+    from conftest import digit_images
+
+    params = with_overrides(raw_params(), {**TINY, "collect.folds": [0, 1, 2], "finetune.epochs": 2,
+                                           "variants": {"baseline": {"weights": "packaged", "augment": False,
+                                                                     "synthetic": False}}})
+    repo = make_repo(tmp_path, yaml.safe_dump(params, sort_keys=False))
+    for label, images in digit_images(6).items():
+        (repo / "data" / "raw" / f"digit{label}").mkdir(parents=True)
+        for i, pixels in enumerate(images):
+            Image.fromarray(pixels).convert("RGB").save(repo / "data" / "raw" / f"digit{label}" / f"{i}.jpg")
+    out = dvc(repo, "exp", "run", "-S", "collect.source=folder", "-S", "collect.channels=3")
+    assert "Running stage 'evaluate'" in out
+    summary = json.loads((repo / "data" / "collected" / "summary.json").read_text())
+    assert summary["source"] == "folder" and summary["accepted"] == 18 and summary["classes"] == [
+        "digit0", "digit1", "digit2"]
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert "external_ensemble_accuracy" not in metrics["baseline"]  # a folder source has no external test set
+    assert 0 <= metrics["baseline"]["oof_accuracy"] <= 1
+    # a new image in the folder is a changed dependency: collect runs again
+    Image.fromarray(digit_images(7)[0][6]).save(repo / "data" / "raw" / "digit0" / "new.png")
+    assert "Running stage 'collect'" in dvc(repo, "repro")

@@ -35,7 +35,7 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 @dataclass
 class Candidates:
-    """Decoded images from a source, before deduplication. `pool` marks images eligible for the labelled draw."""
+    """Decoded images from a source, before deduplication, and the files it refused."""
 
     images: list[np.ndarray] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
@@ -130,8 +130,9 @@ def assign_folds(rows: pd.DataFrame, params: CollectParams) -> np.ndarray:
     return folds
 
 
-def build_manifest(rows: pd.DataFrame, params: CollectParams) -> pd.DataFrame:
-    """Label rows as labelled/external, add folds, targets and the `index` into images.npz."""
+def build_manifest(rows: pd.DataFrame, params: CollectParams) -> tuple[pd.DataFrame, list[str]]:
+    """Label rows as labelled/external, add folds, targets and the `index` into images.npz; also return the
+    class names in target order."""
     rows = rows.copy()
     if params.source == "folder":
         is_labelled = pd.Series(True, index=rows.index)
@@ -153,7 +154,7 @@ def build_manifest(rows: pd.DataFrame, params: CollectParams) -> pd.DataFrame:
     rows["target"] = rows.label.map({c: i for i, c in enumerate(classes)})
     rows = pd.concat([rows[labelled], rows[~labelled]])  # labelled first, each in source order
     rows["index"] = range(len(rows))
-    return rows.reset_index(drop=True)
+    return rows.reset_index(drop=True), classes
 
 
 def _natural(label: str) -> tuple:
@@ -165,9 +166,8 @@ def run(params: CollectParams, output: Path) -> dict:
     """Collect into `output` (images.npz, manifest.csv, rejects.csv, summary.json); return the summary."""
     found = SOURCES[params.source](params)
     rows, collapsed = deduplicate(found)
-    manifest = build_manifest(rows, params)
+    manifest, classes = build_manifest(rows, params)
     images = np.stack([found.images[i] for i in manifest.candidate])
-    classes = sorted(manifest.label.unique(), key=_natural)
     external_dropped = len(rows) - len(manifest)
     summary = {
         "source": params.source, "inputs": found.inputs, "accepted": len(rows), "rejected": len(found.rejects),

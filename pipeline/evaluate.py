@@ -1,6 +1,6 @@
-"""Stage 5, evaluate: out-of-fold metrics per variant (mean, std and interval across folds), external test
-accuracy per fold and for the ensemble of folds, confusion matrices, `reports/metrics.json` and a report
-that says in words which variant did best."""
+"""Stage 5, evaluate: out-of-fold metrics per variant (mean and std across folds, and a bootstrap interval of
+the pooled out-of-fold accuracy), external test accuracy per fold and for the ensemble of folds, confusion
+matrices, `reports/metrics.json` and a report that says in words which variant did best."""
 
 from __future__ import annotations
 

@@ -25,9 +25,9 @@ from pipeline import atomic, paths
 from pipeline.augmentations import augment_image, load_policy
 from pipeline.backbones import Classifier, create_backbone
 from pipeline.errors import PipelineError
-from pipeline.images import load_collected
+from pipeline.images import Collected, load_collected
 from pipeline.params import FinetuneParams, Variant
-from pipeline.runtime import cli, pick_device, seed_everything, stage_args
+from pipeline.runtime import autocast, cli, pick_device, recalibrating_batch_norm, seed_everything, stage_args
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 256
@@ -68,11 +68,10 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
-def load_training_set(inputs: FinetuneInputs, fold: int, variant: Variant, seed: int):
-    """(training ImageSet, validation rows, external rows, collected data, number of synthetic images)."""
-    collected = load_collected(inputs.collected)
-    train_rows, val_rows = collected.fold_split(fold)
-    images, targets = collected.select(train_rows)
+def load_training_set(collected: Collected, inputs: FinetuneInputs, fold: int, variant: Variant,
+                      seed: int) -> tuple[ImageSet, int]:
+    """The fold's training images (real first, then any GAN samples) and how many of them are synthetic."""
+    images, targets = collected.select(collected.fold_split(fold)[0])
     synthetic = 0
     if variant.synthetic:
         try:
@@ -88,7 +87,7 @@ def load_training_set(inputs: FinetuneInputs, fold: int, variant: Variant, seed:
     if variant.augment:
         policy = load_policy(inputs.policy)
         policy.set_random_seed(seed)  # albumentations ignores global seeds
-    return ImageSet(images, targets, policy), val_rows, collected.external, collected, synthetic
+    return ImageSet(images, targets, policy), synthetic
 
 
 def lr_lambda(total_steps: int, warmup_steps: int):
@@ -127,7 +126,7 @@ def train(model: Classifier, data: ImageSet, params: FinetuneParams, steps_per_e
         for x, y in loader:
             x = to_device(x, device)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=params.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -148,21 +147,14 @@ def recalibrate_batch_norm(model: Classifier, images: np.ndarray, device: torch.
     """Re-estimate batch-norm statistics on the un-augmented training images. After a few hundred steps the
     running averages still mix in ImageNet's statistics (momentum 0.1), which are far from small grayscale
     images; exact averages over the training set make eval-mode predictions match what training saw."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms or len(images) < 2:
-        return
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches
-    model.train()
-    for start in range(0, len(images), EVAL_BATCH):
-        chunk = images[start:start + EVAL_BATCH]
-        if len(chunk) > 1:
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                model(to_device(to_tensor(chunk), device))
-    for m in norms:
-        m.momentum = 0.1
-    model.eval()
+    if len(images) < 2:
+        return  # batch norm cannot estimate a variance from one image
+    with recalibrating_batch_norm(model):
+        for start in range(0, len(images), EVAL_BATCH):
+            chunk = images[start:start + EVAL_BATCH]
+            if len(chunk) > 1:
+                with autocast(device):
+                    model(to_device(to_tensor(chunk), device))
 
 
 @torch.inference_mode()
@@ -172,7 +164,7 @@ def predict(model: Classifier, images: np.ndarray, device: torch.device) -> np.n
     out = []
     for start in range(0, len(images), EVAL_BATCH):
         x = to_device(to_tensor(images[start:start + EVAL_BATCH]), device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             logits = model(x)
         out.append(logits.float().softmax(1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.backbone.num_classes), np.float32)
@@ -182,7 +174,9 @@ def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInp
     """Train one fold x variant and write predictions.npz, history.json and meta.json into `output`."""
     seed_everything(params.seed + fold)
     device = pick_device(params.device)
-    data, val_rows, external_rows, collected, synthetic = load_training_set(inputs, fold, variant, params.seed + fold)
+    collected = load_collected(inputs.collected)
+    data, synthetic = load_training_set(collected, inputs, fold, variant, params.seed + fold)
+    val_rows, external_rows = collected.fold_split(fold)[1], collected.external
     real = len(data) - synthetic
     steps_per_epoch = math.ceil(real / min(params.batch_size, len(data)))
     model = Classifier(create_backbone(params.backbone, variant.weights), num_classes=len(collected.classes),

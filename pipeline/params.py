@@ -23,20 +23,51 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
 
 
 @dataclass(frozen=True)
+class DownloadParams:
+    cache: str
+    timeout: float
+    retries: int
+    backoff: float
+    max_mb: float
+    workers: int
+
+    def __post_init__(self) -> None:
+        _require(self.timeout > 0, "collect.download.timeout", "> 0 seconds", self.timeout)
+        _require(0 <= self.retries <= 10, "collect.download.retries", "from 0 to 10", self.retries)
+        _require(self.backoff >= 0, "collect.download.backoff", ">= 0 seconds", self.backoff)
+        _require(self.max_mb > 0, "collect.download.max_mb", "> 0", self.max_mb)
+        _require(1 <= self.workers <= 64, "collect.download.workers", "from 1 to 64", self.workers)
+
+
+def _ids(key: str, ids: tuple[int, ...], least: int, example: str) -> None:
+    _require(len(ids) >= least and list(ids) == list(range(len(ids))), key,
+             f"the ids 0..n-1 with n >= {least}, e.g. {example}", list(ids))
+
+
+@dataclass(frozen=True)
 class CollectParams:
-    source: Literal["mnist", "folder"]
+    source: Literal["mnist", "digits", "lfw", "folder", "csv"]
     folder: str
+    csv: str
     images_per_class: int
     external_limit: int
     folds: tuple[int, ...]
+    repeats: tuple[int, ...]
     image_size: int
     channels: Literal[1, 3]
+    fit: Literal["crop", "pad"]
+    min_side: int
+    max_pixels: int
+    near_duplicate_bits: int
+    label_conflicts: Literal["drop", "error"]
+    workers: int
     seed: int
+    download: DownloadParams
 
     def __post_init__(self) -> None:
         k = len(self.folds)
-        _require(k >= 2 and list(self.folds) == list(range(k)), "collect.folds",
-                 "the fold ids 0..k-1 with k >= 2, e.g. [0, 1, 2, 3, 4] for 5-fold CV", list(self.folds))
+        _ids("collect.folds", self.folds, 2, "[0, 1, 2, 3, 4] for 5-fold CV")
+        _ids("collect.repeats", self.repeats, 1, "[0, 1] to repeat the k-fold split twice with other shuffles")
         _require(self.images_per_class >= k, "collect.images_per_class",
                  f"at least the number of folds ({k}) so every fold has an image of every class",
                  self.images_per_class)
@@ -45,6 +76,14 @@ class CollectParams:
         size = self.image_size
         _require(16 <= size <= 128 and size & (size - 1) == 0, "collect.image_size",
                  "a power of two from 16 to 128", size)
+        _require(self.min_side >= 1, "collect.min_side", ">= 1 pixel", self.min_side)
+        _require(self.max_pixels >= self.min_side ** 2, "collect.max_pixels", "at least min_side squared",
+                 self.max_pixels)
+        _require(0 <= self.near_duplicate_bits <= 64, "collect.near_duplicate_bits",
+                 "from 0 (exact perceptual-hash matches only) to 64 of the hash's 256 bits", self.near_duplicate_bits)
+        _require(self.workers >= 0, "collect.workers", ">= 0 (0 = every core)", self.workers)
+        _require(not Path(self.csv).is_absolute() and ".." not in Path(self.csv).parts, "collect.csv",
+                 "a path inside collect.folder (so DVC, which tracks that folder, sees edits to it)", self.csv)
 
 
 @dataclass(frozen=True)

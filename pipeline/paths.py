@@ -7,13 +7,17 @@ from pathlib import Path
 DATA = Path("data")
 REPORTS = Path("reports")
 
-COLLECTED = DATA / "collected"  # collect: images.npz + manifest.csv + summary.json
+COLLECTED = DATA / "collected"  # collect: images.npz + manifest.csv + duplicates.csv + summary.json
 AUGMENT = DATA / "augment"  # augment: policy.json + preview.png
 SYNTHETIC = DATA / "synthetic"  # synthesize: one folder per fold
 FINETUNE = DATA / "finetune"  # finetune: one folder per fold and variant
 
 IMAGES_FILE = "images.npz"
 MANIFEST_FILE = "manifest.csv"
+DUPLICATES_FILE = "duplicates.csv"
+REJECTS_FILE = "rejects.csv"  # collect writes these three under REPORTS
+DATA_CARD_FILE = "data_card.md"
+DATA_CARD_DIR = "data_card"
 POLICY_FILE = "policy.json"
 SAMPLES_FILE = "samples.npz"
 PREDICTIONS_FILE = "predictions.npz"
@@ -23,9 +27,9 @@ REPORT = REPORTS / "report.md"
 FIGURES = REPORTS / "figures"  # evaluate: confusion matrices and other PNGs
 
 
-def synthetic_dir(fold: int) -> Path:
-    return SYNTHETIC / f"fold{fold}"
+def synthetic_dir(repeat: int, fold: int) -> Path:
+    return SYNTHETIC / f"r{repeat}-fold{fold}"
 
 
-def finetune_dir(fold: int, variant: str) -> Path:
-    return FINETUNE / f"fold{fold}-{variant}"
+def finetune_dir(repeat: int, fold: int, variant: str) -> Path:
+    return FINETUNE / f"r{repeat}-fold{fold}-{variant}"

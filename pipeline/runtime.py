@@ -84,6 +84,7 @@ def stage_args(doc: str, argv: list[str] | None, *, fold: bool = False, variant:
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     if fold:
         parser.add_argument("--fold", type=int, required=True, help="cross-validation fold id")
+        parser.add_argument("--repeat", type=int, default=0, help="repeat of the k-fold split (default 0)")
     if variant:
         parser.add_argument("--variant", required=True, help="a name from params `variants`")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")

@@ -26,11 +26,12 @@ log = logging.getLogger(__name__)
 GRID_COLUMNS = 10
 
 
-def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path) -> dict:
+def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path, repeat: int = 0) -> dict:
     collected = load_collected(collected_dir)
-    train_rows, _ = collected.fold_split(fold)
+    train_rows, _ = collected.fold_split(fold, repeat)
     images, targets = collected.select(train_rows)
-    params = dataclasses.replace(params, seed=params.seed + fold)  # each fold's GAN its own random stream
+    # each fold's GAN its own random stream
+    params = dataclasses.replace(params, seed=params.seed + fold + 1000 * repeat)
     seed_everything(params.seed)
     device = pick_device(params.device)
     start = time.perf_counter()
@@ -38,7 +39,8 @@ def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path) 
     seconds = time.perf_counter() - start
     fake, labels = generate(trained.generator, per_class=params.samples_per_class, z_dim=params.z_dim,
                             seed=params.seed, device=device)
-    meta = {"fold": fold, "device": str(device), "steps": params.steps, "train_seconds": round(seconds, 2),
+    meta = {"repeat": repeat, "fold": fold, "device": str(device), "steps": params.steps,
+            "train_seconds": round(seconds, 2),
             "samples": len(fake), "classes": list(collected.classes),
             "trained_on_sha256": sorted(train_rows.sha256)}
     with atomic.atomic_dir(output) as tmp:
@@ -49,14 +51,14 @@ def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path) 
         save_file(state, str(tmp / "generator.safetensors"))
         atomic.write_text(tmp / "history.json", json.dumps(trained.history, indent=1) + "\n")
         atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
-    log.info("synthesize fold %d: GAN trained on %d images in %.1fs, wrote %d samples", fold, len(images),
-             seconds, len(fake))
+    log.info("synthesize repeat %d fold %d: GAN trained on %d images in %.1fs, wrote %d samples", repeat, fold,
+             len(images), seconds, len(fake))
     return meta
 
 
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_args(__doc__, argv, fold=True)
-    run(params.synthesize, args.fold, paths.COLLECTED, paths.synthetic_dir(args.fold))
+    run(params.synthesize, args.fold, paths.COLLECTED, paths.synthetic_dir(args.repeat, args.fold), args.repeat)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,9 @@ def tiny_params() -> Params:
 @pytest.fixture(scope="session")
 def collected_dir(tmp_path_factory, tiny_params) -> Path:
     """The collect stage's real output on MNIST at TINY size (read-only for tests)."""
-    out = tmp_path_factory.mktemp("collected") / "collected"
-    collect.run(tiny_params.collect, out)
+    root = tmp_path_factory.mktemp("collected")
+    out = root / "collected"
+    collect.run(tiny_params.collect, out, root / "reports")
     return out
 
 

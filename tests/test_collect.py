@@ -1,7 +1,11 @@
-"""The collect stage on real images: MNIST's scarce draw and external test set, and a folder of real digits
-with the awkward files users bring."""
+"""The collect stage on real images: the bundled datasets' scarce draw and external test set, a corpus of the
+awkward files users bring, hold-out folders, CSV manifests with local paths and URLs, groups and repeated folds."""
 
+import functools
+import http.server
 import json
+import os
+import threading
 
 import numpy as np
 import pandas as pd
@@ -9,99 +13,305 @@ import pytest
 from PIL import Image
 
 from conftest import digit_images, make_params
+from corpus import ACCEPTED, DUPLICATE, ZERO, mnist_digits, sideways_jpeg, write_corpus
 from pipeline import collect
 from pipeline.errors import PipelineError
-from pipeline.images import load_collected, pixel_sha256
+from pipeline.images import Normalise, decode_file, fold_column, load_collected, pixel_sha256
 
 
-def test_mnist_draws_a_scarce_stratified_set_and_keeps_the_rest_external(collected_dir, tiny_params):
+def run_collect(tmp_path, name="out", **overrides):
+    params = make_params(**overrides).collect
+    summary = collect.run(params, tmp_path / name, tmp_path / f"{name}-reports")
+    rejects = pd.read_csv(tmp_path / f"{name}-reports" / "rejects.csv", keep_default_na=False)
+    return summary, load_collected(tmp_path / name), rejects
+
+
+def assert_accounted(summary):
+    assert summary["inputs"] == summary["accepted"] + summary["rejected"] + summary["duplicates_collapsed"]
+
+
+def test_mnist_draws_a_scarce_stratified_set_and_keeps_the_rest_external(collected_dir):
     data = load_collected(collected_dir)
     labelled, external = data.labelled, data.external
     assert data.classes == tuple(str(d) for d in range(10))
     assert labelled.label.value_counts().tolist() == [4] * 10
-    assert len(external) == 300 and (external.fold == -1).all()
+    assert len(external) == 300 and (external[fold_column(0)] == -1).all()
     # every fold holds 2 images of every class (4 per class, 2 folds)
-    assert (labelled.groupby(["fold", "label"]).size() == 2).all()
+    assert (labelled.groupby([fold_column(0), "label"]).size() == 2).all()
     assert not set(labelled.path) & set(external.path)
     assert data.images.shape == (340, 16, 16, 1) and data.images.dtype == np.uint8
+    assert set(data.manifest.source) == {"mnist"}
     # the manifest's hash is the hash of the stored pixels
     for row in data.manifest.sample(5, random_state=0).itertuples():
         assert row.sha256 == pixel_sha256(data.images[row.index])
     summary = json.loads((collected_dir / "summary.json").read_text())
     assert summary["inputs"] == 5000 and summary["accepted"] == 5000 and summary["external_not_kept"] == 4660
+    card = (collected_dir.parent / "reports" / "data_card.md").read_text()
+    assert "5000 inputs = 5000 accepted + 0 rejected + 0 exact duplicates collapsed" in card
+    assert (collected_dir.parent / "reports" / "data_card" / "class_9.png").exists()
 
 
 def test_same_seed_same_draw_other_seed_other_draw(tmp_path, collected_dir):
-    again = collect.run(make_params().collect, tmp_path / "a")
-    other = collect.run(make_params(collect__seed=1).collect, tmp_path / "b")
-    first = load_collected(collected_dir).manifest
-    assert again["labelled"] == 40
-    assert load_collected(tmp_path / "a").manifest.equals(first)
-    assert set(load_collected(tmp_path / "b").labelled.path) != set(first[first.split == "labelled"].path)
-    assert other["labelled"] == 40
+    again, data, _ = run_collect(tmp_path, "a")
+    other, other_data, _ = run_collect(tmp_path, "b", collect__seed=1)
+    assert again["labelled"] == other["labelled"] == 40
+    assert data.manifest.equals(load_collected(collected_dir).manifest)
+    assert set(other_data.labelled.path) != set(data.labelled.path)
 
 
-def write_folder(root, per_class=6):
-    """Real digits as PNG/JPEG in class folders (one nested), plus the awkward files users bring."""
-    for label, images in digit_images(per_class).items():
-        folder = root / f"class {label}"  # spaces in names
-        (folder / "nested").mkdir(parents=True)
-        for i, pixels in enumerate(images):
-            target = folder / ("nested" if i == 0 else "") / f"ü{i}.png"
-            Image.fromarray(pixels).save(target)
-    Image.fromarray(digit_images(2)[0][1]).save(root / "class 0" / "copy.png")  # ü1.png again, same class
-    Image.fromarray(digit_images(1)[0][0]).save(root / "class 1" / "mislabelled.png")  # ü0.png under another label
-    rgba = np.dstack([digit_images(7)[2][6]] * 3 + [np.full((24, 24), 200, np.uint8)])
-    Image.fromarray(rgba, "RGBA").save(root / "class 2" / "alpha.png")
-    (root / "class 2" / "notes.png").write_text("this is not an image")
-    (root / "class 2" / "empty.jpg").write_bytes(b"")
-    png = (root / "class 0" / "ü1.png").read_bytes()
-    (root / "class 1" / "truncated.png").write_bytes(png[: len(png) // 2])
-    (root / "stray.png").write_bytes(png)
+@pytest.mark.parametrize("source, classes, labelled, external", [
+    ("digits", tuple(str(d) for d in range(10)), 40, 1757),
+    ("lfw", ("face", "non-face"), 8, 192),
+])
+def test_other_bundled_datasets(tmp_path, source, classes, labelled, external):
+    summary, data, _ = run_collect(tmp_path, collect__source=source, collect__external_limit=0)
+    assert data.classes == classes
+    assert len(data.labelled) == labelled and len(data.external) == external
+    assert_accounted(summary)
+    assert data.images.std() > 20  # real pictures, not blank arrays
 
 
-def test_folder_source_accounts_for_every_file(tmp_path):
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The awkward corpus, collected once with 3 folds and 2 repeats (read-only for tests)."""
+    tmp_path = tmp_path_factory.mktemp("corpus")
+    expect = write_corpus(tmp_path / "raw")
+    summary, data, rejects = run_collect(tmp_path, collect__source="folder", collect__folder=str(tmp_path / "raw"),
+                                         collect__folds=[0, 1, 2], collect__repeats=[0, 1], collect__image_size=32)
+    duplicates = pd.read_csv(tmp_path / "out" / "duplicates.csv")
+    return expect, summary, data, rejects, duplicates, tmp_path
+
+
+def relative(path, root):
+    return os.path.relpath(path, root / "raw")
+
+
+def test_corpus_every_file_lands_where_it_should(corpus):
+    expect, summary, data, rejects, duplicates, tmp_path = corpus
+    assert len(expect) >= 30
+    landed = {relative(p, tmp_path): c for p, c in zip(rejects.path, rejects.category)}
+    landed.update({relative(p, tmp_path): ACCEPTED for p in data.manifest.path})
+    landed.update({relative(p, tmp_path): DUPLICATE for p in duplicates.path})
+    kept_copies = {relative(p, tmp_path) for p in duplicates.kept_path}
+    for name in kept_copies:  # of each exact-copy pair, the kept one sits in the manifest
+        assert landed[name] == ACCEPTED
+        landed[name] = DUPLICATE
+    assert landed == expect
+    assert_accounted(summary)
+    assert summary["inputs"] == len(expect) and summary["duplicates_collapsed"] == 2
+    assert rejects.path.is_unique and (rejects.detail != "").all()
+
+
+def test_corpus_conversions_keep_the_picture(corpus):
+    """Every mode ends as the digit it holds: compare each stored image with the plain PNG of the same digit."""
+    expect, _, data, _, _, tmp_path = corpus
+    how = Normalise(32, 1, "crop")
+    by_name = {relative(p, tmp_path): data.images[i] for p, i in zip(data.manifest.path, data.manifest["index"])}
+    reference = [decode_file(tmp_path / "raw" / ZERO / "i.tif", how).pixels]  # digit 8 saved plainly
+    assert np.abs(by_name[f"{ZERO}/i.tif"].astype(int) - reference[0]).max() == 0
+    digits = mnist_digits(0, 16)
+    plain = {name: Image.fromarray(digits[k]).resize((32, 32), Image.Resampling.LANCZOS)
+             for k, name in enumerate(["a.png", "b.jpg", "c palette.gif", "d alpha.png", "e 16bit.png", "f cmyk.jpg",
+                                       "g onebit.bmp", "h la.png", "i.tif", "j.webp", "nested/deeper/k.png",
+                                       "rotated phone photo.jpg"])}
+    for name, picture in plain.items():
+        key = f"{ZERO}/{name}"
+        if expect[key] != ACCEPTED:
+            continue
+        stored = by_name[key][..., 0].astype(float)
+        truth = np.asarray(picture, dtype=float)
+        if name == "d alpha.png":
+            truth = truth * 180 / 255  # composited at 70% opacity onto black
+        correlation = np.corrcoef(stored.ravel(), truth.ravel())[0, 1]
+        assert correlation > 0.9, (name, correlation)  # a sideways, clipped or inverted picture fails this
+        assert abs(stored.mean() - truth.mean()) < 25, name  # 16-bit clipped to white would be far off
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    digit = mnist_digits(7, 1)[0]
+    (tmp_path / "photo.jpg").write_bytes(sideways_jpeg(digit))
+    decoded = decode_file(tmp_path / "photo.jpg", Normalise(56, 1, "crop"))
+    upright = decoded.pixels[..., 0].astype(float)
+    assert np.corrcoef(upright.ravel(), digit.astype(float).ravel())[0, 1] > 0.95
+    stored_sideways = np.rot90(digit).astype(float)
+    assert np.corrcoef(upright.ravel(), stored_sideways.ravel())[0, 1] < 0.5
+
+
+def test_corpus_near_duplicates_share_a_group_and_a_fold_in_every_repeat(corpus):
+    _, summary, data, _, _, tmp_path = corpus
+    rows = data.manifest.assign(name=[relative(p, tmp_path) for p in data.manifest.path]).set_index("name")
+    family = [n for n in rows.index if n.startswith((f"{ZERO}/a.", f"{ZERO}/a "))]  # a.png or its copy, as jpeg, bigger
+    assert len(family) == 3 and rows.loc[family, "group"].nunique() == 1
+    others = rows.drop(family)
+    assert not set(others.group) & set(rows.loc[family, "group"])
+    for repeat in (0, 1):
+        assert rows.loc[family, fold_column(repeat)].nunique() == 1
+        # every group sits in exactly one fold
+        assert (data.labelled.groupby("group")[fold_column(repeat)].nunique() == 1).all()
+    assert not data.labelled[fold_column(0)].equals(data.labelled[fold_column(1)])  # repeats reshuffle
+    assert summary["groups"] == len(data.labelled) - 2
+
+
+def test_corpus_data_card_tells_the_story(corpus):
+    _, summary, data, _, _, tmp_path = corpus
+    card = (tmp_path / "out-reports" / "data_card.md").read_text()
+    s = summary
+    assert f"**{s['inputs']} inputs = {s['accepted']} accepted + {s['rejected']} rejected + 2 exact" in card
+    assert "| label conflict | 2 |" in card and "| too large | 1 |" in card
+    assert f"| {ZERO} | {(data.labelled.label == ZERO).sum()} |" in card
+    assert "1 groups of near-duplicates" in card
+    figures = tmp_path / "out-reports" / "data_card"
+    assert {p.name for p in figures.iterdir()} == {"sizes.png", "class_0.png", "class_1.png"}
+    thumbnails = np.asarray(Image.open(figures / "class_1.png"))
+    assert thumbnails.std() > 20  # the digits are there
+
+
+def test_parallel_decoding_gives_the_same_dataset(tmp_path):
     raw = tmp_path / "raw"
-    write_folder(raw)
-    params = make_params(collect__source="folder", collect__folder=str(raw), collect__folds=[0, 1, 2])
-    summary = collect.run(params.collect, tmp_path / "out")
-    data = load_collected(tmp_path / "out")
-    rejects = pd.read_csv(tmp_path / "out" / "rejects.csv")
-    reasons = dict(zip(rejects.path.map(lambda p: p.split("/")[-1]), rejects.reason))
-    # 18 digits + copy + mislabelled + alpha + 3 broken + stray = 25 files
-    assert summary["inputs"] == 25
+    for label, images in digit_images(40, classes=2).items():
+        (raw / str(label)).mkdir(parents=True)
+        for i, pixels in enumerate(images):
+            Image.fromarray(pixels).save(raw / str(label) / f"{i}.png")
+    settings = dict(collect__source="folder", collect__folder=str(raw), collect__near_duplicate_bits=0)
+    _, serial, _ = run_collect(tmp_path, "serial", collect__workers=1, **settings)
+    _, parallel, _ = run_collect(tmp_path, "parallel", collect__workers=2, **settings)
+    assert len(serial.images) == 80
+    assert np.array_equal(serial.images, parallel.images) and serial.manifest.equals(parallel.manifest)
+
+
+def write_split_folder(root):
+    """train/<class>/ and test/<class>/, with a test image copied from train, one re-encoded from train, a class
+    only in test and a folder that belongs in neither."""
+    digits = {label: mnist_digits(label, 8) for label in range(3)}
+    for label, images in digits.items():
+        for i, pixels in enumerate(images):
+            split = "train" if i < 5 else "test"
+            (root / split / f"d{label}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / split / f"d{label}" / f"{i}.png")
+    (root / "test" / "d0" / "copied.png").write_bytes((root / "train" / "d0" / "0.png").read_bytes())
+    Image.open(root / "train" / "d1" / "0.png").convert("RGB").save(root / "test" / "d1" / "reencoded.jpg", quality=85)
+    (root / "test" / "d9").mkdir()
+    Image.fromarray(mnist_digits(9, 1)[0]).save(root / "test" / "d9" / "0.png")
+    (root / "extra").mkdir()
+    Image.fromarray(digits[2][0]).save(root / "extra" / "lost.png")
+
+
+def test_train_and_test_folders_make_a_leak_free_hold_out_set(tmp_path):
+    write_split_folder(tmp_path / "raw")
+    summary, data, rejects = run_collect(tmp_path, collect__source="folder", collect__folder=str(tmp_path / "raw"),
+                                         collect__folds=[0, 1, 2])
+    assert_accounted(summary)
+    assert len(data.labelled) == 15 and data.classes == ("d0", "d1", "d2")
+    # 12 test images: the exact copy collapses into its training twin, the re-encoded one is a leak, d9 has no
+    # training images; 9 stay
     assert summary["duplicates_collapsed"] == 1
-    assert {"notes.png", "empty.jpg", "truncated.png", "stray.png", "mislabelled.png", "ü0.png"} == set(reasons)
-    assert "label conflict" in reasons["mislabelled.png"] and "class 1" in reasons["ü0.png"]
-    assert "not a readable image" in reasons["notes.png"] and "subfolder" in reasons["stray.png"]
-    assert summary["inputs"] == summary["accepted"] + summary["rejected"] + summary["duplicates_collapsed"]
-    assert data.classes == ("class 0", "class 1", "class 2")
-    assert len(data.external) == 0 and len(data.labelled) == summary["accepted"] == 18
-    assert data.images.shape[1:] == (16, 16, 1)
-    assert data.labelled.sha256.is_unique
+    category = dict(zip(rejects.path.map(os.path.basename), rejects.category))
+    assert category == {"reencoded.jpg": "leak into test set", "0.png": "class missing from training",
+                        "lost.png": "misplaced file"}
+    assert len(data.external) == 9 and (data.external[fold_column(0)] == -1).all()
+    assert not set(data.external.sha256) & set(data.labelled.sha256)
+    assert not set(data.external.group) & set(data.labelled.group)
 
 
-def test_class_with_fewer_images_than_folds_names_class_and_fix(tmp_path):
+def test_class_with_fewer_groups_than_folds_names_class_and_fix(tmp_path):
     raw = tmp_path / "raw"
     for label, images in digit_images(5).items():
         (raw / str(label)).mkdir(parents=True)
         for i, pixels in enumerate(images[: 2 if label == 1 else 5]):
             Image.fromarray(pixels).save(raw / str(label) / f"{i}.png")
-    params = make_params(collect__source="folder", collect__folder=str(raw), collect__folds=[0, 1, 2])
-    with pytest.raises(PipelineError, match=r"class '1' has 2 distinct images but collect.folds asks for 3 folds"):
-        collect.run(params.collect, tmp_path / "out")
+    with pytest.raises(PipelineError, match=r"class '1' has 2 distinct images in 2 groups .* asks for 3 folds: add "
+                                            r"pictures to '1', or use at most 2 folds"):
+        run_collect(tmp_path, collect__source="folder", collect__folder=str(raw), collect__folds=[0, 1, 2])
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_label_conflicts_can_stop_the_run(tmp_path):
+    write_corpus(tmp_path / "raw")
+    with pytest.raises(PipelineError, match=r"label conflict: the same picture appears under two labels .*b\.jpg"):
+        run_collect(tmp_path, collect__source="folder", collect__folder=str(tmp_path / "raw"),
+                    collect__label_conflicts="error", collect__folds=[0, 1, 2])
+
+
 def test_missing_folder_is_a_clear_error(tmp_path):
-    params = make_params(collect__source="folder", collect__folder=str(tmp_path / "nope"))
     with pytest.raises(PipelineError, match="is not a folder; put one subfolder per class"):
-        collect.run(params.collect, tmp_path / "out")
+        run_collect(tmp_path, collect__source="folder", collect__folder=str(tmp_path / "nope"))
 
 
-def test_rgb_output_for_three_channels(tmp_path):
+def test_rgb_and_padding(tmp_path):
     raw = tmp_path / "raw"
-    write_folder(raw)
-    params = make_params(collect__source="folder", collect__folder=str(raw), collect__channels=3)
-    collect.run(params.collect, tmp_path / "out")
-    assert load_collected(tmp_path / "out").images.shape[1:] == (16, 16, 3)
+    for label, images in digit_images(4, size=24).items():
+        (raw / str(label)).mkdir(parents=True)
+        for i, pixels in enumerate(images):
+            wide = np.zeros((24, 48, 3), np.uint8)
+            wide[:, :24] = pixels[..., None]
+            wide[:, 24:, 0] = 255  # a red right half: cropping to the centre would cut half of both
+            Image.fromarray(wide).save(raw / str(label) / f"{i}.png")
+    _, data, _ = run_collect(tmp_path, collect__source="folder", collect__folder=str(raw), collect__channels=3,
+                             collect__fit="pad", collect__folds=[0, 1])
+    assert data.images.shape[1:] == (16, 16, 3)
+    image = data.images[0].astype(int)
+    assert image[:3].max() < 30 and image[-3:].max() < 30  # padded above and below with black (resampling rings)
+    assert image[6:10, 12:, 0].min() > 200 and image[6:10, 12:, 1].max() < 40  # the red half is all there
+
+
+# --- CSV manifests --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def image_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/served; yields its base URL."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", served
+    server.shutdown()
+    server.server_close()
+
+
+def test_csv_manifest_with_paths_urls_and_groups(tmp_path, image_server):
+    base, served = image_server
+    root = tmp_path / "root"
+    rows = []
+    for label, images in digit_images(6).items():
+        for i, pixels in enumerate(images):
+            name = f"img/{label}_{i}.png"
+            if i == 5:  # the last of each class comes over HTTP
+                Image.fromarray(pixels).save(served / f"{label}.png")
+                rows.append((f"{base}/{label}.png", f"c{label}", ""))
+                continue
+            (root / "img").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / name)
+            rows.append((name, f"c{label}", "patient-a" if (label, i) in [(0, 0), (0, 1)] else ""))
+    outside = tmp_path / "secret.png"
+    Image.fromarray(digit_images(1)[0][0]).save(outside)
+    os.symlink(outside, root / "img" / "link out.png")
+    rows += [("../secret.png", "c0", ""), (str(outside), "c0", ""), ("img/link out.png", "c0", ""),
+             ("img/absent.png", "c1", ""), ("img/2_0.png", "", ""), (f"{base}/absent.png", "c2", ""),
+             ("ftp://example.com/x.png", "c2", "")]
+    pd.DataFrame(rows, columns=["path", "label", "group"]).to_csv(root / "manifest.csv", index=False)
+    summary, data, rejects = run_collect(tmp_path, collect__source="csv", collect__folder=str(root),
+                                         collect__folds=[0, 1, 2], collect__download__cache=str(tmp_path / "cache"),
+                                         collect__download__retries=0)
+    assert_accounted(summary)
+    assert summary["inputs"] == len(rows) == 25 and len(data.labelled) == 18
+    assert (data.manifest.source == "url").sum() == 3 and (data.manifest.source == "csv").sum() == 15
+    category = dict(zip(rejects.path, rejects.category))
+    assert category == {"../secret.png": "outside data root", str(outside): "outside data root",
+                        "img/link out.png": "outside data root", "img/absent.png": "missing file",
+                        "img/2_0.png": "no label", f"{base}/absent.png": "download failed",
+                        "ftp://example.com/x.png": "download failed"}
+    assert "404" in rejects.detail[rejects.path == f"{base}/absent.png"].item()
+    pair = data.manifest[data.manifest.path.isin(["img/0_0.png", "img/0_1.png"])]
+    assert pair.group.nunique() == 1 and pair[fold_column(0)].nunique() == 1  # the user's group stays together
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # the three served images, cached for the next run
+
+
+def test_csv_without_the_needed_columns_names_them(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "manifest.csv").write_text("file,class\na.png,x\n")
+    with pytest.raises(PipelineError, match=r"needs a `path` \(or `url`\) column and a `label` column; found "
+                                            r"columns: file, class"):
+        run_collect(tmp_path, collect__source="csv", collect__folder=str(root))

@@ -12,10 +12,11 @@ def stages():
 
 def test_stage_outputs_are_the_paths_the_code_writes():
     s = stages()
-    assert s["collect"]["outs"] == [str(paths.COLLECTED)]
+    assert s["collect"]["outs"] == [str(paths.COLLECTED)] + [str(paths.REPORTS / name) for name in (
+        paths.REJECTS_FILE, paths.DATA_CARD_FILE, paths.DATA_CARD_DIR)]
     assert s["augment"]["outs"] == [str(paths.AUGMENT)]
-    assert s["synthesize"]["outs"] == [str(paths.synthetic_dir("${item.fold}"))]
-    assert s["finetune"]["outs"] == [str(paths.finetune_dir("${item.fold}", "${item.variant}"))]
+    assert s["synthesize"]["outs"] == [str(paths.synthetic_dir("${item.repeat}", "${item.fold}"))]
+    assert s["finetune"]["outs"] == [str(paths.finetune_dir("${item.repeat}", "${item.fold}", "${item.variant}"))]
     assert s["evaluate"]["metrics"] == [str(paths.METRICS)]
     assert set(s["evaluate"]["outs"]) == {str(paths.REPORT), str(paths.FIGURES)}
     assert str(paths.AUGMENT / paths.POLICY_FILE) in s["finetune"]["deps"]
@@ -28,3 +29,4 @@ def test_each_stage_runs_its_module_lists_it_and_only_its_params():
         assert f"pipeline/{name}.py" in stage["deps"]
         assert stage["params"][0] == name
     assert stages()["finetune"]["params"] == ["finetune", "variants.${item.variant}"]
+    assert set(stages()["collect"]["deps"]) >= {"pipeline/sources.py", "pipeline/download.py", "pipeline/datacard.py"}

@@ -31,7 +31,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
     report = (repo / "reports" / "report.md").read_text()
     assert "did best in cross-validation" in report
     assert (repo / "data" / "augment" / "preview.png").exists()
-    assert (repo / "data" / "synthetic" / "fold1" / "grid.png").exists()
+    assert (repo / "data" / "synthetic" / "r0-fold1" / "grid.png").exists()
+    assert "Source `mnist`" in (repo / "reports" / "data_card.md").read_text()
     shown = dvc(repo, "metrics", "show")
     assert "baseline.cv_accuracy" in shown.replace("\n", " ") or "cv_accuracy" in shown
 
@@ -45,7 +46,7 @@ def test_changing_one_variant_reruns_only_its_stages(repo):
     dvc(repo, "repro")  # no-op when the test above ran first; makes this test stand alone otherwise
     out = dvc(repo, "exp", "run", "-S", "variants.augment.weights=none")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"finetune@0-augment", "finetune@1-augment", "evaluate"}, out
+    assert ran == {"finetune@0-0-augment", "finetune@0-1-augment", "evaluate"}, out
 
 
 @pytest.mark.slow

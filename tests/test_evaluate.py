@@ -25,12 +25,14 @@ def write_predictions(root, collected_dir, name, correct_share, seed):
         out[np.arange(len(index)), predicted] = 0.91
         return out
 
-    for fold in data.folds:
-        val = data.fold_split(fold)[1]["index"].to_numpy()
-        test = data.external["index"].to_numpy()
-        folder = root / f"fold{fold}-{name}"
-        folder.mkdir(parents=True)
-        np.savez(folder / "predictions.npz", val_index=val, val_probs=probs(val), test_index=test, test_probs=probs(test))
+    for repeat in data.repeats:
+        for fold in data.folds:
+            val = data.fold_split(fold, repeat)[1]["index"].to_numpy()
+            test = data.external["index"].to_numpy()
+            folder = root / f"r{repeat}-fold{fold}-{name}"
+            folder.mkdir(parents=True)
+            np.savez(folder / "predictions.npz", val_index=val, val_probs=probs(val), test_index=test,
+                     test_probs=probs(test))
 
 
 def outputs(tmp_path):
@@ -44,7 +46,7 @@ def test_metrics_and_report_name_the_better_variant(tmp_path, collected_dir):
     write_predictions(preds, collected_dir, "coin", 0.5, 1)
     out = outputs(tmp_path)
     summary = evaluate.run(make_params().evaluate, ["coin", "perfect"], collected_dir,
-                           lambda fold, name: preds / f"fold{fold}-{name}", out)
+                           lambda repeat, fold, name: preds / f"r{repeat}-fold{fold}-{name}", out)
     assert json.loads(out.metrics.read_text()) == summary
     perfect, coin = summary["perfect"], summary["coin"]
     assert perfect["cv_accuracy"] == perfect["oof_accuracy"] == perfect["external_ensemble_accuracy"] == 1.0
@@ -65,8 +67,10 @@ def test_metrics_and_report_name_the_better_variant(tmp_path, collected_dir):
 
 
 def test_missing_predictions_say_what_to_run(tmp_path, collected_dir):
-    with pytest.raises(PipelineError, match=r"is missing: run `dvc repro` so finetune covers fold 0, variant x"):
-        evaluate.run(make_params().evaluate, ["x"], collected_dir, lambda f, n: tmp_path / f"{f}{n}", outputs(tmp_path))
+    with pytest.raises(PipelineError, match=r"is missing: run `dvc repro` so finetune covers repeat 0, fold 0, "
+                                            r"variant x"):
+        evaluate.run(make_params().evaluate, ["x"], collected_dir, lambda r, f, n: tmp_path / f"{r}{f}{n}",
+                     outputs(tmp_path))
 
 
 def test_score_and_interval_known_answers():
@@ -88,3 +92,27 @@ def test_bootstrap_interval_matches_the_binomial_spread():
     half = 1.96 * (0.75 * 0.25 / 200) ** 0.5
     assert low == pytest.approx(0.75 - half, abs=0.015) and high == pytest.approx(0.75 + half, abs=0.015)
     assert bootstrap_accuracy(targets, probs, 0.95) == (low, high)  # seeded: reproducible
+
+
+def test_repeats_are_evaluated_together(tmp_path):
+    """Two repeats of 2-fold CV: four fold scores, out-of-fold metrics averaged over the repeats, and an interval
+    where an image counts with its share of right answers across repeats."""
+    from pipeline import collect
+
+    params = make_params(collect__repeats=[0, 1])
+    collect.run(params.collect, tmp_path / "collected", tmp_path / "collect-reports")
+    preds = tmp_path / "finetune"
+    write_predictions(preds, tmp_path / "collected", "coin", 0.5, 3)
+    summary = evaluate.run(params.evaluate, ["coin"], tmp_path / "collected",
+                           lambda repeat, fold, name: preds / f"r{repeat}-fold{fold}-{name}", outputs(tmp_path))
+    coin = summary["coin"]
+    assert 0.3 < coin["oof_accuracy"] < 0.7
+    assert coin["oof_accuracy_low"] < coin["oof_accuracy"] < coin["oof_accuracy_high"]
+    assert "2-fold cross-validation repeated 2 times" in outputs(tmp_path).report.read_text()
+    # an image right in one repeat and wrong in the other counts half: the interval is narrower than one repeat's
+    targets = np.zeros(100, dtype=int)
+    right, wrong = np.tile([[0.9, 0.1]], (100, 1)), np.tile([[0.1, 0.9]], (100, 1))
+    one_repeat = bootstrap_accuracy(targets, np.where(np.arange(100)[:, None] < 50, right, wrong), 0.95)
+    halves = bootstrap_accuracy(targets, np.stack([np.where(np.arange(100)[:, None] % 2 == 0, right, wrong),
+                                                   np.where(np.arange(100)[:, None] % 2 == 1, right, wrong)]), 0.95)
+    assert halves == (0.5, 0.5) and one_repeat[1] - one_repeat[0] > 0.15

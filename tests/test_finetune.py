@@ -70,7 +70,8 @@ def test_missing_gan_samples_say_which_stage_to_run(tmp_path, inputs):
 
 def test_unknown_fold_is_refused(tmp_path, inputs):
     params = make_params()
-    with pytest.raises(PipelineError, match=r"fold 7 is not in the collected data \(folds: \[0, 1\]\)"):
+    with pytest.raises(PipelineError,
+                       match=r"fold 7 of repeat 0 is not in the collected data \(folds: \[0, 1\], repeats: \[0\]\)"):
         finetune.run(params.finetune, params.variants["baseline"], 7, inputs, tmp_path / "out")
 
 

@@ -30,6 +30,7 @@ LABELLED, EXTERNAL = "labelled", "external"
 MODES = {1: "L", 3: "RGB"}
 HASH_SIDE, HASH_FREQUENCIES = 32, 16  # perceptual hash: the 16 x 16 lowest DCT frequencies of a 32 px image
 SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
+EXIF_ORIENTATION, QUARTER_TURNS = 0x0112, {5, 6, 7, 8}  # orientations that swap width and height
 
 
 class Unusable(Exception):
@@ -126,9 +127,16 @@ def decode_image(image: Image.Image, how: Normalise) -> Decoded:
     if min(width, height) < how.min_side:
         raise Unusable("too small",
                        f"{width} x {height} pixels: the shorter side is below collect.min_side ({how.min_side})")
+    if image.getexif().get(EXIF_ORIENTATION, 1) in QUARTER_TURNS:
+        width, height = height, width  # report the picture's size as it is shown, upright
+    if image.format == "JPEG":
+        # JPEG can decode at 1/2, 1/4 or 1/8 scale straight from its DCT blocks: ask for the smallest scale that is
+        # still at least as large as what is stored and hashed (8x fewer pixels for a 256 px photo stored at 32)
+        need = max(how.size, HASH_SIDE)
+        image.draft(image.mode, (need, need))
     image.load()  # decode now, so a truncated file fails here and not later
     upright = ImageOps.exif_transpose(image)  # phone photos are often stored sideways with an EXIF rotation
-    return Decoded(to_square(upright, how), upright.width, upright.height, perceptual_hash(upright))
+    return Decoded(to_square(upright, how), width, height, perceptual_hash(upright))
 
 
 def decode_file(path: Path, how: Normalise) -> Decoded:

@@ -322,3 +322,18 @@ def test_csv_without_the_needed_columns_names_them(tmp_path):
     with pytest.raises(PipelineError, match=r"needs a `path` \(or `url`\) column and a `label` column; found "
                                             r"columns: file, class"):
         run_collect(tmp_path, collect__source="csv", collect__folder=str(root))
+
+
+@pytest.mark.parametrize("mode, values, expected", [
+    ("I;16", [0, 257, 65535], [0, 1, 255]),  # 16-bit keeps its top byte, not clipped to white
+    ("I", [0, 4096, 65535], [0, 16, 255]),  # 32-bit holding 16-bit data (how some TIFFs and PNGs open)
+    ("I", [0, 100, 255], [0, 100, 255]),  # 32-bit holding 8-bit data is left as it is
+    ("F", [-5.0, 100.4, 300.0], [0, 100, 255]),
+])
+def test_wide_modes_become_8_bit(mode, values, expected):
+    from pipeline.images import to_8bit
+
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    image = Image.fromarray(np.array([values], dtype=dtype))
+    assert image.mode == mode
+    assert np.asarray(to_8bit(image)).ravel().tolist() == expected

@@ -12,11 +12,13 @@ train a few hundred steps on a 2-core CPU in about half a minute.
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -136,6 +138,52 @@ def diff_augment(x: Tensor, policy: str) -> Tensor:
     for augment in _parse_policy(policy):
         x = augment(x)
     return x
+
+
+class AdaptiveAugment(nn.Module):
+    """DiffAugment whose strength adapts, in the spirit of ADA (Karras et al. 2020).
+
+    Each operation of the policy is applied to each sample with probability `p`. With a positive `target`,
+    `p` starts at 0 and every `interval` steps moves by batch x interval / `speed_images` towards keeping
+    r = E[sign(D(real))] at `target`: r near 1 means the discriminator is sure of every real image, i.e. it
+    is memorising the few it has, so augmentation rises. With `target` 0, `p` stays at 1: plain DiffAugment.
+    `p` is a buffer, so it is saved and restored with the checkpoint.
+    """
+
+    def __init__(self, policy: str, *, target: float, speed_images: int, interval: int):
+        super().__init__()
+        self.operations = _parse_policy(policy)
+        self.target, self.speed_images, self.interval = target, speed_images, interval
+        self.register_buffer("p", torch.tensor(0.0 if target > 0 else 1.0))
+        self.register_buffer("signs", torch.zeros(2))  # running sum of sign(D(real)) and its count
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = float(self.p)
+        for operation in self.operations:
+            if p >= 1.0:
+                x = operation(x)
+            elif p > 0.0:
+                chosen = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p
+                x = torch.where(chosen, operation(x), x)
+        return x
+
+    @torch.no_grad()
+    def observe(self, real_logits: Tensor) -> None:
+        self.signs += torch.stack([real_logits.float().sign().sum(), real_logits.new_tensor(real_logits.numel(),
+                                                                                             dtype=torch.float)])
+
+    @torch.no_grad()
+    def adjust(self, step: int, batch_images: int) -> float | None:
+        """Every `interval` steps: move p and return the overfitting measure r it was moved on."""
+        if self.target <= 0 or step % self.interval or not self.operations:
+            return None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.signs)  # every process moves p alike
+        r = float(self.signs[0] / self.signs[1].clamp(min=1))
+        step_size = batch_images * self.interval / self.speed_images
+        self.p.copy_((self.p + np.sign(r - self.target) * step_size).clamp(0.0, 1.0))
+        self.signs.zero_()
+        return r
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,20 +362,53 @@ def _to_uint8_nhwc(x: Tensor) -> np.ndarray:
 @dataclass
 class TrainedGan:
     generator: Generator  # EMA weights, eval mode, on CPU: use this one for sampling
-    history: list[dict]  # every log_every steps: step, loss_d, loss_g, d_real, d_fake (plain floats)
+    history: list[dict]  # every log_every steps: step, loss_d, loss_g, d_real, d_fake, p, r (plain floats)
+    augment_p: float  # the augmentation probability at the end of training
+    resumed_from: int  # the step a checkpoint resumed from (0: trained from scratch)
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often to save training state, and what it must match to be resumed."""
+
+    folder: Path
+    every: int  # steps between checkpoints
+    fingerprint: str  # of the data and the settings that shape training; a checkpoint with another is ignored
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel run (torchrun); one process by default."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 @dataclass
 class _Models:
-    generator: Generator
-    discriminator: Discriminator
+    generator: nn.Module  # the Generator, wrapped in DistributedDataParallel under torchrun
+    discriminator: nn.Module  # likewise
     ema: Generator
+    augment: AdaptiveAugment
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
 
+    @property
+    def plain_discriminator(self) -> Discriminator:
+        """D without the DDP wrapper: the generator step must not start a gradient reduction for D."""
+        return getattr(self.discriminator, "module", self.discriminator)
+
+    @property
+    def plain_generator(self) -> Generator:
+        return getattr(self.generator, "module", self.generator)
+
 
 def _build_models(
-    cfg: GanConfig, *, num_classes: int, channels: int, resolution: int, device: torch.device
+    cfg: GanConfig, *, num_classes: int, channels: int, resolution: int, device: torch.device, world: World
 ) -> _Models:
     generator = Generator(
         num_classes=num_classes, channels=channels, resolution=resolution,
@@ -337,10 +418,18 @@ def _build_models(
         num_classes=num_classes, channels=channels, resolution=resolution, base_channels=cfg.base_channels,
     ).to(device)
     ema = copy.deepcopy(generator).requires_grad_(False)
+    augment = AdaptiveAugment(cfg.diffaugment, target=cfg.ada_target, speed_images=cfg.ada_images,
+                              interval=cfg.ada_interval).to(device)
     # beta1 = 0 as in SNGAN/BigGAN: momentum on a moving adversarial target mostly adds lag.
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_g, betas=(0.0, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr_d, betas=(0.0, 0.999))
-    return _Models(generator, discriminator, ema, opt_g, opt_d)
+    if world.size > 1:  # gradients averaged across processes; batch_size is per process
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        generator = DistributedDataParallel(generator, device_ids=ids)
+        discriminator = DistributedDataParallel(discriminator, device_ids=ids)
+    return _Models(generator, discriminator, ema, augment, opt_g, opt_d)
 
 
 @dataclass
@@ -379,13 +468,14 @@ def _mode_seeking_penalty(fake: Tensor, z: Tensor) -> Tensor:
     return 1.0 / (image_distance / z_distance + 1e-5)
 
 
-def _discriminator_step(models: _Models, batch: _Batch, fake: Tensor, policy: str) -> tuple[Tensor, ...]:
+def _discriminator_step(models: _Models, batch: _Batch, fake: Tensor) -> tuple[Tensor, ...]:
     """One hinge-loss update of D; returns (loss, mean real logit, mean fake logit), detached."""
     real = batch.real
-    both = diff_augment(torch.cat([real, fake.detach()]), policy)  # per-sample augment params
+    both = models.augment(torch.cat([real, fake.detach()]))  # per-sample augment params
     with autocast(real.device):
         logits = models.discriminator(both, torch.cat([batch.real_labels, batch.fake_labels])).float()
     d_real, d_fake = logits.split(real.shape[0])
+    models.augment.observe(d_real.detach())
     loss = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
     models.opt_d.zero_grad(set_to_none=True)
     loss.backward()
@@ -393,19 +483,20 @@ def _discriminator_step(models: _Models, batch: _Batch, fake: Tensor, policy: st
     return loss.detach(), d_real.detach().mean(), d_fake.detach().mean()
 
 
-def _generator_step(models: _Models, batch: _Batch, fake: Tensor, policy: str) -> Tensor:
+def _generator_step(models: _Models, batch: _Batch, fake: Tensor) -> Tensor:
     """One update of G through the (frozen) discriminator; returns the detached adversarial loss.
 
     The logged loss leaves out the mode-seeking term so it stays comparable to loss_d.
     """
-    models.discriminator.requires_grad_(False)  # skip D's weight gradients: only G is updated here
+    discriminator = models.plain_discriminator
+    discriminator.requires_grad_(False)  # skip D's weight gradients: only G is updated here
     with autocast(fake.device):
-        adversarial = -models.discriminator(diff_augment(fake, policy), batch.fake_labels).float().mean()
+        adversarial = -discriminator(models.augment(fake), batch.fake_labels).float().mean()
     loss = adversarial + MODE_SEEKING_WEIGHT * _mode_seeking_penalty(fake, batch.z)
     models.opt_g.zero_grad(set_to_none=True)
     loss.backward()
     models.opt_g.step()
-    models.discriminator.requires_grad_(True)
+    discriminator.requires_grad_(True)
     return adversarial.detach()
 
 
@@ -434,47 +525,125 @@ def _recalibrate_batch_norm(ema: Generator, *, seed: int, device: torch.device) 
                 ema(z, y)
 
 
-def _log_entry(step: int, loss_d: Tensor, loss_g: Tensor, d_real: Tensor, d_fake: Tensor) -> dict:
-    return {
-        "step": step, "loss_d": loss_d.item(), "loss_g": loss_g.item(),
-        "d_real": d_real.item(), "d_fake": d_fake.item(),
+def _log_entry(step: int, losses: tuple[Tensor, ...], p: float, r: float | None) -> dict:
+    loss_d, loss_g, d_real, d_fake = (value.item() for value in losses)
+    return {"step": step, "loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake, "p": p,
+            "r": r}
+
+
+# --- checkpoints: everything a resumed run needs to continue exactly where the killed one stopped ---------------
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _random_states(rng: torch.Generator, device: torch.device, world: World) -> list[dict]:
+    """Every process's random streams (batches and z; the global one behind DiffAugment), rank order."""
+    state = {"batches": rng.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if world.size == 1:
+        return [state]
+    gathered: list = [None] * world.size
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def _save_checkpoint(path: Path, models: _Models, step: int, history: list[dict], states: list[dict],
+                     fingerprint: str) -> None:
+    from pipeline import atomic
+
+    state = {
+        "fingerprint": fingerprint, "step": step, "history": history, "random": states,
+        "generator": models.plain_generator.state_dict(), "discriminator": models.plain_discriminator.state_dict(),
+        "ema": models.ema.state_dict(), "augment": models.augment.state_dict(),
+        "opt_g": models.opt_g.state_dict(), "opt_d": models.opt_d.state_dict(),
     }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic.write_bytes(path, buffer.getvalue())  # a kill mid-write leaves the previous checkpoint intact
+
+
+def _resume(checkpoint: Checkpointing | None, models: _Models, rng: torch.Generator, device: torch.device,
+            world: World) -> tuple[int, list[dict]]:
+    """Load a matching checkpoint into the models; (steps already done, history so far), or (0, [])."""
+    path = checkpoint.folder / CHECKPOINT_FILE if checkpoint else None
+    if path is None or not path.is_file():
+        return 0, []
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state["fingerprint"] != checkpoint.fingerprint:
+        log.warning("ignoring %s: it was made for other data or settings; training from scratch", path)
+        return 0, []
+    models.plain_generator.load_state_dict(state["generator"])
+    models.plain_discriminator.load_state_dict(state["discriminator"])
+    models.ema.load_state_dict(state["ema"])
+    models.augment.load_state_dict(state["augment"])
+    models.opt_g.load_state_dict(state["opt_g"])
+    models.opt_d.load_state_dict(state["opt_d"])
+    mine = state["random"][world.rank] if len(state["random"]) == world.size else None
+    if mine is not None:
+        rng.set_state(mine["batches"])
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], device)
+    log.info("resuming GAN training from step %d (augmentation p = %.3f)", state["step"], float(models.augment.p))
+    return int(state["step"]), list(state["history"])
 
 
 def train_gan(
-    images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: GanConfig, device: torch.device
+    images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: GanConfig, device: torch.device,
+    checkpoint: Checkpointing | None = None, world: World = World(),
 ) -> TrainedGan:
-    """Train a class-conditional GAN on uint8 NHWC `images`; return the EMA generator and a loss log."""
+    """Train a class-conditional GAN on uint8 NHWC `images`; return the EMA generator and a loss log.
+
+    With `checkpoint`, the state is saved every `checkpoint.every` steps and a matching checkpoint is resumed
+    (step count, augmentation strength, optimiser moments and random streams included); it is deleted once
+    training ends. Under torchrun (`world.size` > 1) each process draws its own batches and DDP averages the
+    gradients; only the main process saves.
+    """
     _validate_training_images(images)
     _validate_labels(labels, images.shape[0], num_classes)
     device = torch.device(device)
     _parse_policy(cfg.diffaugment)  # fail on a bad policy before any work
-    torch.manual_seed(cfg.seed)  # network init and DiffAugment draw from the global RNG
-    rng = torch.Generator().manual_seed(cfg.seed)  # batches and z: a local stream, untouched by others
+    torch.manual_seed(cfg.seed)  # network init: the same on every process
+    rng = torch.Generator().manual_seed(cfg.seed + world.rank)  # batches and z: a local stream per process
     data = _to_device_tensors(images, labels, device)
     n, resolution, channels = images.shape[0], images.shape[1], images.shape[3]
-    models = _build_models(cfg, num_classes=num_classes, channels=channels, resolution=resolution, device=device)
+    models = _build_models(cfg, num_classes=num_classes, channels=channels, resolution=resolution, device=device,
+                           world=world)
+    torch.manual_seed(cfg.seed + 7919 * world.rank)  # DiffAugment draws: different on every process
+    done, history = _resume(checkpoint, models, rng, device, world)
     log.info(
-        "training GAN on %d images (%dx%dx%d, %d classes) for %d steps on %s",
+        "training GAN on %d images (%dx%dx%d, %d classes) for %d steps on %s%s",
         n, resolution, resolution, channels, num_classes, cfg.steps, device,
+        f" x {world.size} processes" if world.size > 1 else "",
     )
     started = time.perf_counter()
-    history: list[dict] = []
-    progress = tqdm(range(1, cfg.steps + 1), desc="gan", unit="step", disable=None)
+    progress = tqdm(range(done + 1, cfg.steps + 1), desc="gan", unit="step", disable=None if world.is_main else True)
     for step in progress:
         batch = _sample_batch(data, cfg, rng)
         with autocast(device):
             fake = models.generator(batch.z, batch.fake_labels)  # serves both steps; D sees it detached
-        loss_d, d_real, d_fake = _discriminator_step(models, batch, fake, cfg.diffaugment)
-        loss_g = _generator_step(models, batch, fake, cfg.diffaugment)
-        _update_ema(models.ema, models.generator, cfg.ema_decay, step)
+        loss_d, d_real, d_fake = _discriminator_step(models, batch, fake)
+        loss_g = _generator_step(models, batch, fake)
+        r = models.augment.adjust(step, cfg.batch_size * world.size)
+        _update_ema(models.ema, models.plain_generator, cfg.ema_decay, step)
         if step % cfg.log_every == 0:
-            history.append(_log_entry(step, loss_d, loss_g, d_real, d_fake))
-            progress.set_postfix(loss_d=f"{history[-1]['loss_d']:.3f}", loss_g=f"{history[-1]['loss_g']:.3f}")
+            history.append(_log_entry(step, (loss_d, loss_g, d_real, d_fake), float(models.augment.p), r))
+            progress.set_postfix(loss_d=f"{history[-1]['loss_d']:.3f}", loss_g=f"{history[-1]['loss_g']:.3f}",
+                                 p=f"{history[-1]['p']:.2f}")
+        if checkpoint and step % checkpoint.every == 0 and step < cfg.steps:
+            states = _random_states(rng, device, world)
+            if world.is_main:
+                _save_checkpoint(checkpoint.folder / CHECKPOINT_FILE, models, step, history, states,
+                                 checkpoint.fingerprint)
     progress.close()
     _recalibrate_batch_norm(models.ema, seed=cfg.seed, device=device)
-    log.info("GAN trained: %d steps in %.1f s", cfg.steps, time.perf_counter() - started)
-    return TrainedGan(generator=models.ema.cpu().eval(), history=history)
+    log.info("GAN trained: steps %d-%d in %.1f s, augmentation p = %.3f", done + 1, cfg.steps,
+             time.perf_counter() - started, float(models.augment.p))
+    if checkpoint and world.is_main:
+        (checkpoint.folder / CHECKPOINT_FILE).unlink(missing_ok=True)  # the stage's outputs now hold the result
+    return TrainedGan(generator=models.ema.cpu().eval(), history=history, augment_p=float(models.augment.p),
+                      resumed_from=done)
 
 
 # --------------------------------------------------------------------------------------------------

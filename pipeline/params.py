@@ -106,17 +106,34 @@ class SynthesizeParams:
     lr_g: float
     lr_d: float
     diffaugment: str
+    ada_target: float
+    ada_images: int
+    ada_interval: int
     ema_decay: float
     log_every: int
-    samples_per_class: int
+    checkpoint_every: int
+    candidates_per_class: int
+    keep_per_class: int
+    min_confidence: float
+    feature_backbone: str
+    feature_size: int
+    fid_features: Literal["backbone", "inception"]
     device: Literal["auto", "cpu", "cuda"]
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "z_dim", "base_channels", "log_every", "samples_per_class"):
+        for key in ("steps", "batch_size", "z_dim", "base_channels", "log_every", "checkpoint_every", "ada_images",
+                    "ada_interval", "candidates_per_class", "keep_per_class"):
             _require(getattr(self, key) >= 1, f"synthesize.{key}", ">= 1", getattr(self, key))
+        _require(self.batch_size >= 2, "synthesize.batch_size", ">= 2 (batch norm and the mode-seeking pairs)",
+                 self.batch_size)
         for key in ("lr_g", "lr_d"):
             _require(0 < getattr(self, key) < 1, f"synthesize.{key}", "between 0 and 1", getattr(self, key))
         _require(0 <= self.ema_decay < 1, "synthesize.ema_decay", "in [0, 1)", self.ema_decay)
+        _require(0 <= self.ada_target < 1, "synthesize.ada_target", "in [0, 1) (0 = fixed p = 1)", self.ada_target)
+        _require(0 <= self.min_confidence < 1, "synthesize.min_confidence", "in [0, 1)", self.min_confidence)
+        _require(self.keep_per_class <= self.candidates_per_class, "synthesize.keep_per_class",
+                 f"at most candidates_per_class ({self.candidates_per_class})", self.keep_per_class)
+        _require(16 <= self.feature_size <= 512, "synthesize.feature_size", "from 16 to 512", self.feature_size)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ COLLECTED = DATA / "collected"  # collect: images.npz + manifest.csv + duplicate
 AUGMENT = DATA / "augment"  # augment: policy.json + preview.png
 SYNTHETIC = DATA / "synthetic"  # synthesize: one folder per fold
 FINETUNE = DATA / "finetune"  # finetune: one folder per fold and variant
+CHECKPOINTS = DATA / "checkpoints"  # training state of killed runs, outside DVC's outputs so it survives
+SYNTHESIZE_REPORTS = Path("reports") / "synthesize"  # synthesize: per-fold DVC metrics and plots
 
 IMAGES_FILE = "images.npz"
 MANIFEST_FILE = "manifest.csv"
@@ -27,9 +29,13 @@ REPORT = REPORTS / "report.md"
 FIGURES = REPORTS / "figures"  # evaluate: confusion matrices and other PNGs
 
 
+def split_name(repeat: int, fold: int) -> str:
+    return f"r{repeat}-fold{fold}"
+
+
 def synthetic_dir(repeat: int, fold: int) -> Path:
-    return SYNTHETIC / f"r{repeat}-fold{fold}"
+    return SYNTHETIC / split_name(repeat, fold)
 
 
 def finetune_dir(repeat: int, fold: int, variant: str) -> Path:
-    return FINETUNE / f"r{repeat}-fold{fold}-{variant}"
+    return FINETUNE / f"{split_name(repeat, fold)}-{variant}"

@@ -1,64 +1,247 @@
-"""Stage 3, synthesize: per fold, a class-conditional GAN trained only on that fold's training images.
+"""Stage 3, synthesize: per fold (and repeat), a class-conditional GAN trained only on that fold's training images;
+its samples filtered by a classifier that saw only those images, and measured (FID, KID, CAS).
 
-Writes `samples.npz` (uint8 images and their conditioning labels), `grid.png` (one row per class),
-`generator.safetensors` (the EMA generator), `history.json` (losses) and `meta.json`, which records the
-sha256 of every image the GAN was trained on, so anyone can check it never saw the fold's validation images.
+Writes into the stage folder `samples.npz` (the accepted samples, their conditioning labels and scores),
+`candidates.npz` (every sample before filtering), `grid.png` (a row per class, best-scoring first, the
+rejected ones dimmed),
+`generator.safetensors` (the EMA generator), `history.json` and `meta.json` (with the sha256 of every image the
+GAN trained on, so anyone can check it never saw the fold's validation images). DVC metrics and plots go to
+`reports/synthesize/` (rR-foldK.json, -grid.png, -curves.png, -history.csv).
+
+Runs data-parallel under torchrun with the same command: `torchrun --nproc_per_node N -m pipeline.synthesize ...`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import logging
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
 from safetensors.torch import save_file
 
 from pipeline import atomic, paths
-from pipeline.gan import generate, sample_grid, train_gan
-from pipeline.images import load_collected, save_png
+from pipeline.errors import PipelineError
+from pipeline.gan import Checkpointing, World, generate, sample_grid, train_gan
+from pipeline.images import Collected, load_collected, save_png
 from pipeline.params import SynthesizeParams
 from pipeline.runtime import cli, pick_device, seed_everything, stage_args
+from pipeline.sample_quality import (ImageFeatures, class_probability, classification_accuracy_score, fid_kid,
+                                     fit_probe, inception_fid_kid, select_samples)
 
 log = logging.getLogger(__name__)
 GRID_COLUMNS = 10
 
 
-def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path, repeat: int = 0) -> dict:
-    collected = load_collected(collected_dir)
-    train_rows, _ = collected.fold_split(fold, repeat)
-    images, targets = collected.select(train_rows)
-    # each fold's GAN its own random stream
-    params = dataclasses.replace(params, seed=params.seed + fold + 1000 * repeat)
-    seed_everything(params.seed)
-    device = pick_device(params.device)
-    start = time.perf_counter()
-    trained = train_gan(images, targets, len(collected.classes), params, device)
-    seconds = time.perf_counter() - start
-    fake, labels = generate(trained.generator, per_class=params.samples_per_class, z_dim=params.z_dim,
-                            seed=params.seed, device=device)
-    meta = {"repeat": repeat, "fold": fold, "device": str(device), "steps": params.steps,
-            "train_seconds": round(seconds, 2),
-            "samples": len(fake), "classes": list(collected.classes),
-            "trained_on_sha256": sorted(train_rows.sha256)}
-    with atomic.atomic_dir(output) as tmp:
-        np.savez_compressed(tmp / paths.SAMPLES_FILE, images=fake, labels=labels)
-        tile = sample_grid(fake, labels, len(collected.classes), GRID_COLUMNS)
-        save_png(tmp / "grid.png", tile, scale=max(1, 64 // images.shape[1]))
+@dataclass(frozen=True)
+class SynthesizeOutputs:
+    folder: Path  # the stage's output folder
+    reports: Path  # where the DVC metrics and plots go
+    name: str  # rR-foldK: prefix of the report files
+    checkpoints: Path | None = None  # where a killed run's state waits to be resumed
+
+
+def outputs_for(repeat: int, fold: int) -> SynthesizeOutputs:
+    name = paths.split_name(repeat, fold)
+    return SynthesizeOutputs(paths.synthetic_dir(repeat, fold), paths.SYNTHESIZE_REPORTS, name,
+                             paths.CHECKPOINTS / "synthesize" / name)
+
+
+def check_no_leak(collected: Collected, fold: int, repeat: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The fold's (training, validation) rows, refusing data whose training part holds a picture that is also
+    in the validation part or the external test set (a manifest edited by hand, or a collect bug)."""
+    train_rows, val_rows = collected.fold_split(fold, repeat)
+    held_out = pd.concat([val_rows, collected.external])
+    shared = set(train_rows.sha256) & set(held_out.sha256)
+    if shared:
+        example = held_out[held_out.sha256.isin(shared)].path.iloc[0]
+        raise PipelineError(f"fold {fold} (repeat {repeat}): {len(shared)} picture(s) in its training part are also "
+                            f"held out for testing (e.g. {example}); the GAN would see test images. Re-run "
+                            "`dvc repro collect` and do not edit data/collected by hand")
+    if set(train_rows["index"]) & set(val_rows["index"]):
+        raise PipelineError(f"fold {fold}: a manifest row is both training and validation; re-run collect")
+    return train_rows, val_rows
+
+
+def fingerprint(params: SynthesizeParams, images: np.ndarray, targets: np.ndarray, world: World) -> str:
+    """What a checkpoint must match to be resumed: the training data, the number of processes and every setting
+    that shapes training. Not `steps`: a killed run may be resumed with more steps."""
+    shaping = {k: v for k, v in dataclasses.asdict(params).items()
+               if k not in {"steps", "log_every", "checkpoint_every", "candidates_per_class", "keep_per_class",
+                            "min_confidence", "feature_backbone", "feature_size", "fid_features", "device"}}
+    digest = hashlib.sha256(json.dumps([shaping, world.size], sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(np.ascontiguousarray(targets).tobytes())
+    return digest.hexdigest()
+
+
+def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake_labels: np.ndarray,
+          rows: tuple[pd.DataFrame, pd.DataFrame], device) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Filter the candidates and measure them: (kept indices, every candidate's score, metrics)."""
+    (train_images, train_targets), (val_images, val_targets) = (collected.select(r) for r in rows)
+    extract = ImageFeatures(params.feature_backbone, params.feature_size, device)
+    real_f, val_f, fake_f = extract(train_images), extract(val_images), extract(fake)
+    probe = fit_probe(real_f, train_targets, params.seed)
+    scores = class_probability(probe, fake_f, fake_labels)
+    chosen = select_samples(scores, fake_labels, len(collected.classes), params.min_confidence,
+                            params.keep_per_class)
+    kept = chosen.keep
+    if params.fid_features == "inception":
+        before, after = (inception_fid_kid(train_images, fake[i], params.seed) for i in (slice(None), kept))
+    else:
+        before, after = (fid_kid(real_f, fake_f[i], params.seed) for i in (slice(None), kept))
+    metrics = {
+        **{f"{k}_candidates": v for k, v in before.items()}, **{f"{k}_accepted": v for k, v in after.items()},
+        "cas_synthetic": classification_accuracy_score(fake_f[kept], fake_labels[kept], val_f, val_targets,
+                                                       params.seed),
+        "cas_real": classification_accuracy_score(real_f, train_targets, val_f, val_targets, params.seed),
+        "acceptance": float(np.mean(list(chosen.acceptance.values()))),
+        "accepted": int(len(kept)), "candidates": int(len(fake)),
+        "acceptance_per_class": {collected.classes[c]: round(a, 4) for c, a in chosen.acceptance.items()},
+    }
+    return kept, scores, metrics
+
+
+def curves_png(history: list[dict]) -> bytes:
+    """Losses and augmentation strength against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (losses, strength) = plt.subplots(1, 2, figsize=(9, 3), dpi=100)
+    for key in ("loss_d", "loss_g"):
+        losses.plot(steps, [h[key] for h in history], label=key)
+    losses.set(xlabel="step", title="hinge losses")
+    losses.legend()
+    strength.plot(steps, [h["p"] for h in history], label="p (augmentation probability)")
+    strength.plot(steps, [np.nan if h["r"] is None else h["r"] for h in history], label="r = E[sign D(real)]")
+    strength.set(xlabel="step", ylim=(-1.05, 1.05), title="adaptive augmentation")
+    strength.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_outputs(out: SynthesizeOutputs, trained, candidates: tuple[np.ndarray, np.ndarray], kept: np.ndarray,
+                  scores: np.ndarray, meta: dict, classes: int) -> None:
+    fake, labels = candidates
+    scale = max(1, 64 // fake.shape[1])
+    with atomic.atomic_dir(out.folder) as tmp:
+        np.savez_compressed(tmp / paths.SAMPLES_FILE, images=fake[kept], labels=labels[kept], scores=scores[kept])
+        np.savez_compressed(tmp / "candidates.npz", images=fake, labels=labels, scores=scores)
+        save_png(tmp / "grid.png", review_grid(fake, labels, scores, kept, classes), scale=scale)
         state = {k: v.detach().cpu().contiguous() for k, v in trained.generator.state_dict().items()}
         save_file(state, str(tmp / "generator.safetensors"))
         atomic.write_text(tmp / "history.json", json.dumps(trained.history, indent=1) + "\n")
         atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
-    log.info("synthesize repeat %d fold %d: GAN trained on %d images in %.1fs, wrote %d samples", repeat, fold,
-             len(images), seconds, len(fake))
+    reports = out.reports
+    metrics = {k: v for k, v in meta.items() if k in METRIC_KEYS}
+    atomic.write_text(reports / f"{out.name}.json", json.dumps(metrics, indent=2) + "\n")
+    atomic.write_bytes(reports / f"{out.name}-grid.png", (out.folder / "grid.png").read_bytes())
+    atomic.write_bytes(reports / f"{out.name}-curves.png", curves_png(trained.history))
+    atomic.write_text(reports / f"{out.name}-history.csv", pd.DataFrame(trained.history).to_csv(index=False))
+
+
+def review_grid(fake: np.ndarray, labels: np.ndarray, scores: np.ndarray, kept: np.ndarray, classes: int) -> np.ndarray:
+    """A row per class, its best-scoring candidates first; the ones the filter rejected are dimmed."""
+    shown = fake.copy()
+    rejected = np.ones(len(fake), bool)
+    rejected[kept] = False
+    shown[rejected] = (shown[rejected] * 0.3).astype(np.uint8)
+    order = np.lexsort((-scores, labels))
+    return sample_grid(shown[order], labels[order], classes, GRID_COLUMNS)
+
+
+METRIC_KEYS = ("fid_candidates", "kid_candidates", "kid_std_candidates", "fid_accepted", "kid_accepted",
+               "kid_std_accepted", "cas_synthetic", "cas_real", "acceptance", "accepted", "candidates",
+               "acceptance_per_class", "augment_p", "train_seconds", "steps_per_second")
+
+
+def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path | SynthesizeOutputs,
+        repeat: int = 0, world: World = World()) -> dict:
+    """Train, sample, filter, measure and write one fold's GAN; returns meta.json's content (empty on the
+    non-main processes of a torchrun)."""
+    out = output if isinstance(output, SynthesizeOutputs) else SynthesizeOutputs(
+        Path(output), Path(output).parent / "reports", paths.split_name(repeat, fold))
+    collected = load_collected(collected_dir)
+    rows = check_no_leak(collected, fold, repeat)
+    images, targets = collected.select(rows[0])
+    params = dataclasses.replace(params, seed=params.seed + fold + 1000 * repeat)  # each fold its own stream
+    seed_everything(params.seed)
+    device = pick_device(params.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this process's own GPU
+    checkpoint = None
+    if out.checkpoints is not None:
+        checkpoint = Checkpointing(out.checkpoints, params.checkpoint_every,
+                                   fingerprint(params, images, targets, world))
+    start = time.perf_counter()
+    trained = train_gan(images, targets, len(collected.classes), params, device, checkpoint, world)
+    seconds = time.perf_counter() - start
+    leave_process_group()  # the rest is the main process's alone
+    if not world.is_main:
+        return {}
+    fake, labels = generate(trained.generator, per_class=params.candidates_per_class, z_dim=params.z_dim,
+                            seed=params.seed, device=device)
+    kept, scores, quality = judge(params, collected, fake, labels, rows, device)
+    meta = {"repeat": repeat, "fold": fold, "device": str(device), "processes": world.size, "steps": params.steps,
+            "resumed_from_step": trained.resumed_from, "train_seconds": round(seconds, 2),
+            "steps_per_second": round((params.steps - trained.resumed_from) / max(seconds, 1e-9), 2),
+            "augment_p": round(trained.augment_p, 4), **quality, "classes": list(collected.classes),
+            "trained_on_sha256": sorted(rows[0].sha256)}
+    write_outputs(out, trained, (fake, labels), kept, scores, meta, len(collected.classes))
+    log.info("synthesize repeat %d fold %d: GAN trained on %d images in %.1fs (p = %.2f); kept %d of %d samples "
+             "(acceptance %.2f); FID %s, KID %s, CAS %s vs %s on real images", repeat, fold, len(images), seconds,
+             trained.augment_p, len(kept), len(fake), quality["acceptance"], _fmt(quality["fid_accepted"]),
+             _fmt(quality["kid_accepted"]), _fmt(quality["cas_synthetic"]), _fmt(quality["cas_real"]))
     return meta
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def torchrun_world() -> World:
+    """This process's place when started by torchrun (its environment variables); one process otherwise."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return World(rank=dist.get_rank(), size=dist.get_world_size())
+
+
+def leave_process_group() -> None:
+    """After training, processes part: a collective call later (torchmetrics syncs when one is open) would wait
+    for processes that have finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_args(__doc__, argv, fold=True)
-    run(params.synthesize, args.fold, paths.COLLECTED, paths.synthetic_dir(args.repeat, args.fold), args.repeat)
+    world = torchrun_world()
+    try:
+        run(params.synthesize, args.fold, paths.COLLECTED, outputs_for(args.repeat, args.fold), args.repeat, world)
+    finally:
+        leave_process_group()  # when run() failed before parting
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ def test_stage_outputs_are_the_paths_the_code_writes():
     assert s["finetune"]["outs"] == [str(paths.finetune_dir("${item.repeat}", "${item.fold}", "${item.variant}"))]
     assert s["evaluate"]["metrics"] == [str(paths.METRICS)]
     assert set(s["evaluate"]["outs"]) == {str(paths.REPORT), str(paths.FIGURES)}
+    name = paths.split_name("${item.repeat}", "${item.fold}")
+    assert s["synthesize"]["metrics"] == [{str(paths.SYNTHESIZE_REPORTS / f"{name}.json"): {"cache": False}}]
+    assert [next(iter(p)) for p in s["synthesize"]["plots"]] == [
+        str(paths.SYNTHESIZE_REPORTS / f"{name}-{suffix}") for suffix in ("history.csv", "curves.png", "grid.png")]
     assert str(paths.AUGMENT / paths.POLICY_FILE) in s["finetune"]["deps"]
     assert str(paths.FINETUNE) in s["evaluate"]["deps"]
 

@@ -35,7 +35,9 @@ def test_predictions_cover_the_folds_validation_images_and_the_external_set(tmp_
             assert probs.shape[1] == 10 and np.isfinite(probs).all()
             assert np.allclose(probs.sum(1), 1, atol=1e-4)
     assert not set(val_rows["index"]) & set(train_rows["index"])
-    assert meta["train_real"] == len(train_rows) == 20 and meta["train_synthetic"] == 30
+    with np.load(inputs.synthetic / "samples.npz") as samples:
+        accepted = len(samples["labels"])  # what synthesize's filter accepted
+    assert meta["train_real"] == len(train_rows) == 20 and meta["train_synthetic"] == accepted
     # every variant gets the same number of steps, counted over the real images
     assert meta["steps"] == params.finetune.epochs * math.ceil(20 / params.finetune.batch_size)
     history = json.loads((tmp_path / "out" / "history.json").read_text())

@@ -36,6 +36,9 @@ class GanCfg:
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     diffaugment: str = "color,translation,cutout"
+    ada_target: float = 0.6
+    ada_images: int = 200
+    ada_interval: int = 2
     ema_decay: float = 0.999
     log_every: int = 2
 
@@ -205,8 +208,9 @@ def test_train_gan_returns_ema_generator_on_cpu_in_eval_mode_and_history():
     assert all(p.device.type == "cpu" for p in trained.generator.parameters())
     assert [h["step"] for h in trained.history] == [2, 4, 6]
     for entry in trained.history:
-        assert set(entry) == {"step", "loss_d", "loss_g", "d_real", "d_fake"}
-        assert all(isinstance(v, (int, float)) and np.isfinite(v) for v in entry.values())
+        assert set(entry) == {"step", "loss_d", "loss_g", "d_real", "d_fake", "p", "r"}
+        assert 0 <= entry["p"] <= 1 and (entry["r"] is None or -1 <= entry["r"] <= 1)  # r: at p's adjustments
+        assert all(isinstance(v, (int, float)) and np.isfinite(v) for v in entry.values() if v is not None)
 
 
 def test_train_gan_updates_the_ema_generator():

@@ -1,41 +1,271 @@
-"""The synthesize stage trains each fold's GAN on that fold's training images only, and says so in its metadata."""
+"""The synthesize stage: each fold's GAN sees that fold's training images only, its samples are filtered by a
+classifier of real images, measured, checkpointed, resumable after a kill, and data-parallel under torchrun."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
 from PIL import Image
 
-from conftest import make_params
-from pipeline import synthesize
-from pipeline.images import load_collected
+from conftest import ROOT, TINY, make_params, raw_params, with_overrides
+from pipeline import gan, synthesize
+from pipeline.errors import PipelineError
+from pipeline.images import load_collected, pixel_sha256
+from pipeline.sample_quality import (ImageFeatures, class_probability, classification_accuracy_score, fid_kid,
+                                     fit_probe, inception_fid_kid, select_samples)
+from pipeline.synthesize import SynthesizeOutputs
 
 
-def test_gan_sees_only_the_folds_training_images_and_writes_samples(tmp_path, collected_dir):
+def outputs(root, name="r0-fold0", checkpoints=True):
+    return SynthesizeOutputs(root / "out", root / "reports", name, root / "checkpoints" if checkpoints else None)
+
+
+def test_gan_sees_only_the_folds_training_images_and_writes_filtered_samples(tmp_path, collected_dir):
     params = make_params()
-    out = tmp_path / "fold1"
+    out = outputs(tmp_path, "r0-fold1")
     meta = synthesize.run(params.synthesize, 1, collected_dir, out)
     data = load_collected(collected_dir)
     train_rows, val_rows = data.fold_split(1)
-    trained_on = set(json.loads((out / "meta.json").read_text())["trained_on_sha256"])
+    trained_on = set(json.loads((out.folder / "meta.json").read_text())["trained_on_sha256"])
     assert trained_on == set(train_rows.sha256)
-    assert not trained_on & set(val_rows.sha256)
-    assert not trained_on & set(data.external.sha256)
-    with np.load(out / "samples.npz") as samples:
-        images, labels = samples["images"], samples["labels"]
-    assert images.shape == (3 * 10, 16, 16, 1) and images.dtype == np.uint8
-    assert np.bincount(labels).tolist() == [3] * 10
-    assert images.std() > 0  # not a blank output
-    assert meta["samples"] == 30
-    assert Image.open(out / "grid.png").size[0] > 16 * 3
-    assert (out / "generator.safetensors").stat().st_size > 1000
-    history = json.loads((out / "history.json").read_text())
-    assert [h["step"] for h in history][-1] <= params.synthesize.steps
-    assert all(np.isfinite(h["loss_d"]) and np.isfinite(h["loss_g"]) for h in history)
+    assert not trained_on & set(val_rows.sha256) and not trained_on & set(data.external.sha256)
+    with np.load(out.folder / "candidates.npz") as c, np.load(out.folder / "samples.npz") as s:
+        candidates, labels, scores = c["images"], c["labels"], c["scores"]
+        kept_images, kept_labels, kept_scores = s["images"], s["labels"], s["scores"]
+    assert candidates.shape == (6 * 10, 16, 16, 1) and np.bincount(labels).tolist() == [6] * 10
+    assert candidates.std() > 0 and ((scores >= 0) & (scores <= 1)).all()
+    # accepted = at or above the threshold, at most keep_per_class of each class, and really among the candidates
+    assert (kept_scores >= params.synthesize.min_confidence).all()
+    assert np.bincount(kept_labels, minlength=10).max() <= params.synthesize.keep_per_class
+    expected = sum(min(3, int((scores[labels == c] >= 0.5).sum())) for c in range(10))
+    assert len(kept_images) == expected == meta["accepted"]
+    assert {pixel_sha256(i) for i in kept_images} <= {pixel_sha256(i) for i in candidates}
+    metrics = json.loads((out.reports / "r0-fold1.json").read_text())
+    assert set(metrics) >= {"fid_candidates", "kid_candidates", "cas_real", "cas_synthetic", "acceptance",
+                            "acceptance_per_class", "augment_p"}
+    assert metrics["fid_candidates"] > 0 and 0 <= metrics["cas_real"] <= 1
+    assert metrics["acceptance"] == pytest.approx(np.mean(list(metrics["acceptance_per_class"].values())), abs=1e-3)
+    history = pd.read_csv(out.reports / "r0-fold1-history.csv")
+    assert history.step.iloc[-1] == params.synthesize.steps and np.isfinite(history.loss_d).all()
+    assert Image.open(out.reports / "r0-fold1-curves.png").size[0] > 400
+    assert Image.open(out.folder / "grid.png").size == Image.open(out.reports / "r0-fold1-grid.png").size
+    assert not (out.checkpoints / gan.CHECKPOINT_FILE).exists()  # removed once training finished
 
 
 def test_same_seed_gives_the_same_samples(tmp_path, collected_dir):
     params = make_params(synthesize__steps=5)
     for name in ("a", "b"):
-        synthesize.run(params.synthesize, 0, collected_dir, tmp_path / name)
-    with np.load(tmp_path / "a" / "samples.npz") as a, np.load(tmp_path / "b" / "samples.npz") as b:
-        assert np.array_equal(a["images"], b["images"])
+        synthesize.run(params.synthesize, 0, collected_dir, outputs(tmp_path / name, checkpoints=False))
+    a, b = (np.load(tmp_path / name / "out" / "candidates.npz")["images"] for name in ("a", "b"))
+    assert np.array_equal(a, b)
+
+
+def planted(tmp_path, collected_dir, in_train_too=False):
+    """A copy of the collected data with one validation image of fold 0 replaced by a unique checkerboard;
+    with `in_train_too`, the same checkerboard also replaces a training image (a leak)."""
+    root = tmp_path / "collected"
+    shutil.copytree(collected_dir, root)
+    data = load_collected(root)
+    images, manifest = data.images.copy(), data.manifest.copy()
+    checker = (np.indices(images.shape[1:3]).sum(0) % 2 * 255).astype(np.uint8)[..., None]
+    train_rows, val_rows = data.fold_split(0)
+    targets = [val_rows["index"].iloc[0]] + ([train_rows["index"].iloc[0]] if in_train_too else [])
+    for i in targets:
+        images[i] = checker
+        manifest.loc[i, "sha256"] = pixel_sha256(checker)
+    from pipeline.images import save_collected
+
+    save_collected(root, images, manifest, list(data.classes))
+    return root, pixel_sha256(checker)
+
+
+def test_a_planted_validation_image_is_never_seen_by_its_folds_gan(tmp_path, collected_dir):
+    root, sha = planted(tmp_path, collected_dir)
+    params = make_params(synthesize__steps=4)
+    fold0 = synthesize.run(params.synthesize, 0, root, outputs(tmp_path / "f0", checkpoints=False))
+    fold1 = synthesize.run(params.synthesize, 1, root, outputs(tmp_path / "f1", checkpoints=False))
+    assert sha not in fold0["trained_on_sha256"]
+    assert sha in fold1["trained_on_sha256"]  # the same image is fold 1's training data: the check can see it
+
+
+def test_synthesize_refuses_data_that_contradicts_the_fold_assignment(tmp_path, collected_dir):
+    root, _ = planted(tmp_path, collected_dir, in_train_too=True)
+    with pytest.raises(PipelineError, match=r"fold 0 \(repeat 0\): 1 picture\(s\) in its training part are also "
+                                            r"held out for testing"):
+        synthesize.run(make_params().synthesize, 0, root, outputs(tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
+# --- adaptive augmentation --------------------------------------------------------------------------------------
+
+def test_adaptive_p_rises_when_d_is_sure_of_reals_and_falls_when_not():
+    augment = gan.AdaptiveAugment("translation", target=0.6, speed_images=100, interval=2)
+    assert float(augment.p) == 0.0
+    for step in range(1, 11):  # D scores every real image positive: r = 1 > 0.6
+        augment.observe(torch.ones(10))
+        augment.adjust(step, batch_images=10)
+    assert float(augment.p) == pytest.approx(1.0)  # 5 adjustments of +0.2, clamped at 1
+    for step in range(1, 5):
+        augment.observe(-torch.ones(10))
+        r = augment.adjust(step, batch_images=10)
+        assert r in (None, -1.0)
+    assert float(augment.p) == pytest.approx(0.6)
+    assert "p" in augment.state_dict()  # saved with the checkpoint
+    fixed = gan.AdaptiveAugment("translation", target=0.0, speed_images=100, interval=2)
+    fixed.observe(torch.ones(10))
+    assert fixed.adjust(2, 10) is None and float(fixed.p) == 1.0  # plain DiffAugment
+
+
+def test_augmentation_probability_is_per_sample():
+    torch.manual_seed(0)
+    augment = gan.AdaptiveAugment("cutout", target=0.6, speed_images=100, interval=2)
+    x = torch.ones(400, 1, 8, 8)
+    assert torch.equal(augment(x), x)  # p = 0: untouched
+    augment.p.fill_(0.25)
+    changed = (augment(x) != x).flatten(1).any(1).float().mean()
+    assert 0.17 < float(changed) < 0.33
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------
+
+def test_a_killed_run_resumes_exactly_where_its_checkpoint_left_off(tmp_path, monkeypatch):
+    from test_gan import GanCfg, make_dark_bright_dataset
+
+    images, labels = make_dark_bright_dataset(n_per_class=8)
+    cfg = GanCfg(steps=10, ada_images=40, ada_target=0.05)  # a low target: p moves within a few steps
+    straight = gan.train_gan(images, labels, 2, cfg, torch.device("cpu"))
+    checkpoint = gan.Checkpointing(tmp_path, every=4, fingerprint="data+settings")
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # killed after step 10, with the step-8 checkpoint on disk
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gan, "_recalibrate_batch_norm", die)
+        with pytest.raises(KeyboardInterrupt):
+            gan.train_gan(images, labels, 2, cfg, torch.device("cpu"), checkpoint)
+    saved = torch.load(tmp_path / gan.CHECKPOINT_FILE, weights_only=True)
+    assert saved["step"] == 8 and float(saved["augment"]["p"]) > 0
+    resumed = gan.train_gan(images, labels, 2, cfg, torch.device("cpu"), checkpoint)
+    assert resumed.resumed_from == 8 and resumed.augment_p == straight.augment_p
+    assert resumed.history == straight.history
+    for a, b in zip(straight.generator.state_dict().values(), resumed.generator.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not (tmp_path / gan.CHECKPOINT_FILE).exists()
+    other = gan.Checkpointing(tmp_path, every=4, fingerprint="other data")
+    with monkeypatch.context() as patch:
+        patch.setattr(gan, "_recalibrate_batch_norm", die)
+        with pytest.raises(KeyboardInterrupt):
+            gan.train_gan(images, labels, 2, cfg, torch.device("cpu"), checkpoint)
+    assert gan.train_gan(images, labels, 2, cfg, torch.device("cpu"), other).resumed_from == 0  # not resumed
+
+
+def stage_workspace(tmp_path, collected_dir, **overrides):
+    """A folder laid out like the repository (params.yaml, data/collected) for running the stage's command."""
+    work = tmp_path / "work"
+    shutil.copytree(collected_dir, work / "data" / "collected")
+    params = with_overrides(raw_params(), {**TINY, **overrides})
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return work
+
+
+def stage_env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_the_stage_command_resumes_after_sigkill(tmp_path, collected_dir):
+    work = stage_workspace(tmp_path, collected_dir, **{"synthesize.steps": 1500, "synthesize.checkpoint_every": 100})
+    command = [sys.executable, "-m", "pipeline.synthesize", "--fold", "0"]
+    checkpoint = work / "data" / "checkpoints" / "synthesize" / "r0-fold0" / gan.CHECKPOINT_FILE
+    process = subprocess.Popen(command, cwd=work, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists(), process.stderr.read().decode()[-2000:]
+    step = torch.load(checkpoint, weights_only=True)["step"]
+    assert 100 <= step < 1500
+    done = subprocess.run(command, cwd=work, env=stage_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming GAN training from step {step}" in done.stderr
+    meta = json.loads((work / "data" / "synthetic" / "r0-fold0" / "meta.json").read_text())
+    assert meta["resumed_from_step"] == step and not checkpoint.exists()
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_same_command_data_parallel_on_cpu(tmp_path, collected_dir):
+    work = stage_workspace(tmp_path, collected_dir, **{"synthesize.steps": 40})
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "pipeline.synthesize", "--fold", "0"], cwd=work, env=stage_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((work / "data" / "synthetic" / "r0-fold0" / "meta.json").read_text())
+    assert meta["processes"] == 2 and meta["steps"] == 40
+    history = json.loads((work / "data" / "synthetic" / "r0-fold0" / "history.json").read_text())
+    assert all(np.isfinite(h["loss_d"]) for h in history) and history[-1]["step"] == 40
+    assert "x 2 processes" in done.stderr
+
+
+# --- filtering and measuring samples --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digit_features(collected_dir):
+    """Backbone features of real MNIST digits: the fold's training part, and held-out images."""
+    data = load_collected(collected_dir)
+    extract = ImageFeatures("efficientnet_lite0", 64, torch.device("cpu"))
+    train_images, train_targets = data.select(data.labelled)
+    test_images, test_targets = data.select(data.external)
+    return extract, extract(train_images), train_targets, extract(test_images), test_targets, test_images
+
+
+def test_the_filter_accepts_real_digits_under_their_own_label_more_than_under_a_wrong_one(digit_features):
+    _, train_f, train_y, test_f, test_y, _ = digit_features
+    probe = fit_probe(train_f, train_y, seed=0)
+    right = class_probability(probe, test_f, test_y)
+    wrong = class_probability(probe, test_f, (test_y + 1) % 10)
+    assert right.mean() > 2 * wrong.mean()
+    chosen = select_samples(np.concatenate([right, wrong]), np.concatenate([test_y, (test_y + 1) % 10]), 10,
+                            min_confidence=0.3, keep_per_class=1000)
+    kept_right = (chosen.keep < len(right)).mean()
+    assert kept_right > 0.8  # most accepted samples are the correctly labelled ones
+
+
+def test_select_samples_known_answer():
+    scores = np.array([0.9, 0.2, 0.7, 0.95, 0.6, 0.1])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    chosen = select_samples(scores, labels, 3, min_confidence=0.5, keep_per_class=1)
+    assert chosen.keep.tolist() == [0, 3] and chosen.acceptance == {0: 2 / 3, 1: 2 / 3, 2: 0.0}
+
+
+def test_fid_kid_and_cas_order_real_against_noise(digit_features):
+    extract, train_f, train_y, test_f, test_y, test_images = digit_features
+    noise = np.random.default_rng(0).integers(0, 256, test_images.shape, dtype=np.uint8)
+    same = fid_kid(test_f[0::2], test_f[1::2], seed=0)  # alternate images: the same mix of classes
+    different = fid_kid(test_f[0::2], extract(noise[1::2]), seed=0)
+    assert same["fid"] < different["fid"] and same["kid"] < different["kid"]
+    assert abs(same["kid"]) < 3 * same["kid_std"] + 1e-3  # KID is unbiased: about 0 for one distribution
+    real = classification_accuracy_score(train_f, train_y, test_f, test_y, seed=0)
+    shuffled = classification_accuracy_score(train_f, np.random.default_rng(0).permutation(train_y), test_f, test_y,
+                                             seed=0)
+    assert real > 0.3 > shuffled  # 40 real digits teach the probe; shuffled labels teach it nothing
+    assert classification_accuracy_score(train_f[:3], np.zeros(3, int), test_f, test_y, seed=0) is None
+
+
+def test_inception_features_without_torch_fidelity_say_what_to_install():
+    import importlib.util
+
+    if importlib.util.find_spec("torch_fidelity") is not None:
+        pytest.skip("torch-fidelity is installed here; the offline error path cannot be shown")
+    images = np.zeros((4, 16, 16, 1), np.uint8)
+    with pytest.raises(PipelineError, match=r"inception needs the torch-fidelity package .* `fid_features: backbone`"):
+        inception_fid_kid(images, images, seed=0)

@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `pipeline` importable
+from benchmarks import workspace  # noqa: E402
 from pipeline import collect, synthesize  # noqa: E402
 from pipeline.params import parse_params  # noqa: E402
 from pipeline.synthesize import SynthesizeOutputs  # noqa: E402
@@ -36,15 +37,7 @@ SHOWN = ["fid_candidates", "kid_candidates", "acceptance", "cas_synthetic", "cas
 
 
 def load(settings: list[str]):
-    raw = yaml.safe_load(Path("params.yaml").read_text())
-    for setting in settings:
-        key, value = setting.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
-        node[leaf] = yaml.safe_load(value)
-    return parse_params(raw)
+    return parse_params(workspace.override(yaml.safe_load(Path("params.yaml").read_text()), settings))
 
 
 def main() -> None:

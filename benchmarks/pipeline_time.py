@@ -41,14 +41,7 @@ def apply_overrides(path: Path, settings: list[str]) -> None:
     """`key.sub=value` pairs (value in YAML) written into params.yaml, then committed like the rest."""
     import yaml
 
-    params = yaml.safe_load(path.read_text())
-    for setting in settings:
-        dotted, value = setting.split("=", 1)
-        *parents, leaf = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node[key]
-        node[leaf] = yaml.safe_load(value)
+    params = workspace.override(yaml.safe_load(path.read_text()), settings)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     workspace.run("git", "commit", "-qam", "overrides", cwd=path.parent)
 

@@ -18,6 +18,20 @@ ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.envi
        "GIT_COMMITTER_NAME": "pipeline", "GIT_COMMITTER_EMAIL": "pipeline@localhost"}
 
 
+def override(params: dict, settings: list[str]) -> dict:
+    """Apply `key.sub=value` settings (value in YAML, as for `dvc exp run -S`) to a params mapping, in place."""
+    import yaml
+
+    for setting in settings:
+        dotted, value = setting.split("=", 1)
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[leaf] = yaml.safe_load(value)
+    return params
+
+
 def run(*args: str, cwd: Path) -> str:
     """Run a command; on failure raise with its output, which says what went wrong."""
     result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 from tqdm import tqdm
 
+from pipeline import atomic
 from pipeline.runtime import autocast, recalibrating_batch_norm
 
 if TYPE_CHECKING:  # the attributes train_gan reads; any object with them will do (tests use their own)
@@ -550,8 +551,6 @@ def _random_states(rng: torch.Generator, device: torch.device, world: World) -> 
 
 def _save_checkpoint(path: Path, models: _Models, step: int, history: list[dict], states: list[dict],
                      fingerprint: str) -> None:
-    from pipeline import atomic
-
     state = {
         "fingerprint": fingerprint, "step": step, "history": history, "random": states,
         "generator": models.plain_generator.state_dict(), "discriminator": models.plain_discriminator.state_dict(),

@@ -35,6 +35,11 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
     assert "Source `mnist`" in (repo / "reports" / "data_card.md").read_text()
     shown = dvc(repo, "metrics", "show")
     assert "baseline.cv_accuracy" in shown.replace("\n", " ") or "cv_accuracy" in shown
+    assert "reports/synthesize/r0-fold1.json" in shown and "cas_real" in shown and "fid_candidates" in shown
+    plots = dvc(repo, "plots", "show", "-o", str(repo / "plots"))
+    assert "index.html" in plots
+    page = (repo / "plots" / "index.html").read_text()
+    assert "GAN augmentation strength p, repeat 0 fold 0" in page and "r0-fold1-curves.png" in page
 
     second = dvc(repo, "repro")
     assert "Running stage" not in second, second

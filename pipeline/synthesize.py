@@ -39,6 +39,7 @@ from pipeline.sample_quality import (ImageFeatures, class_probability, classific
 
 log = logging.getLogger(__name__)
 GRID_COLUMNS = 10
+CAS_EXTERNAL_IMAGES = 1000  # external test images CAS is also measured on, when the data has them
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake
     """Filter the candidates and measure them: (kept indices, every candidate's score, metrics)."""
     (train_images, train_targets), (val_images, val_targets) = (collected.select(r) for r in rows)
     extract = ImageFeatures(params.feature_backbone, params.feature_size, device)
-    real_f, val_f, fake_f = extract(train_images), extract(val_images), extract(fake)
+    real_f, fake_f = extract(train_images), extract(fake)
     probe = fit_probe(real_f, train_targets, params.seed)
     scores = class_probability(probe, fake_f, fake_labels)
     chosen = select_samples(scores, fake_labels, len(collected.classes), params.min_confidence,
@@ -100,13 +101,20 @@ def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake
         before, after = (fid_kid(real_f, fake_f[i], params.seed) for i in (slice(None), kept))
     metrics = {
         **{f"{k}_candidates": v for k, v in before.items()}, **{f"{k}_accepted": v for k, v in after.items()},
-        "cas_synthetic": classification_accuracy_score(fake_f[kept], fake_labels[kept], val_f, val_targets,
-                                                       params.seed),
-        "cas_real": classification_accuracy_score(real_f, train_targets, val_f, val_targets, params.seed),
         "acceptance": float(np.mean(list(chosen.acceptance.values()))),
         "accepted": int(len(kept)), "candidates": int(len(fake)),
         "acceptance_per_class": {collected.classes[c]: round(a, 4) for c, a in chosen.acceptance.items()},
     }
+    tests = {"": (extract(val_images), val_targets)}
+    if len(collected.external):  # a fold's validation part is a handful of images; the external set is not
+        sample = collected.external.sample(min(CAS_EXTERNAL_IMAGES, len(collected.external)), random_state=0)
+        images, targets = collected.select(sample)
+        tests["_external"] = (extract(images), targets)
+    trained_on = {"cas_synthetic": (fake_f[kept], fake_labels[kept]), "cas_candidates": (fake_f, fake_labels),
+                  "cas_real": (real_f, train_targets)}
+    for suffix, (test_f, test_y) in tests.items():
+        for name, (train_f, train_y) in trained_on.items():
+            metrics[name + suffix] = classification_accuracy_score(train_f, train_y, test_f, test_y, params.seed)
     return kept, scores, metrics
 
 
@@ -165,7 +173,8 @@ def review_grid(fake: np.ndarray, labels: np.ndarray, scores: np.ndarray, kept: 
 
 
 METRIC_KEYS = ("fid_candidates", "kid_candidates", "kid_std_candidates", "fid_accepted", "kid_accepted",
-               "kid_std_accepted", "cas_synthetic", "cas_real", "acceptance", "accepted", "candidates",
+               "kid_std_accepted", "cas_synthetic", "cas_candidates", "cas_real", "cas_synthetic_external",
+               "cas_candidates_external", "cas_real_external", "acceptance", "accepted", "candidates",
                "acceptance_per_class", "augment_p", "train_seconds", "steps_per_second")
 
 

@@ -13,6 +13,7 @@ It prints images/s for each and the ratios. The target: 10,000 JPEGs of 256 px w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import shutil
 import sys
@@ -59,7 +60,7 @@ def bare_pillow(files: list[Path], size: int) -> float:
 
 def timed_collect(raw: Path, out: Path, workers: int) -> float:
     base = load_params("params.yaml").collect
-    params = type(base)(**{**base.__dict__, "source": "folder", "folder": str(raw), "workers": workers})
+    params = dataclasses.replace(base, source="folder", folder=str(raw), workers=workers)
     start = time.perf_counter()
     summary = collect.run(params, out / f"collected{workers}", out / f"reports{workers}")
     seconds = time.perf_counter() - start

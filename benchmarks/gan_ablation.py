@@ -3,8 +3,8 @@ augmentation strength, with DiffAugment at a fixed strength, and without augment
 
     python benchmarks/gan_ablation.py [--folds 0 1 2 3 4] [--set synthesize.steps=400 ...]
 
-For each fold it runs the synthesize stage once per version (in a temporary folder) and prints, for both versions: FID and
-KID of all candidates against the fold's real training images (the same number of images on both sides, so
+For each fold it runs the synthesize stage once per version (in a temporary folder) and prints, for each: FID
+and KID of all candidates against the fold's real training images (the same number of images on both sides, so
 the biased FID is comparable), the filter's acceptance rate, and CAS (a classifier trained on the accepted
 samples only, tested on the fold's real validation images) beside the same classifier trained on the real
 training images; and the same two, plus one trained on all candidates, tested on 1,000 external test images
@@ -53,9 +53,9 @@ def main() -> None:
     collect.run(params.collect, work / "collected", work / "collect-reports")
     results: dict[str, list[dict]] = {name: [] for name in VERSIONS}
     for fold in args.folds:
-        for name, overrides in VERSIONS.items():
+        for number, (name, overrides) in enumerate(VERSIONS.items()):
             version = dataclasses.replace(params.synthesize, **overrides)
-            folder = work / f"{fold}-{len(results[name])}-{list(VERSIONS).index(name)}"
+            folder = work / f"fold{fold}-version{number}"
             start = time.perf_counter()
             meta = synthesize.run(version, fold, work / "collected",
                                   SynthesizeOutputs(folder, folder / "reports", "ablation"))

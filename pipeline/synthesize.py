@@ -40,6 +40,12 @@ from pipeline.sample_quality import (ImageFeatures, class_probability, classific
 log = logging.getLogger(__name__)
 GRID_COLUMNS = 10
 CAS_EXTERNAL_IMAGES = 1000  # external test images CAS is also measured on, when the data has them
+METRIC_KEYS = (  # what goes into reports/synthesize/rR-foldK.json
+    "fid_candidates", "kid_candidates", "kid_std_candidates", "fid_accepted", "kid_accepted",
+    "kid_std_accepted", "cas_synthetic", "cas_candidates", "cas_real", "cas_synthetic_external",
+    "cas_candidates_external", "cas_real_external", "acceptance", "accepted", "candidates",
+    "acceptance_per_class", "augment_p", "train_seconds", "steps_per_second",
+)
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,8 @@ def outputs_for(repeat: int, fold: int) -> SynthesizeOutputs:
 
 def check_no_leak(collected: Collected, fold: int, repeat: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The fold's (training, validation) rows, refusing data whose training part holds a picture that is also
-    in the validation part or the external test set (a manifest edited by hand, or a collect bug)."""
+    in the validation part or the external test set (a manifest edited by hand, or a collect bug). No row can
+    be in both parts: fold_split splits on one column."""
     train_rows, val_rows = collected.fold_split(fold, repeat)
     held_out = pd.concat([val_rows, collected.external])
     shared = set(train_rows.sha256) & set(held_out.sha256)
@@ -67,8 +74,6 @@ def check_no_leak(collected: Collected, fold: int, repeat: int) -> tuple[pd.Data
         raise PipelineError(f"fold {fold} (repeat {repeat}): {len(shared)} picture(s) in its training part are also "
                             f"held out for testing (e.g. {example}); the GAN would see test images. Re-run "
                             "`dvc repro collect` and do not edit data/collected by hand")
-    if set(train_rows["index"]) & set(val_rows["index"]):
-        raise PipelineError(f"fold {fold}: a manifest row is both training and validation; re-run collect")
     return train_rows, val_rows
 
 
@@ -146,10 +151,11 @@ def write_outputs(out: SynthesizeOutputs, trained, candidates: tuple[np.ndarray,
                   scores: np.ndarray, meta: dict, classes: int) -> None:
     fake, labels = candidates
     scale = max(1, 64 // fake.shape[1])
+    grid = review_grid(fake, labels, scores, kept, classes)
     with atomic.atomic_dir(out.folder) as tmp:
         np.savez_compressed(tmp / paths.SAMPLES_FILE, images=fake[kept], labels=labels[kept], scores=scores[kept])
         np.savez_compressed(tmp / "candidates.npz", images=fake, labels=labels, scores=scores)
-        save_png(tmp / "grid.png", review_grid(fake, labels, scores, kept, classes), scale=scale)
+        save_png(tmp / "grid.png", grid, scale=scale)
         state = {k: v.detach().cpu().contiguous() for k, v in trained.generator.state_dict().items()}
         save_file(state, str(tmp / "generator.safetensors"))
         atomic.write_text(tmp / "history.json", json.dumps(trained.history, indent=1) + "\n")
@@ -157,7 +163,7 @@ def write_outputs(out: SynthesizeOutputs, trained, candidates: tuple[np.ndarray,
     reports = out.reports
     metrics = {k: v for k, v in meta.items() if k in METRIC_KEYS}
     atomic.write_text(reports / f"{out.name}.json", json.dumps(metrics, indent=2) + "\n")
-    atomic.write_bytes(reports / f"{out.name}-grid.png", (out.folder / "grid.png").read_bytes())
+    save_png(reports / f"{out.name}-grid.png", grid, scale=scale)
     atomic.write_bytes(reports / f"{out.name}-curves.png", curves_png(trained.history))
     atomic.write_text(reports / f"{out.name}-history.csv", pd.DataFrame(trained.history).to_csv(index=False))
 
@@ -170,12 +176,6 @@ def review_grid(fake: np.ndarray, labels: np.ndarray, scores: np.ndarray, kept: 
     shown[rejected] = (shown[rejected] * 0.3).astype(np.uint8)
     order = np.lexsort((-scores, labels))
     return sample_grid(shown[order], labels[order], classes, GRID_COLUMNS)
-
-
-METRIC_KEYS = ("fid_candidates", "kid_candidates", "kid_std_candidates", "fid_accepted", "kid_accepted",
-               "kid_std_accepted", "cas_synthetic", "cas_candidates", "cas_real", "cas_synthetic_external",
-               "cas_candidates_external", "cas_real_external", "acceptance", "accepted", "candidates",
-               "acceptance_per_class", "augment_p", "train_seconds", "steps_per_second")
 
 
 def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path | SynthesizeOutputs,

@@ -29,7 +29,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from tqdm import tqdm
 
 from pipeline import atomic
-from pipeline.runtime import autocast, recalibrating_batch_norm
+from pipeline.runtime import World, autocast, recalibrating_batch_norm
 
 if TYPE_CHECKING:  # the attributes train_gan reads; any object with them will do (tests use their own)
     from pipeline.params import SynthesizeParams as GanConfig
@@ -375,18 +375,6 @@ class Checkpointing:
     folder: Path
     every: int  # steps between checkpoints
     fingerprint: str  # of the data and the settings that shape training; a checkpoint with another is ignored
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place in a data-parallel run (torchrun); one process by default."""
-
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass

@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -66,6 +67,43 @@ def recalibrating_batch_norm(model):
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         model.eval()
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel run (torchrun); one process by default."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def torchrun_world() -> World:
+    """This process's place when started by torchrun (its environment variables); one process otherwise."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return World(rank=dist.get_rank(), size=dist.get_world_size())
+
+
+def leave_process_group() -> None:
+    """After training, processes part: a collective call later (torchmetrics syncs when one is open) would wait
+    for processes that have finished."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def cli(main: Callable[[list[str] | None], None]) -> None:

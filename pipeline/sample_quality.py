@@ -21,46 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from pipeline.backbones import Classifier, create_backbone
 from pipeline.errors import PipelineError
-from pipeline.runtime import autocast
+from pipeline.features import fit_probe
 
 log = logging.getLogger(__name__)
-FEATURE_BATCH = 256
 KID_SUBSETS = 50
-PROBE_C = 0.5  # L2 strength of the logistic regression: few images, 1280 features
-
-
-class ImageFeatures:
-    """uint8 NHWC images -> float32 N x d features of a pretrained backbone (grayscale repeated, resized,
-    normalised with the backbone's own mean and std)."""
-
-    def __init__(self, backbone: str, input_size: int, device: torch.device):
-        self.model = Classifier(create_backbone(backbone, "packaged"), num_classes=0, input_size=input_size)
-        self.model.eval().to(device)
-        self.device = device
-        self.dimensions = self.model.backbone.num_features
-
-    @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        out = [np.zeros((0, self.dimensions), np.float32)]
-        for start in range(0, len(images), FEATURE_BATCH):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + FEATURE_BATCH]))
-            x = chunk.permute(0, 3, 1, 2).float().div_(255).to(self.device)
-            with autocast(self.device):
-                out.append(self.model(x).float().cpu().numpy())
-        return np.concatenate(out)
-
-
-def fit_probe(features: np.ndarray, targets: np.ndarray, seed: int):
-    """A standardised logistic regression on backbone features (needs two classes or more)."""
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=3000, random_state=seed))
-    return probe.fit(features, targets)
 
 
 def class_probability(probe, features: np.ndarray, labels: np.ndarray) -> np.ndarray:

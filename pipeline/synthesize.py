@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +29,14 @@ from safetensors.torch import save_file
 
 from pipeline import atomic, paths
 from pipeline.errors import PipelineError
-from pipeline.gan import Checkpointing, World, generate, sample_grid, train_gan
+from pipeline.gan import Checkpointing, generate, sample_grid, train_gan
 from pipeline.images import Collected, load_collected, save_png
 from pipeline.params import SynthesizeParams
-from pipeline.runtime import cli, pick_device, seed_everything, stage_args
-from pipeline.sample_quality import (ImageFeatures, class_probability, classification_accuracy_score, fid_kid,
-                                     fit_probe, inception_fid_kid, select_samples)
+from pipeline.runtime import (World, cli, leave_process_group, pick_device, seed_everything, stage_args,
+                              torchrun_world)
+from pipeline.features import ImageFeatures, fit_probe
+from pipeline.sample_quality import (class_probability, classification_accuracy_score, fid_kid, inception_fid_kid,
+                                     select_samples)
 
 log = logging.getLogger(__name__)
 GRID_COLUMNS = 10
@@ -220,28 +221,6 @@ def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path |
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def torchrun_world() -> World:
-    """This process's place when started by torchrun (its environment variables); one process otherwise."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
-        return World()
-    import torch.distributed as dist
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
-    return World(rank=dist.get_rank(), size=dist.get_world_size())
-
-
-def leave_process_group() -> None:
-    """After training, processes part: a collective call later (torchmetrics syncs when one is open) would wait
-    for processes that have finished."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:

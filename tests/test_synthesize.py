@@ -20,8 +20,9 @@ from conftest import ROOT, TINY, make_params, raw_params, with_overrides
 from pipeline import gan, synthesize
 from pipeline.errors import PipelineError
 from pipeline.images import load_collected, pixel_sha256
-from pipeline.sample_quality import (ImageFeatures, class_probability, classification_accuracy_score, fid_kid,
-                                     fit_probe, inception_fid_kid, select_samples)
+from pipeline.features import ImageFeatures, fit_probe
+from pipeline.sample_quality import (class_probability, classification_accuracy_score, fid_kid, inception_fid_kid,
+                                     select_samples)
 from pipeline.synthesize import SynthesizeOutputs
 
 

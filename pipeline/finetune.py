@@ -1,36 +1,47 @@
-"""Stage 4, finetune: one fold x one variant. Fine-tune a timm backbone on the fold's training images (plus the
+"""Stage 4, finetune: one fold x one variant. Train the variant's model on the fold's training images (plus the
 augmentation policy and the fold's GAN samples when the variant asks), then write class probabilities for the
 fold's validation images and for the external test set.
 
-Every variant gets the same number of optimiser steps (epochs are counted over the fold's real images), so the
-ablation compares ingredients, not compute.
+Strategies (a variant's `strategy`):
+- `full`: fine-tune every weight (pipeline/training.py): discriminative learning rates, warm-up then cosine
+  decay, label smoothing, optional mixup/cutmix and EMA, early stopping on an inner split of the fold's
+  training images (never its validation images). Variants with and without GAN samples take the same number of
+  optimiser steps (epochs are counted over the real images), so the ablation compares ingredients, not compute.
+- `linear_probe`: the backbone stays frozen; its features are computed once and cached on disk
+  (data/cache/features), and a logistic regression is fitted on them.
+
+Writes `predictions.npz`, `history.json` and `meta.json` into data/finetune/rR-foldK-V/, and the training curves
+with dvclive into reports/finetune/rR-foldK-V/ (DVC plots). Runs data-parallel under torchrun with the same
+command: `torchrun --nproc_per_node N -m pipeline.finetune --fold K --variant V`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, RandomSampler
-from tqdm import tqdm
 
 from pipeline import atomic, paths
 from pipeline.augmentations import augment_image, load_policy
 from pipeline.backbones import Classifier, create_backbone
 from pipeline.errors import PipelineError
+from pipeline.features import FeatureCache, ImageFeatures, fit_probe, probe_probabilities
 from pipeline.images import Collected, load_collected
 from pipeline.params import FinetuneParams, Variant
-from pipeline.runtime import autocast, cli, pick_device, recalibrating_batch_norm, seed_everything, stage_args
+from pipeline.runtime import (World, cli, leave_process_group, pick_device, seed_everything, stage_args,
+                              torchrun_world)
+from pipeline.training import Checkpointing, FitSetup, TrainingSet, fit, predict
 
 log = logging.getLogger(__name__)
-EVAL_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -40,173 +51,243 @@ class FinetuneInputs:
     synthetic: Path  # synthesize's folder for this fold (read only when the variant uses synthetic data)
 
 
-class ImageSet(Dataset):
-    """Decoded uint8 HxWxC images held in memory; the policy (if any) runs per item, in the loader."""
-
-    def __init__(self, images: np.ndarray, targets: np.ndarray, policy=None):
-        self.images, self.targets, self.policy = images, targets, policy
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = self.images[i]
-        if self.policy is not None:
-            image = augment_image(self.policy, image)
-        return to_tensor(image[None])[0], int(self.targets[i])
+@dataclass(frozen=True)
+class FinetuneOutputs:
+    folder: Path  # predictions.npz, history.json, meta.json
+    live: Path  # dvclive's curves and summary (DVC plots and metrics)
+    checkpoints: Path | None = None  # where a killed run's state waits to be resumed
+    features: Path | None = None  # the frozen-feature cache of linear probes
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """N x H x W x C uint8 -> N x C x H x W float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+def outputs_for(repeat: int, fold: int, variant: str) -> FinetuneOutputs:
+    name = f"{paths.split_name(repeat, fold)}-{variant}"
+    return FinetuneOutputs(paths.finetune_dir(repeat, fold, variant), paths.FINETUNE_REPORTS / name,
+                           paths.CHECKPOINTS / "finetune" / name, paths.FEATURE_CACHE)
 
 
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a batch to the device; channels-last (which helps convolutions on CUDA tensor cores) only there."""
-    if device.type != "cuda":
-        return x
-    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+@dataclass(frozen=True)
+class Job:
+    """Everything a strategy needs for one fold x variant."""
+
+    params: FinetuneParams
+    variant: Variant
+    data: TrainingSet
+    held_out: tuple[np.ndarray, np.ndarray]  # the fold's validation images, the external test images
+    classes: int
+    inputs: FinetuneInputs
+    outputs: FinetuneOutputs
+    device: torch.device
+    world: World
 
 
-def load_training_set(collected: Collected, inputs: FinetuneInputs, fold: int, variant: Variant,
-                      seed: int, repeat: int = 0) -> tuple[ImageSet, int]:
-    """The fold's training images (real first, then any GAN samples) and how many of them are synthetic."""
-    images, targets = collected.select(collected.fold_split(fold, repeat)[0])
-    synthetic = 0
-    if variant.synthetic:
-        try:
-            with np.load(inputs.synthetic / paths.SAMPLES_FILE) as data:
-                fake, fake_targets = data["images"], data["labels"].astype(np.int64)
-        except FileNotFoundError:
-            raise PipelineError(f"{inputs.synthetic}: no GAN samples for fold {fold}; run `dvc repro synthesize`")
-        if fake.shape[1:] != images.shape[1:]:
-            raise PipelineError(f"GAN samples are {fake.shape[1:]} but the data is {images.shape[1:]}; "
-                                "re-run `dvc repro synthesize`")
-        images, targets, synthetic = np.concatenate([images, fake]), np.concatenate([targets, fake_targets]), len(fake)
-    policy = None
-    if variant.augment:
-        policy = load_policy(inputs.policy)
-        policy.set_random_seed(seed)  # albumentations ignores global seeds
-    return ImageSet(images, targets, policy), synthetic
+@dataclass
+class Outcome:
+    probs: tuple[np.ndarray, np.ndarray]  # for the validation and the external images
+    history: list[dict]
+    meta: dict
 
 
-def lr_lambda(total_steps: int, warmup_steps: int):
-    """Linear warm-up to the base rate, then cosine decay to zero."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
 
 
-def make_optimizer(model: Classifier, params: FinetuneParams, pretrained: bool) -> torch.optim.Optimizer:
-    body, head = model.param_groups()
-    # A randomly initialised body has nothing to preserve, so it learns at the head's rate.
-    body_lr = params.lr_body if pretrained else params.lr_head
-    return torch.optim.AdamW([{"params": body, "lr": body_lr}, {"params": head, "lr": params.lr_head}],
-                             weight_decay=params.weight_decay)
+def load_synthetic(inputs: FinetuneInputs, fold: int, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(inputs.synthetic / paths.SAMPLES_FILE) as data:
+            fake, labels = data["images"], data["labels"].astype(np.int64)
+    except FileNotFoundError:
+        raise PipelineError(f"{inputs.synthetic}: no GAN samples for fold {fold}; run `dvc repro synthesize`") from None
+    if fake.shape[1:] != like.shape[1:]:
+        raise PipelineError(f"GAN samples are {fake.shape[1:]} but the data is {like.shape[1:]}; "
+                            "re-run `dvc repro synthesize`")
+    return fake, labels
 
 
-def train(model: Classifier, data: ImageSet, params: FinetuneParams, steps_per_epoch: int,
-          device: torch.device, pretrained: bool) -> list[dict]:
-    generator = torch.Generator().manual_seed(params.seed)
-    batch = min(params.batch_size, len(data))
-    sampler = RandomSampler(data, num_samples=steps_per_epoch * batch, generator=generator)
-    loader = DataLoader(data, batch_size=batch, sampler=sampler, drop_last=True, num_workers=0,
-                        pin_memory=device.type == "cuda")
-    optimizer = make_optimizer(model, params, pretrained)
-    total = params.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, params.warmup_epochs * steps_per_epoch))
-    history = []
-    model.train()
-    progress = tqdm(range(params.epochs), desc="finetune", disable=None)
-    for epoch in progress:
-        losses, correct, seen = [], 0, 0
-        for x, y in loader:
-            x = to_device(x, device)
-            y = y.to(device, non_blocking=True)
-            with autocast(device):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=params.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "train_accuracy": correct / seen,
-                        "lr_head": scheduler.get_last_lr()[1]})
-        progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc=f"{history[-1]['train_accuracy']:.2f}")
-    return history
+def inner_split(targets: np.ndarray, groups: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, inner) positions: about `share` of the images, stratified by class and keeping near-duplicate
+    groups together, so early stopping never scores a copy of a training image."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    splits = max(2, round(1 / share))
+    smallest = int(np.unique(targets, return_counts=True)[1].min()) if len(targets) else 0
+    if smallest < splits:
+        raise PipelineError(f"finetune.inner_val = {share}: a class has only {smallest} training image(s) in this "
+                            f"fold, too few to hold out 1 in {splits} for early stopping; lower inner_val or set it to 0")
+    splitter = StratifiedGroupKFold(n_splits=splits, shuffle=True, random_state=seed)
+    return next(splitter.split(np.zeros(len(targets)), targets, groups))
 
 
-@torch.no_grad()
-def recalibrate_batch_norm(model: Classifier, images: np.ndarray, device: torch.device) -> None:
-    """Re-estimate batch-norm statistics on the un-augmented training images. After a few hundred steps the
-    running averages still mix in ImageNet's statistics (momentum 0.1), which are far from small grayscale
-    images; exact averages over the training set make eval-mode predictions match what training saw."""
-    if len(images) < 2:
-        return  # batch norm cannot estimate a variance from one image
-    with recalibrating_batch_norm(model):
-        for start in range(0, len(images), EVAL_BATCH):
-            chunk = images[start:start + EVAL_BATCH]
-            if len(chunk) > 1:
-                with autocast(device):
-                    model(to_device(to_tensor(chunk), device))
+def training_set(collected: Collected, inputs: FinetuneInputs, fold: int, repeat: int, variant: Variant,
+                 params: FinetuneParams, seed: int) -> TrainingSet:
+    rows = collected.fold_split(fold, repeat)[0]
+    images, targets = collected.select(rows)
+    targets = targets.astype(np.int64)
+    inner = np.zeros(0, dtype=np.int64)
+    if params.inner_val > 0 and variant.strategy == "full":
+        keep, inner = inner_split(targets, rows["group"].to_numpy(), params.inner_val, seed)
+        images, targets, inner_images, inner_targets = images[keep], targets[keep], images[inner], targets[inner]
+    else:
+        inner_images, inner_targets = images[:0], targets[:0]
+    fake, fake_targets = (load_synthetic(inputs, fold, images) if variant.synthetic
+                          else (images[:0], targets[:0]))
+    return TrainingSet(images, targets, fake, fake_targets, inner_images, inner_targets)
 
 
-@torch.inference_mode()
-def predict(model: Classifier, images: np.ndarray, device: torch.device) -> np.ndarray:
-    """Class probabilities (float32, N x classes) for uint8 NHWC images."""
-    model.eval()
-    out = []
-    for start in range(0, len(images), EVAL_BATCH):
-        x = to_device(to_tensor(images[start:start + EVAL_BATCH]), device)
-        with autocast(device):
-            logits = model(x)
-        out.append(logits.float().softmax(1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.backbone.num_classes), np.float32)
+def fingerprint(params: FinetuneParams, variant: Variant, data: TrainingSet, world: World, device: torch.device) -> str:
+    """What a checkpoint must match to be resumed: the data, every setting that shapes training (not the number of
+    DataLoader workers, which changes nothing, nor `checkpoint_every`), the processes and the device type."""
+    digest = hashlib.sha256()
+    shaping = {k: v for k, v in asdict(params).items() if k not in ("workers", "checkpoint_every", "compile")}
+    digest.update(json.dumps([shaping, asdict(variant), world.size, device.type], sort_keys=True).encode())
+    for array in (data.images, data.targets, data.synthetic, data.synthetic_targets, data.inner, data.inner_targets):
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
-def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInputs, output: Path,
-        repeat: int = 0) -> dict:
-    """Train one fold (of one repeat) x variant; write predictions.npz, history.json and meta.json into `output`."""
-    seed = params.seed + fold + 1000 * repeat
-    seed_everything(seed)
-    device = pick_device(params.device)
-    collected = load_collected(inputs.collected)
-    data, synthetic = load_training_set(collected, inputs, fold, variant, seed, repeat)
-    val_rows, external_rows = collected.fold_split(fold, repeat)[1], collected.external
-    real = len(data) - synthetic
-    steps_per_epoch = math.ceil(real / min(params.batch_size, len(data)))
-    model = Classifier(create_backbone(params.backbone, variant.weights), num_classes=len(collected.classes),
-                       input_size=params.input_size)
-    model = model.to(device)
+# --------------------------------------------------------------------------------------------------
+# Strategies
+# --------------------------------------------------------------------------------------------------
+
+
+LIVE_NAMES = {"loss": "train/loss", "train_accuracy": "train/accuracy", "inner_loss": "inner/loss",
+              "inner_accuracy": "inner/accuracy", "lr_body": "lr/body", "lr_head": "lr/head"}  # record -> dvclive
+
+
+@contextlib.contextmanager
+def live_log(folder: Path, enabled: bool) -> Iterator[Callable[[dict], None]]:
+    """A callback that logs each epoch's record with dvclive into `folder` (metrics.json and plots/metrics/*.tsv,
+    declared as DVC metrics and plots); a no-op on non-main processes."""
+    if not enabled:
+        yield lambda record: None
+        return
+    from dvclive import Live
+
+    live = Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None)
+
+    def log_epoch(record: dict) -> None:
+        for key, value in record.items():
+            if key in LIVE_NAMES:
+                live.log_metric(LIVE_NAMES[key], value)
+        live.next_step()
+    try:
+        yield log_epoch
+    finally:
+        live.end()
+
+
+def full(job: Job) -> Outcome | None:
+    params, variant, device, world = job.params, job.variant, job.device, job.world
+    model = Classifier(create_backbone(variant.backbone, variant.weights), num_classes=job.classes,
+                       input_size=variant.input_size).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+        if world.size > 1:  # batch statistics over the global batch, as one process would compute them
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    policy = None
+    if variant.augment:
+        policy = load_policy(job.inputs.policy)
+    checkpoint = None
+    if job.outputs.checkpoints is not None:
+        checkpoint = Checkpointing(job.outputs.checkpoints, params.checkpoint_every,
+                                   fingerprint(params, variant, job.data, world, device))
     start = time.perf_counter()
-    history = train(model, data, params, steps_per_epoch, device, pretrained=variant.weights != "none")
-    recalibrate_batch_norm(model, data.images[:real], device)  # real images come first in the training set
-    train_seconds = time.perf_counter() - start
-    val_images, val_targets = collected.select(val_rows)
-    ext_images, _ = collected.select(external_rows)
+    with live_log(job.outputs.live, world.is_main) as on_epoch:
+        result = fit(model, job.data, FitSetup(params, variant.epochs, variant.weights != "none", policy, device,
+                                               world, checkpoint, on_epoch))
+    seconds = time.perf_counter() - start
+    if not world.is_main:
+        return None
+    probs = tuple(predict(result.model, images, device, job.classes) for images in job.held_out)
+    epochs, per_epoch = len(result.history), result.steps_per_epoch
+    shown = (epochs - result.resumed_from) * per_epoch * params.batch_size  # images this run trained on
+    meta = {"epochs_run": epochs, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+            "resumed_from_epoch": result.resumed_from, "steps": epochs * per_epoch, "train_seconds": round(seconds, 2),
+            "train_images_per_second": round(shown / max(seconds, 1e-9), 1)}
+    return Outcome(probs, result.history, meta)
+
+
+def augmented_views(images: np.ndarray, policy, views: int, seed: int) -> np.ndarray:
+    """`views` augmented copies of every image, each drawn with its own seed (view-major)."""
+    out = []
+    for view in range(views):
+        for i, image in enumerate(images):
+            policy.set_random_seed((seed * 7919 + view * len(images) + i) % 2**32)
+            out.append(augment_image(policy, image))
+    return np.stack(out) if out else images[:0]
+
+
+def linear_probe(job: Job) -> Outcome | None:
+    if not job.world.is_main:
+        return None  # nothing to share out: one process fits it in seconds
+    params, variant, data = job.params, job.variant, job.data
     start = time.perf_counter()
-    val_probs, ext_probs = predict(model, val_images, device), predict(model, ext_images, device)
-    predict_seconds = time.perf_counter() - start
-    meta = {"repeat": repeat, "fold": fold, "variant": variant.__dict__, "backbone": params.backbone,
-            "device": str(device),
-            "train_real": real, "train_synthetic": synthetic, "steps": params.epochs * steps_per_epoch,
-            "train_seconds": round(train_seconds, 2), "predict_seconds": round(predict_seconds, 2),
-            "val_accuracy": float((val_probs.argmax(1) == val_targets).mean())}
-    with atomic.atomic_dir(output) as tmp:
+    features = FeatureCache(ImageFeatures(variant.backbone, variant.input_size, job.device, variant.weights),
+                            job.outputs.features)
+    parts = [(features(data.images), data.targets)]
+    if variant.augment:
+        views = augmented_views(data.images, load_policy(job.inputs.policy), params.probe_views, params.seed)
+        parts.append((features(views), np.tile(data.targets, params.probe_views)))
+    if len(data.synthetic):
+        parts.append((features(data.synthetic), data.synthetic_targets))
+    train_x, train_y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    probe = fit_probe(train_x, train_y, params.seed, params.probe_c)
+    seconds = time.perf_counter() - start
+    probs = tuple(probe_probabilities(probe, features(images), job.classes) for images in job.held_out)
+    history = [{"epoch": 1, "train_accuracy": float((probe.predict(train_x) == train_y).mean())}]
+    meta = {"train_seconds": round(seconds, 2), "probe_features": int(train_x.shape[1]),
+            "probe_training_rows": len(train_x), "feature_cache_hits": features.hits,
+            "feature_cache_misses": features.misses}
+    return Outcome(probs, history, meta)
+
+
+STRATEGIES: dict[str, Callable[[Job], Outcome | None]] = {"full": full, "linear_probe": linear_probe}
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+
+def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInputs,
+        output: Path | FinetuneOutputs, repeat: int = 0, world: World = World()) -> dict:
+    """Train one fold (of one repeat) x variant; write its outputs; return meta.json's content (empty on the
+    non-main processes of a torchrun)."""
+    out = output if isinstance(output, FinetuneOutputs) else FinetuneOutputs(Path(output),
+                                                                            Path(output).parent / "live")
+    seed = params.seed + fold + 1000 * repeat
+    seed_everything(seed)
+    params = dataclasses.replace(params, seed=seed)
+    device = pick_device(params.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this process's own GPU
+    collected = load_collected(inputs.collected)
+    data = training_set(collected, inputs, fold, repeat, variant, params, seed)
+    val_rows, external_rows = collected.fold_split(fold, repeat)[1], collected.external
+    held_out = (collected.select(val_rows)[0], collected.select(external_rows)[0])
+    job = Job(params, variant, data, held_out, len(collected.classes), inputs, out, device, world)
+    outcome = STRATEGIES[variant.strategy](job)
+    leave_process_group()  # the rest is the main process's alone
+    if outcome is None:
+        return {}
+    val_targets = collected.select(val_rows)[1]
+    meta = {"repeat": repeat, "fold": fold, "variant": asdict(variant), "device": str(device),
+            "processes": world.size, "train_real": len(data.images), "train_synthetic": len(data.synthetic),
+            "inner_validation": len(data.inner), **outcome.meta,
+            "val_accuracy": float((outcome.probs[0].argmax(1) == val_targets).mean())}
+    with atomic.atomic_dir(out.folder) as tmp:
         np.savez_compressed(tmp / paths.PREDICTIONS_FILE, val_index=val_rows["index"].to_numpy(),
-                            val_probs=val_probs, test_index=external_rows["index"].to_numpy(), test_probs=ext_probs)
-        atomic.write_text(tmp / "history.json", json.dumps(history, indent=1) + "\n")
+                            val_probs=outcome.probs[0], test_index=external_rows["index"].to_numpy(),
+                            test_probs=outcome.probs[1])
+        atomic.write_text(tmp / "history.json", json.dumps(outcome.history, indent=1) + "\n")
         atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
-    log.info("finetune repeat %d fold %d: %d real + %d synthetic images, %.1fs training, validation accuracy %.3f",
-             repeat, fold, real, synthetic, train_seconds, meta["val_accuracy"])
+    if variant.strategy != "full":  # one point, so DVC finds the declared curves for every variant
+        with live_log(out.live, True) as on_epoch:
+            for record in outcome.history:
+                on_epoch(record)
+    log.info("finetune repeat %d fold %d (%s, %s): %d real + %d synthetic images, %.1fs training, validation "
+             "accuracy %.3f", repeat, fold, variant.backbone, variant.strategy, len(data.images), len(data.synthetic),
+             meta["train_seconds"], meta["val_accuracy"])
     return meta
 
 
@@ -216,8 +297,12 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"--variant {args.variant!r} is not in params `variants` ({', '.join(params.variants)})")
     inputs = FinetuneInputs(paths.COLLECTED, paths.AUGMENT / paths.POLICY_FILE,
                             paths.synthetic_dir(args.repeat, args.fold))
-    output = paths.finetune_dir(args.repeat, args.fold, args.variant)
-    run(params.finetune, params.variants[args.variant], args.fold, inputs, output, args.repeat)
+    world = torchrun_world()
+    try:
+        run(params.finetune, params.variants[args.variant], args.fold, inputs,
+            outputs_for(args.repeat, args.fold, args.variant), args.repeat, world)
+    finally:
+        leave_process_group()  # when run() failed before parting
 
 
 if __name__ == "__main__":

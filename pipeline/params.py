@@ -17,6 +17,12 @@ import yaml
 from pipeline.augmentations import TransformSpec, parse_transforms
 from pipeline.errors import PipelineError
 
+
+def check_weights(weights: str, key: str) -> None:
+    """A weights spec is a source name or `file:PATH` (pipeline/backbones.py loads them)."""
+    ok = weights in ("packaged", "hub", "none") or (weights.startswith("file:") and len(weights) > len("file:"))
+    _require(ok, key, "packaged, hub, none or file:PATH", weights)
+
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
     if not ok:
         raise PipelineError(f"params: `{key}` must be {allowed}; got {value!r}")
@@ -139,33 +145,52 @@ class SynthesizeParams:
 @dataclass(frozen=True)
 class FinetuneParams:
     seed: int
-    backbone: str
-    input_size: int
-    epochs: int
-    batch_size: int
+    batch_size: int  # images per optimiser step, summed over processes under torchrun
     lr_head: float
     lr_body: float
     weight_decay: float
     warmup_epochs: int
     label_smoothing: float
+    mixup: float  # mixup's Beta(alpha, alpha); 0 = off
+    cutmix: float  # cutmix's Beta(alpha, alpha); 0 = off
+    ema_decay: float  # 0 = off
+    inner_val: float  # early stopping: share of the fold's training images held out; 0 = off
+    patience: int  # epochs without a better inner-validation loss before stopping
+    synthetic_share: float  # share of each batch drawn from the GAN's samples (synthetic variants)
+    probe_views: int  # linear_probe + augment: augmented copies of each training image
+    probe_c: float  # linear_probe: inverse L2 strength of the logistic regression
+    workers: int  # DataLoader worker processes (0 = augment in the training process)
+    compile: bool  # torch.compile the model
+    checkpoint_every: int  # epochs between resumable checkpoints
     device: Literal["auto", "cpu", "cuda"]
 
     def __post_init__(self) -> None:
-        _require(16 <= self.input_size <= 1024, "finetune.input_size", "from 16 to 1024", self.input_size)
-        _require(self.epochs >= 1, "finetune.epochs", ">= 1", self.epochs)
         _require(self.batch_size >= 2, "finetune.batch_size", ">= 2 (batch norm needs two images)",
                  self.batch_size)
-        _require(0 <= self.warmup_epochs < self.epochs, "finetune.warmup_epochs",
-                 f"from 0 to epochs - 1 ({self.epochs - 1})", self.warmup_epochs)
+        _require(self.warmup_epochs >= 0, "finetune.warmup_epochs", ">= 0", self.warmup_epochs)
         for key in ("lr_head", "lr_body"):
             _require(0 < getattr(self, key) < 1, f"finetune.{key}", "between 0 and 1", getattr(self, key))
         _require(self.weight_decay >= 0, "finetune.weight_decay", ">= 0", self.weight_decay)
         _require(0 <= self.label_smoothing < 1, "finetune.label_smoothing", "in [0, 1)", self.label_smoothing)
+        for key in ("mixup", "cutmix"):
+            _require(getattr(self, key) >= 0, f"finetune.{key}", ">= 0 (a Beta alpha; 0 = off)", getattr(self, key))
+        _require(0 <= self.ema_decay < 1, "finetune.ema_decay", "in [0, 1) (0 = off)", self.ema_decay)
+        _require(0 <= self.inner_val <= 0.5, "finetune.inner_val", "from 0 (off) to 0.5", self.inner_val)
+        _require(self.patience >= 1, "finetune.patience", ">= 1 epoch", self.patience)
+        _require(0 <= self.synthetic_share < 1, "finetune.synthetic_share", "in [0, 1)", self.synthetic_share)
+        _require(self.probe_views >= 1, "finetune.probe_views", ">= 1", self.probe_views)
+        _require(self.probe_c > 0, "finetune.probe_c", "> 0", self.probe_c)
+        _require(self.workers >= 0, "finetune.workers", ">= 0", self.workers)
+        _require(self.checkpoint_every >= 1, "finetune.checkpoint_every", ">= 1 epoch", self.checkpoint_every)
 
 
 @dataclass(frozen=True)
 class Variant:
-    weights: Literal["packaged", "hub", "none"]
+    backbone: str  # any timm model name, or compact_cnn
+    weights: str  # packaged | hub | none | file:PATH
+    strategy: Literal["full", "linear_probe"]
+    input_size: int  # side the images are resized to for the backbone
+    epochs: int  # full fine-tuning only
     augment: bool
     synthetic: bool
 
@@ -189,10 +214,14 @@ class Params:
 
     def __post_init__(self) -> None:
         _require(len(self.variants) >= 1, "variants", "at least one variant", self.variants)
-        for name in self.variants:
+        for name, variant in self.variants.items():
             _require(name.replace("_", "").isalnum(), f"variants.{name}",
                      "named with letters, digits and underscores only (the name becomes a folder and a DVC stage)",
                      name)
+            check_weights(variant.weights, f"variants.{name}.weights")
+            _require(16 <= variant.input_size <= 1024, f"variants.{name}.input_size", "from 16 to 1024",
+                     variant.input_size)
+            _require(variant.epochs >= 1, f"variants.{name}.epochs", ">= 1", variant.epochs)
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:

@@ -12,7 +12,9 @@ AUGMENT = DATA / "augment"  # augment: policy.json + preview.png
 SYNTHETIC = DATA / "synthetic"  # synthesize: one folder per fold
 FINETUNE = DATA / "finetune"  # finetune: one folder per fold and variant
 CHECKPOINTS = DATA / "checkpoints"  # training state of killed runs, outside DVC's outputs so it survives
-SYNTHESIZE_REPORTS = Path("reports") / "synthesize"  # synthesize: per-fold DVC metrics and plots
+SYNTHESIZE_REPORTS = REPORTS / "synthesize"  # synthesize: per-fold DVC metrics and plots
+FINETUNE_REPORTS = REPORTS / "finetune"  # finetune: per fold x variant dvclive curves (DVC plots) and metrics
+FEATURE_CACHE = DATA / "cache" / "features"  # frozen-backbone features, shared by every fold and variant
 
 IMAGES_FILE = "images.npz"
 MANIFEST_FILE = "manifest.csv"

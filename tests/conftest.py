@@ -29,11 +29,12 @@ TINY = {
     "synthesize.feature_size": 32,
     "synthesize.checkpoint_every": 10,
     "synthesize.log_every": 5,
-    "finetune.input_size": 32,
-    "finetune.epochs": 3,
     "finetune.warmup_epochs": 1,
     "finetune.batch_size": 16,
 }
+for _variant in yaml.safe_load((ROOT / "params.yaml").read_text())["variants"]:
+    TINY[f"variants.{_variant}.epochs"] = 3
+    TINY[f"variants.{_variant}.input_size"] = 32
 
 
 def raw_params() -> dict:

@@ -2,14 +2,23 @@
 
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
 
-from conftest import make_params
+from conftest import ROOT, TINY, make_params, raw_params, with_overrides
 from pipeline import augment, finetune, synthesize
 from pipeline.errors import PipelineError
-from pipeline.finetune import FinetuneInputs, lr_lambda
+from pipeline.finetune import FinetuneInputs, FinetuneOutputs
 from pipeline.images import load_collected
 
 
@@ -39,13 +48,19 @@ def test_predictions_cover_the_folds_validation_images_and_the_external_set(tmp_
         accepted = len(samples["labels"])  # what synthesize's filter accepted
     assert meta["train_real"] == len(train_rows) == 20 and meta["train_synthetic"] == accepted
     # every variant gets the same number of steps, counted over the real images
-    assert meta["steps"] == params.finetune.epochs * math.ceil(20 / params.finetune.batch_size)
+    epochs = params.variants["synthetic"].epochs
+    assert meta["steps"] == epochs * math.ceil(20 / params.finetune.batch_size)
     history = json.loads((tmp_path / "out" / "history.json").read_text())
-    assert len(history) == params.finetune.epochs and all(np.isfinite(h["loss"]) for h in history)
+    assert len(history) == epochs and all(np.isfinite(h["loss"]) for h in history)
+    # dvclive's curves, which dvc.yaml declares as plots: one row per epoch
+    loss_curve = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert loss_curve[0] == "step\tloss" and len(loss_curve) == 1 + epochs
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["train"]["loss"] == pytest.approx(
+        history[-1]["loss"])
 
 
 def test_same_params_same_predictions_on_cpu(tmp_path, inputs):
-    params = make_params(finetune__epochs=2)
+    params = make_params(variants__augment__epochs=2)
     for name in ("a", "b"):
         finetune.run(params.finetune, params.variants["augment"], 1, inputs, tmp_path / name)
     with np.load(tmp_path / "a" / "predictions.npz") as a, np.load(tmp_path / "b" / "predictions.npz") as b:
@@ -55,7 +70,7 @@ def test_same_params_same_predictions_on_cpu(tmp_path, inputs):
 def test_pretrained_baseline_learns_digits(tmp_path, inputs):
     """Even at smoke-test size (20 training digits of 16 px) the pretrained model must beat chance (0.1) clearly
     on 300 unseen digits: chance accuracy has a standard deviation of 0.017 there, and seeds 0-2 scored 0.26-0.35."""
-    params = make_params(finetune__epochs=15)
+    params = make_params(variants__baseline__epochs=15)
     finetune.run(params.finetune, params.variants["baseline"], 0, inputs, tmp_path / "out")
     data = load_collected(inputs.collected)
     with np.load(tmp_path / "out" / "predictions.npz") as p:
@@ -77,18 +92,10 @@ def test_unknown_fold_is_refused(tmp_path, inputs):
         finetune.run(params.finetune, params.variants["baseline"], 7, inputs, tmp_path / "out")
 
 
-def test_learning_rate_warms_up_then_decays_to_zero():
-    factor = lr_lambda(total_steps=100, warmup_steps=10)
-    values = [factor(s) for s in range(100)]
-    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(values[10:], values[11:]))
-    assert factor(100) == pytest.approx(0.0, abs=1e-9)
-
-
 @pytest.mark.gpu
 def test_cuda_path_with_bf16_autocast(tmp_path, inputs):
     """On a GPU: a fold trains with bf16 autocast and channels-last and predicts sane probabilities."""
-    params = make_params(finetune__device="cuda", finetune__epochs=8)
+    params = make_params(finetune__device="cuda", variants__augment__epochs=8)
     meta = finetune.run(params.finetune, params.variants["augment"], 0, inputs, tmp_path / "gpu")
     assert meta["device"].startswith("cuda")
     data = load_collected(inputs.collected)
@@ -105,3 +112,161 @@ def test_asking_for_cuda_without_one_is_a_clear_error(tmp_path, inputs, monkeypa
     params = make_params(finetune__device="cuda")
     with pytest.raises(PipelineError, match="device: cuda was asked for but torch sees no CUDA GPU"):
         finetune.run(params.finetune, params.variants["baseline"], 0, inputs, tmp_path / "out")
+
+
+def external_accuracy(folder, collected_dir):
+    data = load_collected(collected_dir)
+    with np.load(folder / "predictions.npz") as p:
+        return float((p["test_probs"].argmax(1) == data.manifest.target.to_numpy()[p["test_index"]]).mean())
+
+
+def test_linear_probe_caches_features_and_learns(tmp_path, inputs):
+    params = make_params()
+    probe = params.variants["probe"]
+    cache = tmp_path / "cache"
+    first = finetune.run(params.finetune, probe, 0, inputs, FinetuneOutputs(tmp_path / "a", tmp_path / "la", None, cache))
+    assert first["feature_cache_misses"] == 3 and first["feature_cache_hits"] == 0  # training, validation, external
+    second = finetune.run(params.finetune, probe, 1, inputs, FinetuneOutputs(tmp_path / "b", tmp_path / "lb", None, cache))
+    # with two folds, fold 1 trains on fold 0's validation images and validates on its training images: all three
+    # feature sets (and the external set's) come from fold 0's cache
+    assert second["feature_cache_hits"] == 3 and second["feature_cache_misses"] == 0
+    uncached = finetune.run(params.finetune, probe, 1, inputs, FinetuneOutputs(tmp_path / "c", tmp_path / "lc"))
+    with np.load(tmp_path / "b" / "predictions.npz") as b, np.load(tmp_path / "c" / "predictions.npz") as c:
+        assert np.allclose(b["test_probs"], c["test_probs"], atol=1e-6)
+    assert uncached["probe_training_rows"] == 20
+    # 20 digits of 16 px, frozen ImageNet features: well above chance (0.1) on 300 unseen digits
+    assert external_accuracy(tmp_path / "b", inputs.collected) > 0.2
+    views = make_params(variants__probe__augment=True, finetune__probe_views=3)
+    meta = finetune.run(views.finetune, views.variants["probe"], 0, inputs, tmp_path / "views")
+    assert meta["probe_training_rows"] == 20 * (1 + 3)
+
+
+def test_gan_samples_join_training_in_their_share(tmp_path, inputs, collected_dir):
+    """A fold's samples.npz (here: real digits from the external set standing in for GAN samples) joins training."""
+    data = load_collected(collected_dir)
+    fake, labels = data.select(data.external.iloc[:30])
+    planted = tmp_path / "synthetic"
+    planted.mkdir()
+    np.savez(planted / "samples.npz", images=fake, labels=labels)
+    params = make_params(finetune__synthetic_share=0.5)
+    meta = finetune.run(params.finetune, params.variants["synthetic"], 0,
+                        FinetuneInputs(inputs.collected, inputs.policy, planted), tmp_path / "out")
+    assert meta["train_synthetic"] == 30 and meta["train_real"] == 20
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    np.savez(wrong / "samples.npz", images=np.zeros((4, 8, 8, 1), np.uint8), labels=np.zeros(4, np.int64))
+    with pytest.raises(PipelineError, match=r"GAN samples are \(8, 8, 1\) but the data is \(16, 16, 1\)"):
+        finetune.run(params.finetune, params.variants["synthetic"], 0,
+                     FinetuneInputs(inputs.collected, inputs.policy, wrong), tmp_path / "out2")
+
+
+def test_inner_split_is_stratified_and_keeps_groups_together():
+    targets = np.repeat(np.arange(4), 10)
+    groups = np.arange(40)
+    groups[[0, 1, 2]] = 0  # three near-duplicates of class 0
+    train, inner = finetune.inner_split(targets, groups, 0.2, seed=0)
+    assert len(inner) + len(train) == 40 and not set(train) & set(inner)
+    assert (np.bincount(targets[inner], minlength=4) >= 1).all()
+    assert {0, 1, 2} <= set(train) or {0, 1, 2} <= set(inner)
+    with pytest.raises(PipelineError, match="a class has only 2 training image"):
+        finetune.inner_split(np.array([0, 0, 1, 1, 1, 1, 1]), np.arange(7), 0.25, seed=0)
+
+
+def test_early_stopping_variant_holds_out_part_of_the_training_fold(tmp_path, inputs):
+    params = make_params(finetune__inner_val=0.5, finetune__patience=2, variants__cnn__epochs=6)
+    meta = finetune.run(params.finetune, params.variants["cnn"], 0, inputs, tmp_path / "out")
+    assert meta["inner_validation"] == 10 and meta["train_real"] == 10  # of the fold's 2 digits per class, 1 held out
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert all("inner_loss" in h for h in history) and 1 <= meta["best_epoch"] <= len(history)
+
+
+def test_weights_from_a_local_file(tmp_path):
+    from pipeline.backbones import create_backbone
+
+    torch.manual_seed(5)
+    source = create_backbone("compact_cnn", "none")
+    save_file(source.state_dict(), tmp_path / "cnn.safetensors")
+    torch.save(source.state_dict(), tmp_path / "cnn.pth")
+    for name in ("cnn.safetensors", "cnn.pth"):
+        loaded = create_backbone("compact_cnn", f"file:{tmp_path / name}")
+        assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(PipelineError, match="do not fit efficientnet_lite0"):
+        create_backbone("efficientnet_lite0", f"file:{tmp_path / 'cnn.safetensors'}")
+    with pytest.raises(PipelineError, match="no such file"):
+        create_backbone("compact_cnn", f"file:{tmp_path / 'missing.safetensors'}")
+    (tmp_path / "evil.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(PipelineError, match="do not fit compact_cnn"):
+        create_backbone("compact_cnn", f"file:{tmp_path / 'evil.pth'}")
+
+
+# --- the stage command: resume after SIGKILL, torchrun ---------------------------------------------------------
+
+def stage_workspace(tmp_path, inputs, **overrides):
+    """A folder laid out like the repository (params.yaml, data/collected, data/augment) for the stage command."""
+    work = tmp_path / "work"
+    shutil.copytree(inputs.collected, work / "data" / "collected")
+    (work / "data" / "augment").mkdir(parents=True)
+    shutil.copy(inputs.policy, work / "data" / "augment" / "policy.json")
+    (work / "params.yaml").write_text(yaml.safe_dump(with_overrides(raw_params(), {**TINY, **overrides}),
+                                                     sort_keys=False))
+    return work
+
+
+def stage_env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_the_stage_command_resumes_after_sigkill(tmp_path, inputs):
+    work = stage_workspace(tmp_path, inputs, **{"variants.cnn.epochs": 400, "finetune.checkpoint_every": 20})
+    command = [sys.executable, "-m", "pipeline.finetune", "--fold", "0", "--variant", "cnn"]
+    checkpoint = work / "data" / "checkpoints" / "finetune" / "r0-fold0-cnn" / "checkpoint.safetensors"
+    process = subprocess.Popen(command, cwd=work, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists(), process.stderr.read().decode()[-2000:]
+    done = subprocess.run(command, cwd=work, env=stage_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads((work / "data" / "finetune" / "r0-fold0-cnn" / "meta.json").read_text())
+    assert 20 <= meta["resumed_from_epoch"] < 400 and meta["epochs_run"] == 400
+    assert f"resuming fine-tuning after epoch {meta['resumed_from_epoch']}" in done.stderr
+    assert not checkpoint.exists()
+    curve = (work / "reports" / "finetune" / "r0-fold0-cnn" / "plots" / "metrics" / "train" / "loss.tsv")
+    assert len(curve.read_text().splitlines()) == 1 + 400  # the resumed run logs the whole curve
+
+
+# 1 vs 2 processes: the largest difference in external accuracy (300 images: its binomial standard error is about
+# 0.03) and in the mean absolute difference of the class probabilities. Measured: 0.037 and 0.010.
+TORCHRUN_ACCURACY_TOLERANCE = 0.06
+TORCHRUN_PROBABILITY_TOLERANCE = 0.02
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_matches_one_process(tmp_path, inputs, collected_dir):
+    """Two gloo processes take halves of the one-process batches and average gradients. On the CPU each half
+    normalises with its own batch statistics (SyncBatchNorm needs CUDA) and draws its own dropout, so the
+    results differ slightly: accuracy on the external images within TORCHRUN_ACCURACY_TOLERANCE, and the mean
+    absolute difference of the class probabilities within TORCHRUN_PROBABILITY_TOLERANCE."""
+    overrides = {"variants.cnn.epochs": 10, "variants.cnn.augment": False}
+    work = stage_workspace(tmp_path, inputs, **overrides)
+    one = subprocess.run([sys.executable, "-m", "pipeline.finetune", "--fold", "0", "--variant", "cnn"],
+                         cwd=work, env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    single = work / "data" / "finetune" / "r0-fold0-cnn"
+    shutil.move(single, tmp_path / "single")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                          "pipeline.finetune", "--fold", "0", "--variant", "cnn"], cwd=work, env=stage_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    meta = json.loads((single / "meta.json").read_text())
+    assert meta["processes"] == 2
+    accuracy = [external_accuracy(folder, collected_dir) for folder in (tmp_path / "single", single)]
+    with np.load(tmp_path / "single" / "predictions.npz") as a, np.load(single / "predictions.npz") as b:
+        gap = float(np.abs(a["test_probs"] - b["test_probs"]).mean())
+        agree = float((a["test_probs"].argmax(1) == b["test_probs"].argmax(1)).mean())
+    assert abs(accuracy[0] - accuracy[1]) <= TORCHRUN_ACCURACY_TOLERANCE, (accuracy, gap, agree)
+    assert gap < TORCHRUN_PROBABILITY_TOLERANCE, (accuracy, gap, agree)
+    assert accuracy[0] > 0.2  # both learnt something: chance is 0.1

@@ -1,0 +1,163 @@
+"""The fine-tuning engine on real digits: batch plans, mixup/cutmix, checkpoints with exact resume, workers,
+early stopping and EMA."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_params
+from pipeline import training
+from pipeline.augmentations import build_policy
+from pipeline.backbones import Classifier, create_backbone
+from pipeline.errors import PipelineError
+from pipeline.images import load_collected
+from pipeline.runtime import World
+from pipeline.training import BatchPlan, Checkpointing, FitSetup, MixupCutmix, TrainingSet, fit, lr_lambda, predict
+
+CPU = torch.device("cpu")
+
+
+def flat(plan_epoch):
+    return [pair for step in plan_epoch for pair in step]
+
+
+def test_every_real_image_comes_up_each_epoch_and_gan_samples_fill_their_share():
+    plan = BatchPlan(real=64, synthetic=10, batch=16, synthetic_share=0.25, seed=3, world=World())
+    epoch = plan.epoch(0)
+    assert plan.steps_per_epoch == 4 and len(epoch) == 4 and all(len(step) == 16 for step in epoch)
+    real = [i for i, _ in flat(epoch) if i < 64]
+    assert len(real) == len(set(real)) == 48  # 12 real per batch, no real image twice within an epoch
+    assert all(sum(i >= 64 for i, _ in step) == 4 for step in epoch)  # 25% of 16
+    seeds = [s for _, s in flat(epoch)] + [s for _, s in flat(plan.epoch(1))]
+    assert len(set(seeds)) == len(seeds)  # every augmentation draw has its own seed
+    assert plan.epoch(1) == plan.epoch(1) and plan.epoch(1) != plan.epoch(2)
+    no_gan = BatchPlan(real=64, synthetic=0, batch=16, synthetic_share=0.25, seed=3, world=World())
+    assert sorted(i for i, _ in flat(no_gan.epoch(0))) == list(range(64))
+    assert no_gan.steps_per_epoch == plan.steps_per_epoch  # the same steps with and without GAN samples
+
+
+def test_under_torchrun_the_processes_split_the_one_process_batch():
+    whole = BatchPlan(real=40, synthetic=8, batch=16, synthetic_share=0.5, seed=0, world=World())
+    parts = [BatchPlan(real=40, synthetic=8, batch=16, synthetic_share=0.5, seed=0, world=World(rank, 2))
+             for rank in range(2)]
+    for step, (a, b) in enumerate(zip(parts[0].epoch(5), parts[1].epoch(5))):
+        assert a + b == whole.epoch(5)[step]
+    with pytest.raises(PipelineError, match=r"batch_size \(15\) must divide evenly over the 2 processes"):
+        BatchPlan(real=40, synthetic=0, batch=15, synthetic_share=0, seed=0, world=World(0, 2))
+
+
+def test_mixup_and_cutmix_give_soft_targets_that_match_the_pixels():
+    x = torch.zeros(8, 1, 10, 10)
+    x[4:] = 1  # images 0-3 black, 4-7 white
+    targets = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), 2).float()
+    for mixup, cutmix in ((0.4, 0), (0, 1.0)):
+        mixed, soft = MixupCutmix(mixup, cutmix, seed=1)(x, targets)
+        assert torch.allclose(soft.sum(1), torch.ones(8))
+        # the white share of each picture is exactly the probability its target gives class 1
+        assert torch.allclose(mixed.mean((1, 2, 3)), soft[:, 1], atol=1e-6)
+    a, b = MixupCutmix(0.4, 1.0, seed=7), MixupCutmix(0.4, 1.0, seed=7)
+    for _ in range(3):
+        assert torch.equal(a(x, targets)[0], b(x, targets)[0])
+    assert not MixupCutmix(0, 0, seed=0).enabled
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    factor = lr_lambda(total_steps=100, warmup_steps=10)
+    values = [factor(s) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert factor(100) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def digits(collected_dir):
+    data = load_collected(collected_dir)
+    images, targets = data.select(data.labelled)
+    external, external_targets = data.select(data.external)
+    return images, targets.astype(np.int64), external[:200], external_targets[:200]
+
+
+def training_set(images, targets, inner=0):
+    empty = images[:0]
+    return TrainingSet(images[inner:], targets[inner:], empty, targets[:0], images[:inner], targets[:inner])
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return Classifier(create_backbone("compact_cnn", "none"), num_classes=10, input_size=16)
+
+
+def setup_for(epochs=4, policy=True, checkpoint=None, **overrides):
+    params = make_params(**{f"finetune__{k}": v for k, v in overrides.items()}).finetune
+    built = build_policy(make_params().augment.transforms, 0) if policy else None
+    return FitSetup(params, epochs, False, built, CPU, World(), checkpoint)
+
+
+def test_workers_do_not_change_the_result(digits):
+    """Augmentation is seeded per image, so 2 DataLoader worker processes train the very same model as none."""
+    images, targets, external, _ = digits
+    probs = []
+    for workers in (0, 2):
+        result = fit(small_cnn(), training_set(images, targets), setup_for(epochs=2, workers=workers))
+        probs.append(predict(result.model, external, CPU, 10))
+    assert np.array_equal(probs[0], probs[1])
+
+
+def test_a_killed_run_resumes_exactly_where_its_checkpoint_left_off(digits, tmp_path, monkeypatch):
+    images, targets, external, _ = digits
+    straight = fit(small_cnn(), training_set(images, targets), setup_for(epochs=5, mixup=0.2, ema_decay=0.9))
+    checkpoint = Checkpointing(tmp_path, every=2, fingerprint="data+settings")
+    real_epoch = training._train_epoch
+    calls = []
+
+    def dies_in_epoch_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # killed during epoch 4, with the epoch-2 checkpoint on disk
+        return real_epoch(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_train_epoch", dies_in_epoch_4)
+        with pytest.raises(KeyboardInterrupt):
+            fit(small_cnn(), training_set(images, targets),
+                setup_for(epochs=5, mixup=0.2, ema_decay=0.9, checkpoint=checkpoint))
+    saved = tmp_path / training.CHECKPOINT_FILE
+    from safetensors import safe_open
+
+    with safe_open(str(saved), framework="pt") as handle:  # plain tensors and JSON, nothing pickled
+        assert handle.metadata()["fingerprint"] == "data+settings" and "ema.n_averaged" in handle.keys()
+    torch.manual_seed(1234)  # whatever the global stream holds now, the checkpoint's is restored
+    resumed = fit(small_cnn(), training_set(images, targets),
+                  setup_for(epochs=5, mixup=0.2, ema_decay=0.9, checkpoint=checkpoint))
+    assert resumed.resumed_from == 4 - 2 and resumed.history == straight.history
+    assert np.array_equal(predict(resumed.model, external, CPU, 10), predict(straight.model, external, CPU, 10))
+    assert not saved.exists()  # removed once training ended
+    other = Checkpointing(tmp_path, every=2, fingerprint="other data")
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "recalibrate_batch_norm", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            fit(small_cnn(), training_set(images, targets), setup_for(epochs=5, checkpoint=checkpoint))
+    assert saved.exists()
+    assert fit(small_cnn(), training_set(images, targets), setup_for(epochs=5, checkpoint=other)).resumed_from == 0
+
+
+def test_early_stopping_keeps_the_best_inner_epoch(digits):
+    """A learning rate far too high makes the inner loss worsen after its best epoch; training stops `patience`
+    epochs later and the kept weights are those of the best epoch."""
+    images, targets, _, _ = digits
+    data = training_set(images, targets, inner=10)
+    result = fit(small_cnn(), data, setup_for(epochs=40, policy=False, patience=3, lr_head=0.5, warmup_epochs=0))
+    losses = [h["inner_loss"] for h in result.history]
+    assert result.stopped_early and len(result.history) == result.best_epoch + 3 < 40
+    assert losses[result.best_epoch - 1] == min(losses)
+    kept_loss, _ = training.inner_scores(result.model, data, CPU)
+    assert kept_loss == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_ema_weights_are_what_is_kept(digits):
+    images, targets, external, _ = digits
+    plain = fit(small_cnn(), training_set(images, targets), setup_for(epochs=3))
+    averaged = fit(small_cnn(), training_set(images, targets), setup_for(epochs=3, ema_decay=0.9))
+    a, b = predict(plain.model, external, CPU, 10), predict(averaged.model, external, CPU, 10)
+    assert np.isfinite(b).all() and not np.allclose(a, b, atol=1e-3)
+    assert plain.history == averaged.history  # the average follows training; it does not change it

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -377,6 +378,7 @@ class FitResult:
     stopped_early: bool
     best_epoch: int  # the epoch whose weights were kept
     steps_per_epoch: int
+    step_seconds: float  # wall time spent in optimiser steps (data loading included), this run's epochs only
 
 
 def _build_state(model: Classifier, setup: FitSetup, steps_per_epoch: int) -> TrainState:
@@ -473,11 +475,13 @@ def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
             setup.on_epoch(record)
     trained = _wrap(model, setup)
     batches = iter(_loader(data, setup, plan, state.epoch))
-    stopped = False
+    stopped, step_seconds = False, 0.0
     progress = tqdm(range(state.epoch, setup.epochs), desc="finetune", unit="epoch",
                     disable=None if setup.world.is_main else True)
     for _ in progress:
+        started = time.perf_counter()
         record = _train_epoch(state, trained, batches, plan.steps_per_epoch, setup, num_classes)
+        step_seconds += time.perf_counter() - started
         state.epoch += 1
         if len(data.inner):
             stopped = _early_stopping(state, record, data, setup)
@@ -503,4 +507,5 @@ def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
         path.unlink(missing_ok=True)  # the stage's outputs now hold the result
     best_epoch = state.best_epoch if state.best is not None else state.epoch
     log.info("trained %d epochs%s", state.epoch, f" (resumed after epoch {resumed_from})" if resumed else "")
-    return FitResult(kept.eval(), state.history, resumed_from, stopped, best_epoch, plan.steps_per_epoch)
+    return FitResult(kept.eval(), state.history, resumed_from, stopped, best_epoch, plan.steps_per_epoch,
+                     step_seconds)

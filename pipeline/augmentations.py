@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -134,10 +135,18 @@ def parse_transforms(raw: Mapping[str, Any], key: str) -> tuple[TransformSpec, .
     return tuple(specs)
 
 
+def _albumentations() -> Any:
+    """albumentations, imported without its import-time update check: that check calls a web server (slow or
+    failing offline, and no business of a reproducible pipeline)."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations
+
+    return albumentations
+
+
 def build_policy(specs: tuple[TransformSpec, ...], seed: int) -> Callable[[np.ndarray], np.ndarray]:
     """An albumentations Compose over the specs, seeded with albumentations' own seed."""
-    import albumentations as A
-
+    A = _albumentations()
     return A.Compose([spec.options.build(A) for spec in specs], seed=seed)
 
 
@@ -148,15 +157,11 @@ def augment_image(policy: Any, image: np.ndarray) -> np.ndarray:
 
 
 def save_policy(policy: Any, path: Path) -> None:
-    import albumentations as A
-
-    A.save(policy, str(path), data_format="json")
+    _albumentations().save(policy, str(path), data_format="json")
 
 
 def load_policy(path: Path) -> Any:
-    import albumentations as A
-
-    return A.load(str(path), data_format="json")
+    return _albumentations().load(str(path), data_format="json")
 
 
 def describe(specs: tuple[TransformSpec, ...]) -> str:

@@ -118,7 +118,8 @@ class PlannedBatches(Sampler):
 
 class AugmentedImages(Dataset):
     """Items are (index, seed): the image, augmented by the policy re-seeded with `seed` (albumentations has its
-    own random streams, which global seeds and DataLoader worker seeding do not reach)."""
+    own random streams, which global seeds and DataLoader worker seeding do not reach). The DataLoader fetches a
+    whole batch at once through __getitems__: one gather and one tensor, not a collate over per-image tensors."""
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, policy: Any | None):
         self.images, self.targets, self.policy = images, targets, policy
@@ -126,13 +127,26 @@ class AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = item
-        image = self.images[index]
-        if self.policy is not None:
-            self.policy.set_random_seed(seed % 2**32)
-            image = augment_image(self.policy, image)
-        return torch.from_numpy(np.ascontiguousarray(image)), int(self.targets[index])
+    def _augmented(self, index: int, seed: int) -> np.ndarray:
+        self.policy.set_random_seed(seed % 2**32)
+        return augment_image(self.policy, self.images[index])
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = np.fromiter((index for index, _ in items), dtype=np.int64, count=len(items))
+        if self.policy is None:
+            images = self.images[indices]
+        else:
+            images = np.stack([self._augmented(index, seed) for index, seed in items])
+        return torch.from_numpy(images), torch.from_numpy(self.targets[indices])
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = self.__getitems__([item])
+        return images[0], targets[0]
+
+
+def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DataLoader's collate_fn: __getitems__ already made the batch."""
+    return batch
 
 
 def seed_worker(worker_id: int) -> None:
@@ -411,7 +425,8 @@ def _wrap(model: Classifier, setup: FitSetup) -> nn.Module:
 def _loader(data: TrainingSet, setup: FitSetup, plan: BatchPlan, start: int) -> DataLoader:
     workers = setup.params.workers
     return DataLoader(AugmentedImages(data.all_images, data.all_targets, setup.policy),
-                      batch_sampler=PlannedBatches(plan, start, setup.epochs), num_workers=workers,
+                      batch_sampler=PlannedBatches(plan, start, setup.epochs), collate_fn=whole_batch,
+                      num_workers=workers,
                       worker_init_fn=seed_worker, persistent_workers=False, prefetch_factor=4 if workers else None,
                       pin_memory=setup.device.type == "cuda",
                       generator=torch.Generator().manual_seed(setup.params.seed))  # keeps torch's global stream untouched

@@ -92,17 +92,28 @@ def test_unknown_fold_is_refused(tmp_path, inputs):
         finetune.run(params.finetune, params.variants["baseline"], 7, inputs, tmp_path / "out")
 
 
+# The compact CNN, 30 epochs on fold 0's 20 digits of 16 px, scored on 300 unseen digits: measured 0.59 (seed 0)
+# on the CPU; a broken model lands near chance (0.1), so the tests ask for well above it.
+CNN_30_EPOCHS_FLOOR = 0.45
+
+
+def test_compact_cnn_from_scratch_learns_digits(tmp_path, inputs):
+    params = make_params(variants__cnn__epochs=30)
+    finetune.run(params.finetune, params.variants["cnn"], 0, inputs, tmp_path / "out")
+    assert external_accuracy(tmp_path / "out", inputs.collected) > CNN_30_EPOCHS_FLOOR
+
+
 @pytest.mark.gpu
 def test_cuda_path_with_bf16_autocast(tmp_path, inputs):
     """On a GPU: a fold trains with bf16 autocast and channels-last and predicts sane probabilities."""
-    params = make_params(finetune__device="cuda", variants__augment__epochs=8)
-    meta = finetune.run(params.finetune, params.variants["augment"], 0, inputs, tmp_path / "gpu")
+    params = make_params(finetune__device="cuda", variants__cnn__epochs=30)
+    meta = finetune.run(params.finetune, params.variants["cnn"], 0, inputs, tmp_path / "gpu")
     assert meta["device"].startswith("cuda")
     data = load_collected(inputs.collected)
     with np.load(tmp_path / "gpu" / "predictions.npz") as p:
         assert np.isfinite(p["test_probs"]).all() and np.allclose(p["test_probs"].sum(1), 1, atol=1e-3)
         accuracy = (p["test_probs"].argmax(1) == data.manifest.target.to_numpy()[p["test_index"]]).mean()
-    assert accuracy > 0.2
+    assert accuracy > CNN_30_EPOCHS_FLOOR - 0.05  # bf16 rounding: a little more room than on the CPU
 
 
 def test_asking_for_cuda_without_one_is_a_clear_error(tmp_path, inputs, monkeypatch):

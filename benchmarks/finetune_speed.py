@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `pipeline` importable
 from pipeline.backbones import Classifier, create_backbone  # noqa: E402
-from pipeline.features import FeatureCache, ImageFeatures, fit_probe  # noqa: E402
+from pipeline.features import FeatureCache, ImageFeatures, LinearProbe  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.runtime import World, autocast, pick_device  # noqa: E402
 from pipeline.training import FitSetup, TrainingSet, fit  # noqa: E402
@@ -128,7 +128,7 @@ def probe_versus_full(images: np.ndarray, targets: np.ndarray, device: torch.dev
     for _ in range(2):  # the first pass also picks kernels for the new input size (seconds on a GPU)
         sync(device)
         start = time.perf_counter()
-        fit_probe(features(images), targets, 0, params.finetune.probe_c)
+        LinearProbe(params.finetune.probe_c, CLASSES, device).fit(features(images), targets)
         seconds.append(time.perf_counter() - start)
     return full_seconds, seconds
 

@@ -139,11 +139,11 @@ class Classifier(nn.Module):
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] in (2, 4):  # premultiply by alpha: transparent pixels become black, as collect stores them
             x = x[:, :-1] * x[:, -1:]
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:  # resized before any channel copies
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
                               antialias=x.shape[-1] > self.input_size)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -84,9 +85,44 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, seed: int, c: float = 0
     return probe.fit(features, targets)
 
 
-def probe_probabilities(probe, features: np.ndarray, num_classes: int) -> np.ndarray:
-    """N x num_classes probabilities (float32); a class the probe never saw gets probability 0."""
-    out = np.zeros((len(features), num_classes), np.float32)
-    if len(features):
-        out[:, probe.classes_.astype(int)] = probe.predict_proba(features)
-    return out
+class LinearProbe:
+    """Multinomial logistic regression on standardised features, fitted by full-batch L-BFGS in torch on the
+    features' device. Same objective as scikit-learn's (C x summed log-loss + |W|^2 / 2, intercept free), but
+    a few milliseconds instead of tenths of a second per fit, which is what keeps the `linear_probe` strategy
+    an order of magnitude faster than fine-tuning also on a GPU (where sklearn's fit was the probe's slowest part)."""
+
+    def __init__(self, c: float, num_classes: int, device: torch.device, max_iter: int = 200):
+        self.c, self.num_classes, self.device, self.max_iter = c, num_classes, device, max_iter
+
+    def _standardised(self, features: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
+        return (x - self.mean) / self.scale
+
+    def fit(self, features: np.ndarray, targets: np.ndarray) -> "LinearProbe":
+        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
+        self.mean, self.scale = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+        x = (x - self.mean) / self.scale
+        y = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(self.device)
+        self.weight = torch.zeros(x.shape[1], self.num_classes, device=self.device, requires_grad=True)
+        self.bias = torch.zeros(self.num_classes, device=self.device, requires_grad=True)
+        penalty = 1.0 / (2 * self.c * len(x))  # sklearn's objective divided by C x n
+        optimizer = torch.optim.LBFGS([self.weight, self.bias], max_iter=self.max_iter, tolerance_grad=1e-6,
+                                      tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
+
+        def objective() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(x @ self.weight + self.bias, y) + penalty * self.weight.square().sum()
+            loss.backward()
+            return loss
+        with torch.enable_grad():
+            optimizer.step(objective)
+        self.weight, self.bias = self.weight.detach(), self.bias.detach()
+        return self
+
+    @torch.inference_mode()
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """N x num_classes probabilities (float32)."""
+        if not len(features):
+            return np.zeros((0, self.num_classes), np.float32)
+        logits = self._standardised(features) @ self.weight + self.bias
+        return logits.softmax(1).float().cpu().numpy()

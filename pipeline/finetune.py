@@ -34,7 +34,7 @@ from pipeline import atomic, paths
 from pipeline.augmentations import augment_image, load_policy
 from pipeline.backbones import Classifier, create_backbone
 from pipeline.errors import PipelineError
-from pipeline.features import FeatureCache, ImageFeatures, fit_probe, probe_probabilities
+from pipeline.features import FeatureCache, ImageFeatures, LinearProbe
 from pipeline.images import Collected, load_collected
 from pipeline.params import FinetuneParams, Variant
 from pipeline.runtime import (World, cli, leave_process_group, pick_device, seed_everything, stage_args,
@@ -231,10 +231,10 @@ def linear_probe(job: Job) -> Outcome | None:
     if len(data.synthetic):
         parts.append((features(data.synthetic), data.synthetic_targets))
     train_x, train_y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    probe = fit_probe(train_x, train_y, params.seed, params.probe_c)
+    probe = LinearProbe(params.probe_c, job.classes, job.device).fit(train_x, train_y)
     seconds = time.perf_counter() - start
-    probs = tuple(probe_probabilities(probe, features(images), job.classes) for images in job.held_out)
-    history = [{"epoch": 1, "train_accuracy": float((probe.predict(train_x) == train_y).mean())}]
+    probs = tuple(probe.predict_proba(features(images)) for images in job.held_out)
+    history = [{"epoch": 1, "train_accuracy": float((probe.predict_proba(train_x).argmax(1) == train_y).mean())}]
     meta = {"train_seconds": round(seconds, 2), "probe_features": int(train_x.shape[1]),
             "probe_training_rows": len(train_x), "feature_cache_hits": features.hits,
             "feature_cache_misses": features.misses}

@@ -436,7 +436,9 @@ def _train_epoch(state: TrainState, trained: nn.Module, batches, steps: int, set
                  num_classes: int) -> dict:
     """One epoch of optimiser steps; the epoch's mean loss and training accuracy (over every process)."""
     device, smoothing = setup.device, setup.params.label_smoothing
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
     state.model.train()
     for _ in range(steps):
         images, y = next(batches)
@@ -453,8 +455,11 @@ def _train_epoch(state: TrainState, trained: nn.Module, batches, steps: int, set
         state.scheduler.step()
         if state.ema is not None:
             state.ema.update_parameters(state.model)
-        totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                               torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+        # summed on the device: reading a number back every step would stall a GPU's queue
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64).to(device)])
     if setup.world.size > 1:
         torch.distributed.all_reduce(totals)
     loss_sum, correct, seen = totals.tolist()

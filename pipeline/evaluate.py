@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +16,7 @@ from pipeline import atomic, paths
 from pipeline.errors import PipelineError
 from pipeline.images import Collected, load_collected
 from pipeline.metrics import METRICS, bootstrap_accuracy, mean_std, save_confusion, score
-from pipeline.params import EvaluateParams
+from pipeline.params import EvaluateParams, Variant
 from pipeline.runtime import cli, stage_args
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,51 @@ def summarise(result: VariantResult, external_targets: np.ndarray, confidence: f
     return out
 
 
-def write_report(path: Path, summary: dict[str, dict], collected: Collected, params: EvaluateParams) -> str:
+def recipe(variant: Variant) -> str:
+    """A variant in a few words, for the report's table."""
+    parts = [variant.backbone, f"{variant.weights} weights", variant.strategy.replace("_", " "),
+             f"{variant.input_size} px"]
+    if variant.strategy == "full":
+        parts.append(f"{variant.epochs} epochs")
+    parts += [name for name, on in (("+augment", variant.augment), ("+GAN samples", variant.synthetic)) if on]
+    return ", ".join(parts)
+
+
+def single_changes(variants: dict[str, Variant]) -> list[tuple[str, str, str]]:
+    """(setting, from variant, to variant) for every pair of variants that differ in exactly one setting: what
+    that one setting bought, read in params order (scratch -> baseline -> augment -> synthetic)."""
+    names, pairs = list(variants), []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            changed = [k for k, v in asdict(variants[a]).items() if asdict(variants[b])[k] != v]
+            if len(changed) == 1:
+                pairs.append((changed[0], a, b))
+    return pairs
+
+
+def _effects(summary: dict[str, dict], variants: dict[str, Variant], has_external: bool) -> list[str]:
+    pairs = single_changes(variants)
+    if not pairs:
+        return []
+    lines = ["## What each ingredient bought", "",
+             "Pairs of variants that differ in one setting only; the change in accuracy is what that setting bought "
+             "(or cost) here.", "",
+             "| setting | from → to | out-of-fold accuracy | change |" + (" external accuracy, ensemble | change |"
+                                                                      if has_external else ""),
+             "|---|---|---|---|" + ("---|---|" if has_external else "")]
+    for setting, a, b in pairs:
+        before, after = asdict(variants[a])[setting], asdict(variants[b])[setting]
+        row = (f"| {setting}: {before} → {after} | {a} → {b} | {summary[a]['oof_accuracy']:.3f} → "
+               f"{summary[b]['oof_accuracy']:.3f} | {summary[b]['oof_accuracy'] - summary[a]['oof_accuracy']:+.3f} |")
+        if has_external:
+            ext_a, ext_b = summary[a]["external_ensemble_accuracy"], summary[b]["external_ensemble_accuracy"]
+            row += f" {ext_a:.3f} → {ext_b:.3f} | {ext_b - ext_a:+.3f} |"
+        lines.append(row)
+    return lines + [""]
+
+
+def write_report(path: Path, summary: dict[str, dict], collected: Collected, params: EvaluateParams,
+                 variants: dict[str, Variant]) -> str:
     """The Markdown report; returns the name of the best variant (highest mean accuracy over folds)."""
     best = max(summary, key=lambda v: summary[v]["cv_accuracy"])
     level = f"{params.confidence:.0%}"
@@ -99,13 +143,13 @@ def write_report(path: Path, summary: dict[str, dict], collected: Collected, par
         + (f" repeated {len(collected.repeats)} times" if len(collected.repeats) > 1 else "")
         + (f"; {len(collected.external)} external test images that no stage trained on." if has_external else "."),
         "",
-        f"| variant | out-of-fold accuracy [{level} interval] | CV accuracy per fold (mean ± std) | "
+        f"| variant | recipe | out-of-fold accuracy [{level} interval] | CV accuracy per fold (mean ± std) | "
         "CV balanced accuracy | CV macro-F1 |"
         + (" external accuracy, folds (mean ± std) | external accuracy, ensemble |" if has_external else ""),
-        "|---|---|---|---|---|" + ("---|---|" if has_external else ""),
+        "|---|---|---|---|---|---|" + ("---|---|" if has_external else ""),
     ]
     for name, m in sorted(summary.items(), key=lambda kv: -kv[1]["cv_accuracy"]):
-        row = (f"| {'**' + name + '**' if name == best else name} | {m['oof_accuracy']:.3f} "
+        row = (f"| {'**' + name + '**' if name == best else name} | {recipe(variants[name])} | {m['oof_accuracy']:.3f} "
                f"[{m['oof_accuracy_low']:.3f}, {m['oof_accuracy_high']:.3f}] | "
                f"{m['cv_accuracy']:.3f} ± {m['cv_accuracy_std']:.3f} | {m['cv_balanced_accuracy']:.3f} | "
                f"{m['cv_macro_f1']:.3f} |")
@@ -118,6 +162,7 @@ def write_report(path: Path, summary: dict[str, dict], collected: Collected, par
               "predicted once, by the fold model that did not train on it). They do not include the variation "
               "from retraining on other data, so they are a lower bound on the uncertainty; a difference between "
               "overlapping intervals is not evidence that one variant is better.", ""]
+    lines += _effects(summary, variants, has_external)
     lines += [f"![confusion matrix of {name}](figures/confusion_{name}.png)" for name in summary]
     atomic.write_text(path, "\n".join(lines) + "\n")
     return best
@@ -138,7 +183,7 @@ def _verdict(summary: dict[str, dict], best: str, has_external: bool) -> str:
     return text
 
 
-def run(params: EvaluateParams, variants: list[str], collected_dir: Path, finetune_dir: FoldDir,
+def run(params: EvaluateParams, variants: dict[str, Variant], collected_dir: Path, finetune_dir: FoldDir,
         outputs: EvaluateOutputs) -> dict:
     """Evaluate every variant's fold predictions; write metrics, report and figures; return the metrics."""
     collected = load_collected(collected_dir)
@@ -152,7 +197,7 @@ def run(params: EvaluateParams, variants: list[str], collected_dir: Path, finetu
             where = "external test, ensemble of folds" if has_ext else "out-of-fold"
             save_confusion(figures / f"confusion_{r.name}.png", targets, probs, collected.classes,
                            f"{r.name} ({where})")
-    best = write_report(outputs.report, summary, collected, params)
+    best = write_report(outputs.report, summary, collected, params, variants)
     atomic.write_text(outputs.metrics, json.dumps(summary, indent=2) + "\n")
     log.info("evaluate: best variant %s (CV accuracy %.3f)", best, summary[best]["cv_accuracy"])
     return summary
@@ -161,7 +206,7 @@ def run(params: EvaluateParams, variants: list[str], collected_dir: Path, finetu
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_args(__doc__, argv)
     outputs = EvaluateOutputs(paths.METRICS, paths.REPORT, paths.FIGURES)
-    run(params.evaluate, list(params.variants), paths.COLLECTED, paths.finetune_dir, outputs)
+    run(params.evaluate, params.variants, paths.COLLECTED, paths.finetune_dir, outputs)
 
 
 if __name__ == "__main__":

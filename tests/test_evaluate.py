@@ -45,7 +45,9 @@ def test_metrics_and_report_name_the_better_variant(tmp_path, collected_dir):
     write_predictions(preds, collected_dir, "perfect", 1.0, 0)
     write_predictions(preds, collected_dir, "coin", 0.5, 1)
     out = outputs(tmp_path)
-    summary = evaluate.run(make_params().evaluate, ["coin", "perfect"], collected_dir,
+    variants = make_params().variants
+    summary = evaluate.run(make_params().evaluate, {"coin": variants["baseline"], "perfect": variants["augment"]},
+                           collected_dir,
                            lambda repeat, fold, name: preds / f"r{repeat}-fold{fold}-{name}", out)
     assert json.loads(out.metrics.read_text()) == summary
     perfect, coin = summary["perfect"], summary["coin"]
@@ -57,7 +59,11 @@ def test_metrics_and_report_name_the_better_variant(tmp_path, collected_dir):
     assert coin["external_ensemble_accuracy"] >= coin["external_accuracy_fold_mean"] - 0.05
     report = out.report.read_text()
     assert "**perfect** did best in cross-validation" in report
-    assert "| **perfect** | 1.000 [1.000, 1.000] | 1.000 ± 0.000" in report
+    assert "| **perfect** | efficientnet_lite0, packaged weights, full, 32 px, 3 epochs, +augment | 1.000 [1.000, 1.000] " \
+           "| 1.000 ± 0.000" in report
+    # the two differ in augmentation alone, so the report says what it bought
+    change = perfect["oof_accuracy"] - coin["oof_accuracy"]
+    assert f"| augment: False → True | coin → perfect | {coin['oof_accuracy']:.3f} → 1.000 | {change:+.3f} |" in report
     assert "Its interval overlaps" not in report  # 40 coin flips cannot reach 1.0
     # the bootstrap interval of the coin-flip variant is wide and holds its point estimate
     assert coin["oof_accuracy_low"] < coin["oof_accuracy"] < coin["oof_accuracy_high"]
@@ -69,7 +75,8 @@ def test_metrics_and_report_name_the_better_variant(tmp_path, collected_dir):
 def test_missing_predictions_say_what_to_run(tmp_path, collected_dir):
     with pytest.raises(PipelineError, match=r"is missing: run `dvc repro` so finetune covers repeat 0, fold 0, "
                                             r"variant x"):
-        evaluate.run(make_params().evaluate, ["x"], collected_dir, lambda r, f, n: tmp_path / f"{r}{f}{n}",
+        evaluate.run(make_params().evaluate, {"x": make_params().variants["cnn"]}, collected_dir,
+                     lambda r, f, n: tmp_path / f"{r}{f}{n}",
                      outputs(tmp_path))
 
 
@@ -103,7 +110,7 @@ def test_repeats_are_evaluated_together(tmp_path):
     collect.run(params.collect, tmp_path / "collected", tmp_path / "collect-reports")
     preds = tmp_path / "finetune"
     write_predictions(preds, tmp_path / "collected", "coin", 0.5, 3)
-    summary = evaluate.run(params.evaluate, ["coin"], tmp_path / "collected",
+    summary = evaluate.run(params.evaluate, {"coin": params.variants["cnn"]}, tmp_path / "collected",
                            lambda repeat, fold, name: preds / f"r{repeat}-fold{fold}-{name}", outputs(tmp_path))
     coin = summary["coin"]
     assert 0.3 < coin["oof_accuracy"] < 0.7

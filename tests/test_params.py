@@ -11,15 +11,16 @@ def test_default_params_yaml_is_valid():
     params = load_params("params.yaml")
     assert params.collect.folds == (0, 1, 2, 3, 4)
     assert params.collect.images_per_class == 10
-    assert params.finetune.backbone == "efficientnet_lite0"
-    assert set(params.variants) >= {"baseline", "augment", "synthetic"}
+    assert params.variants["baseline"].backbone == "efficientnet_lite0"
+    assert set(params.variants) >= {"scratch", "baseline", "augment", "synthetic", "probe", "cnn"}
+    assert params.variants["scratch"].weights == "none" and params.variants["probe"].strategy == "linear_probe"
     assert params.variants["synthetic"].synthetic and not params.variants["baseline"].augment
     assert [t.name for t in params.augment.transforms][0] == "affine"
 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"collect.colour": 1}, r"unknown key `collect.colour`; allowed keys here: source, folder"),
-    ({"finetune.epochs": "ten"}, r"`finetune.epochs` must be of type int; got 'ten'"),
+    ({"variants.cnn.epochs": "ten"}, r"`variants.cnn.epochs` must be of type int; got 'ten'"),
     ({"finetune.lr_head": True}, r"`finetune.lr_head` must be a number"),
     ({"collect.source": "imagenet"}, r"`collect.source` must be one of 'mnist', 'digits', 'lfw', 'folder', 'csv'"),
     ({"collect.channels": 2}, r"`collect.channels` must be one of 1, 3"),
@@ -36,9 +37,18 @@ def test_default_params_yaml_is_valid():
     ({"collect.download.timeout": "fast"}, r"`collect.download.timeout` must be a number"),
     ({"collect.download.proxy": "x"}, r"unknown key `collect.download.proxy`"),
     ({"collect.image_size": 48}, r"`collect.image_size` must be a power of two"),
-    ({"finetune.warmup_epochs": 30, "finetune.epochs": 30}, r"`finetune.warmup_epochs` must be from 0 to epochs - 1"),
+    ({"finetune.warmup_epochs": -1}, r"`finetune.warmup_epochs` must be >= 0"),
     ({"finetune.device": "tpu"}, r"`finetune.device` must be one of 'auto', 'cpu', 'cuda'"),
-    ({"variants.baseline.weights": "imagenet"}, r"`variants.baseline.weights` must be one of 'packaged', 'hub'"),
+    ({"finetune.synthetic_share": 1.0}, r"`finetune.synthetic_share` must be in \[0, 1\)"),
+    ({"finetune.inner_val": 0.9}, r"`finetune.inner_val` must be from 0 \(off\) to 0.5"),
+    ({"finetune.ema_decay": 1}, r"`finetune.ema_decay` must be a number|`finetune.ema_decay` must be in \[0, 1\)"),
+    ({"finetune.mixup": -0.2}, r"`finetune.mixup` must be >= 0"),
+    ({"finetune.compile": "yes"}, r"`finetune.compile` must be of type bool"),
+    ({"variants.baseline.weights": "imagenet"}, r"`variants.baseline.weights` must be packaged, hub, none or file:PATH"),
+    ({"variants.baseline.weights": "file:"}, r"`variants.baseline.weights` must be packaged, hub, none or file:PATH"),
+    ({"variants.baseline.strategy": "lora"}, r"`variants.baseline.strategy` must be one of 'full', 'linear_probe'"),
+    ({"variants.cnn.input_size": 8}, r"`variants.cnn.input_size` must be from 16 to 1024"),
+    ({"variants.cnn.optimizer": "sgd"}, r"unknown key `variants.cnn.optimizer`"),
     ({"augment.transforms.rotate90": {"p": 1}}, r"unknown transform `augment.transforms.rotate90`; allowed: affine"),
     ({"augment.transforms.affine": {"p": 0.5}}, r"`augment.transforms.affine` must set exactly these options"),
     ({"augment.transforms.hflip": {"p": 1.5}}, r"`augment.transforms.hflip.p` must be a probability"),
@@ -64,7 +74,7 @@ def test_unknown_top_level_section_is_named():
 
 def test_variant_names_must_be_usable_as_folder_names():
     with pytest.raises(PipelineError, match=r"`variants.my variant`"):
-        make_params(**{"variants": {"my variant": {"weights": "none", "augment": False, "synthetic": False}}})
+        make_params(**{"variants": {"my variant": raw_params()["variants"]["cnn"]}})
 
 
 def test_missing_or_broken_file_is_a_clear_error(tmp_path):
@@ -79,4 +89,4 @@ def test_missing_or_broken_file_is_a_clear_error(tmp_path):
 def test_params_are_frozen():
     params = make_params()
     with pytest.raises(AttributeError):
-        params.finetune.epochs = 100
+        params.finetune.batch_size = 100

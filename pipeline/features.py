@@ -102,7 +102,7 @@ class LinearProbe:
         x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
         self.mean, self.scale = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
         x = (x - self.mean) / self.scale
-        y = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(self.device)
+        y = torch.from_numpy(np.array(targets, dtype=np.int64)).to(self.device)  # a writable copy
         self.weight = torch.zeros(x.shape[1], self.num_classes, device=self.device, requires_grad=True)
         self.bias = torch.zeros(self.num_classes, device=self.device, requires_grad=True)
         penalty = 1.0 / (2 * self.c * len(x))  # sklearn's objective divided by C x n

@@ -93,19 +93,22 @@ def main() -> None:
     dvc_start = seconds_of([sys.executable, "-m", "dvc", "--version"], repo)
 
     groups: dict[str, list[float]] = {}
-    for name, seconds in stages:
-        groups.setdefault(name.split("@")[0], []).append(seconds)
-    print(f"{'stage':<12} {'runs':>4} {'seconds':>9} {'each':>7}")
+    for name, seconds in stages:  # finetune@R-K-variant counts per variant
+        stage, _, item = name.partition("@")
+        key = f"{stage} {item.split('-', 2)[2]}" if stage == "finetune" else stage
+        groups.setdefault(key, []).append(seconds)
+    print(f"{'stage':<24} {'runs':>4} {'seconds':>9} {'each':>7}")
     for name, times in groups.items():
-        print(f"{name:<12} {len(times):>4} {sum(times):>9.1f} {sum(times) / len(times):>7.1f}")
+        print(f"{name:<24} {len(times):>4} {sum(times):>9.1f} {sum(times) / len(times):>7.1f}")
     print(f"full dvc repro: {total:.1f} s = {total / 60:.1f} min; reference workload {reference:.2f} s "
           f"(before {ref_before:.2f}, after {ref_after:.2f}); ratio {total / reference:.0f}")
     print(f"no-op dvc repro: {noop:.2f} s; dvc --version: {dvc_start:.2f} s; ratio {noop / dvc_start:.2f}")
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    for variant, m in metrics.items():
-        print(f"{variant:<10} CV accuracy {m['cv_accuracy']:.3f} ± {m['cv_accuracy_std']:.3f}, external ensemble "
-              f"{m.get('external_ensemble_accuracy', float('nan')):.3f}, external folds "
-              f"{m.get('external_accuracy_fold_mean', float('nan')):.3f}")
+    for variant, m in sorted(metrics.items(), key=lambda kv: -kv[1]["oof_accuracy"]):
+        print(f"{variant:<14} out-of-fold accuracy {m['oof_accuracy']:.3f} [{m['oof_accuracy_low']:.3f}, "
+              f"{m['oof_accuracy_high']:.3f}], external folds {m.get('external_accuracy_fold_mean', float('nan')):.3f}"
+              f" ± {m.get('external_accuracy_fold_std', float('nan')):.3f}, external ensemble "
+              f"{m.get('external_ensemble_accuracy', float('nan')):.3f}")
     if not args.keep:
         shutil.rmtree(repo, ignore_errors=True)
 

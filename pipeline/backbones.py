@@ -123,7 +123,8 @@ def create_backbone(name: str, weights: str) -> nn.Module:
 class Classifier(nn.Module):
     """A backbone that takes raw images in [0, 1] of any size and 1-4 channels and does its own preprocessing:
     an alpha channel (LA, RGBA) is composited onto black, grayscale is repeated to the 3 channels the stem
-    expects, images are resized to `input_size` and normalised with the mean and std that come with the weights."""
+    expects, images are resized to `input_size` and normalised with the mean and std that come with the weights.
+    `input_size` 0 takes the model's own, also from its config (224 for ImageNet models, 32 for compact_cnn)."""
 
     def __init__(self, backbone: nn.Module, *, num_classes: int, input_size: int):
         import timm
@@ -132,7 +133,7 @@ class Classifier(nn.Module):
         config = timm.data.resolve_model_data_config(backbone)
         backbone.reset_classifier(num_classes)
         self.backbone = backbone
-        self.input_size = input_size
+        self.input_size = input_size or int(config["input_size"][-1])
         self.register_buffer("mean", torch.tensor(config["mean"]).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config["std"]).view(1, -1, 1, 1), persistent=False)
 

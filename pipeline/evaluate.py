@@ -90,7 +90,7 @@ def summarise(result: VariantResult, external_targets: np.ndarray, confidence: f
 def recipe(variant: Variant) -> str:
     """A variant in a few words, for the report's table."""
     parts = [variant.backbone, f"{variant.weights} weights", variant.strategy.replace("_", " "),
-             f"{variant.input_size} px"]
+             f"{variant.input_size} px" if variant.input_size else "its own input size"]
     if variant.strategy == "full":
         parts.append(f"{variant.epochs} epochs")
     parts += [name for name, on in (("+augment", variant.augment), ("+GAN samples", variant.synthetic)) if on]

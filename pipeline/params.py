@@ -189,7 +189,7 @@ class Variant:
     backbone: str  # any timm model name, or compact_cnn
     weights: str  # packaged | hub | none | file:PATH
     strategy: Literal["full", "linear_probe"]
-    input_size: int  # side the images are resized to for the backbone
+    input_size: int  # side the images are resized to for the backbone; 0 = the model's own
     epochs: int  # full fine-tuning only
     augment: bool
     synthetic: bool
@@ -219,8 +219,8 @@ class Params:
                      "named with letters, digits and underscores only (the name becomes a folder and a DVC stage)",
                      name)
             check_weights(variant.weights, f"variants.{name}.weights")
-            _require(16 <= variant.input_size <= 1024, f"variants.{name}.input_size", "from 16 to 1024",
-                     variant.input_size)
+            _require(variant.input_size == 0 or 16 <= variant.input_size <= 1024, f"variants.{name}.input_size",
+                     "from 16 to 1024, or 0 for the model's own (from its timm config)", variant.input_size)
             _require(variant.epochs >= 1, f"variants.{name}.epochs", ">= 1", variant.epochs)
 
 

@@ -64,6 +64,22 @@ def test_classifier_takes_grayscale_and_rgb_of_any_size(channels, size):
     assert logits.shape == (3, 4) and torch.isfinite(logits).all()
 
 
+def test_input_size_zero_is_the_models_own():
+    assert Classifier(create_backbone("efficientnet_lite0", "none"), num_classes=2, input_size=0).input_size == 224
+    assert Classifier(create_backbone("compact_cnn", "none"), num_classes=2, input_size=0).input_size == 32
+
+
+def test_alpha_is_composited_onto_black():
+    model = Classifier(create_backbone("compact_cnn", "none"), num_classes=2, input_size=8).eval()
+    rgb = torch.rand(2, 3, 8, 8)
+    alpha = (torch.arange(64).view(1, 1, 8, 8) % 2).float().expand(2, 1, 8, 8)  # every other pixel transparent
+    expected = model.preprocess(rgb * alpha)
+    assert torch.allclose(model.preprocess(torch.cat([rgb, alpha], 1)), expected)
+    grey = torch.rand(2, 1, 8, 8)
+    assert torch.allclose(model.preprocess(torch.cat([grey, alpha], 1)), model.preprocess(grey * alpha))
+    assert torch.allclose(model.preprocess(grey), model.preprocess(grey.expand(-1, 3, -1, -1)))
+
+
 def test_normalisation_comes_from_the_model_config():
     model = Classifier(create_backbone("efficientnet_lite0", "none"), num_classes=2, input_size=32)
     assert np.allclose(model.mean.flatten().tolist(), (0.485, 0.456, 0.406))

@@ -37,9 +37,9 @@ from pipeline.errors import PipelineError
 from pipeline.features import FeatureCache, ImageFeatures, LinearProbe
 from pipeline.images import Collected, load_collected
 from pipeline.params import FinetuneParams, Variant
-from pipeline.runtime import (World, cli, leave_process_group, pick_device, seed_everything, stage_args,
+from pipeline.runtime import (Checkpointing, World, cli, leave_process_group, pick_device, seed_everything, stage_args,
                               torchrun_world)
-from pipeline.training import Checkpointing, FitSetup, TrainingSet, fit, predict
+from pipeline.training import FitSetup, TrainingSet, fit, predict
 
 log = logging.getLogger(__name__)
 

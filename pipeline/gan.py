@@ -29,7 +29,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from tqdm import tqdm
 
 from pipeline import atomic
-from pipeline.runtime import World, autocast, recalibrating_batch_norm
+from pipeline.runtime import Checkpointing, World, autocast, random_states, recalibrating_batch_norm
 
 if TYPE_CHECKING:  # the attributes train_gan reads; any object with them will do (tests use their own)
     from pipeline.params import SynthesizeParams as GanConfig
@@ -368,15 +368,6 @@ class TrainedGan:
     resumed_from: int  # the step a checkpoint resumed from (0: trained from scratch)
 
 
-@dataclass(frozen=True)
-class Checkpointing:
-    """Where and how often to save training state, and what it must match to be resumed."""
-
-    folder: Path
-    every: int  # steps between checkpoints
-    fingerprint: str  # of the data and the settings that shape training; a checkpoint with another is ignored
-
-
 @dataclass
 class _Models:
     generator: nn.Module  # the Generator, wrapped in DistributedDataParallel under torchrun
@@ -525,18 +516,6 @@ def _log_entry(step: int, losses: tuple[Tensor, ...], p: float, r: float | None)
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def _random_states(rng: torch.Generator, device: torch.device, world: World) -> list[dict]:
-    """Every process's random streams (batches and z; the global one behind DiffAugment), rank order."""
-    state = {"batches": rng.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    if world.size == 1:
-        return [state]
-    gathered: list = [None] * world.size
-    torch.distributed.all_gather_object(gathered, state)
-    return gathered
-
-
 def _save_checkpoint(path: Path, models: _Models, step: int, history: list[dict], states: list[dict],
                      fingerprint: str) -> None:
     state = {
@@ -619,7 +598,7 @@ def train_gan(
             progress.set_postfix(loss_d=f"{history[-1]['loss_d']:.3f}", loss_g=f"{history[-1]['loss_g']:.3f}",
                                  p=f"{history[-1]['p']:.2f}")
         if checkpoint and step % checkpoint.every == 0 and step < cfg.steps:
-            states = _random_states(rng, device, world)
+            states = random_states(device, world, batches=rng)
             if world.is_main:
                 _save_checkpoint(checkpoint.folder / CHECKPOINT_FILE, models, step, history, states,
                                  checkpoint.fingerprint)

@@ -9,6 +9,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -79,6 +80,30 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often to save training state, and what it must match to be resumed."""
+
+    folder: Path
+    every: int  # steps (GAN) or epochs (fine-tuning) between checkpoints
+    fingerprint: str  # of the data and the settings that shape training; a checkpoint with another is ignored
+
+
+def random_states(device, world: World, **generators) -> list[dict]:
+    """Every process's random streams, in rank order: torch's global ones (dropout, DiffAugment), CUDA's, and
+    any named local generators."""
+    import torch
+
+    state = {"torch": torch.get_rng_state(), **{name: g.get_state() for name, g in generators.items()}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if world.size == 1:
+        return [state]
+    gathered: list = [None] * world.size
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
 
 
 def torchrun_world() -> World:

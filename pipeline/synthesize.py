@@ -29,12 +29,12 @@ from safetensors.torch import save_file
 
 from pipeline import atomic, paths
 from pipeline.errors import PipelineError
-from pipeline.gan import Checkpointing, generate, sample_grid, train_gan
+from pipeline.features import ImageFeatures, fit_probe
+from pipeline.gan import generate, sample_grid, train_gan
 from pipeline.images import Collected, load_collected, save_png
 from pipeline.params import SynthesizeParams
-from pipeline.runtime import (World, cli, leave_process_group, pick_device, seed_everything, stage_args,
+from pipeline.runtime import (Checkpointing, World, cli, leave_process_group, pick_device, seed_everything, stage_args,
                               torchrun_world)
-from pipeline.features import ImageFeatures, fit_probe
 from pipeline.sample_quality import (class_probability, classification_accuracy_score, fid_kid, inception_fid_kid,
                                      select_samples)
 

@@ -32,7 +32,7 @@ from pipeline.augmentations import augment_image
 from pipeline.backbones import Classifier
 from pipeline.errors import PipelineError
 from pipeline.params import FinetuneParams
-from pipeline.runtime import World, autocast, recalibrating_batch_norm
+from pipeline.runtime import Checkpointing, World, autocast, random_states, recalibrating_batch_norm
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 256
@@ -264,15 +264,6 @@ def inner_scores(model: nn.Module, data: TrainingSet, device: torch.device) -> t
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Checkpointing:
-    """Where and how often to save training state, and what it must match to be resumed."""
-
-    folder: Path
-    every: int  # epochs between checkpoints
-    fingerprint: str  # of the data and the settings that shape training; a checkpoint with another is ignored
-
-
 @dataclass
 class TrainState:
     model: Classifier
@@ -300,18 +291,6 @@ def _flat(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def _unflat(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     n = len(prefix) + 1
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
-def _random_states(device: torch.device, world: World) -> list[dict[str, torch.Tensor]]:
-    """Every process's global torch streams (dropout, drop-path), in rank order."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    if world.size == 1:
-        return [state]
-    gathered: list = [None] * world.size
-    torch.distributed.all_gather_object(gathered, state)
-    return gathered
 
 
 def save_checkpoint(path: Path, state: TrainState, randoms: list[dict[str, torch.Tensor]], fingerprint: str) -> None:
@@ -514,7 +493,7 @@ def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
                      state.epoch, setup.params.patience, state.best_epoch)
             break
         if setup.checkpoint and state.epoch % setup.checkpoint.every == 0 and state.epoch < setup.epochs:
-            randoms = _random_states(setup.device, setup.world)
+            randoms = random_states(setup.device, setup.world)
             if setup.world.is_main:
                 save_checkpoint(path, state, randoms, setup.checkpoint.fingerprint)
     progress.close()

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +87,35 @@ def digit_images(per_class: int, classes: int = 3, size: int = 24) -> dict[int, 
         picked = digits.images[digits.target == label][:per_class]
         out[label] = [np.asarray(Image.fromarray((d * 255 / 16).astype(np.uint8)).resize((size, size))) for d in picked]
     return out
+
+
+def stage_workspace(tmp_path: Path, collected_dir: Path, policy: Path | None, **overrides) -> Path:
+    """A folder laid out like the repository (params.yaml at TINY size plus `overrides`, data/collected, and the
+    augment policy when given) for running a stage's command."""
+    work = tmp_path / "work"
+    shutil.copytree(collected_dir, work / "data" / "collected")
+    if policy is not None:
+        (work / "data" / "augment").mkdir(parents=True)
+        shutil.copy(policy, work / "data" / "augment" / "policy.json")
+    (work / "params.yaml").write_text(yaml.safe_dump(with_overrides(raw_params(), {**TINY, **overrides}),
+                                                     sort_keys=False))
+    return work
+
+
+def stage_env() -> dict:
+    """The environment for a stage command in such a workspace: this checkout importable, one thread per process."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def kill_once_checkpointed(command: list[str], work: Path, checkpoint: Path) -> None:
+    """Start a stage command, SIGKILL it as soon as `checkpoint` exists (within 2 minutes), and check it does."""
+    process = subprocess.Popen(command, cwd=work, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists(), process.stderr.read().decode()[-2000:]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,20 +2,16 @@
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import save_file
 
-from conftest import ROOT, TINY, make_params, raw_params, with_overrides
+from conftest import kill_once_checkpointed, make_params, stage_env, stage_workspace
 from pipeline import augment, finetune, synthesize
 from pipeline.errors import PipelineError
 from pipeline.finetune import FinetuneInputs, FinetuneOutputs
@@ -212,33 +208,13 @@ def test_weights_from_a_local_file(tmp_path):
 
 # --- the stage command: resume after SIGKILL, torchrun ---------------------------------------------------------
 
-def stage_workspace(tmp_path, inputs, **overrides):
-    """A folder laid out like the repository (params.yaml, data/collected, data/augment) for the stage command."""
-    work = tmp_path / "work"
-    shutil.copytree(inputs.collected, work / "data" / "collected")
-    (work / "data" / "augment").mkdir(parents=True)
-    shutil.copy(inputs.policy, work / "data" / "augment" / "policy.json")
-    (work / "params.yaml").write_text(yaml.safe_dump(with_overrides(raw_params(), {**TINY, **overrides}),
-                                                     sort_keys=False))
-    return work
-
-
-def stage_env():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
 @pytest.mark.slow
 def test_the_stage_command_resumes_after_sigkill(tmp_path, inputs):
-    work = stage_workspace(tmp_path, inputs, **{"variants.cnn.epochs": 400, "finetune.checkpoint_every": 20})
+    work = stage_workspace(tmp_path, inputs.collected, inputs.policy,
+                           **{"variants.cnn.epochs": 400, "finetune.checkpoint_every": 20})
     command = [sys.executable, "-m", "pipeline.finetune", "--fold", "0", "--variant", "cnn"]
     checkpoint = work / "data" / "checkpoints" / "finetune" / "r0-fold0-cnn" / "checkpoint.safetensors"
-    process = subprocess.Popen(command, cwd=work, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert checkpoint.exists(), process.stderr.read().decode()[-2000:]
+    kill_once_checkpointed(command, work, checkpoint)
     done = subprocess.run(command, cwd=work, env=stage_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     meta = json.loads((work / "data" / "finetune" / "r0-fold0-cnn" / "meta.json").read_text())
@@ -262,7 +238,7 @@ def test_torchrun_with_two_processes_matches_one_process(tmp_path, inputs, colle
     results differ slightly: accuracy on the external images within TORCHRUN_ACCURACY_TOLERANCE, and the mean
     absolute difference of the class probabilities within TORCHRUN_PROBABILITY_TOLERANCE."""
     overrides = {"variants.cnn.epochs": 10, "variants.cnn.augment": False}
-    work = stage_workspace(tmp_path, inputs, **overrides)
+    work = stage_workspace(tmp_path, inputs.collected, inputs.policy, **overrides)
     one = subprocess.run([sys.executable, "-m", "pipeline.finetune", "--fold", "0", "--variant", "cnn"],
                          cwd=work, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -2,25 +2,22 @@
 classifier of real images, measured, checkpointed, resumable after a kill, and data-parallel under torchrun."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from conftest import ROOT, TINY, make_params, raw_params, with_overrides
+from conftest import kill_once_checkpointed, make_params, stage_env, stage_workspace
 from pipeline import gan, synthesize
 from pipeline.errors import PipelineError
-from pipeline.images import load_collected, pixel_sha256
 from pipeline.features import ImageFeatures, fit_probe
+from pipeline.images import load_collected, pixel_sha256
+from pipeline.runtime import Checkpointing
 from pipeline.sample_quality import (class_probability, classification_accuracy_score, fid_kid, inception_fid_kid,
                                      select_samples)
 from pipeline.synthesize import SynthesizeOutputs
@@ -147,7 +144,7 @@ def test_a_killed_run_resumes_exactly_where_its_checkpoint_left_off(tmp_path, mo
     images, labels = make_dark_bright_dataset(n_per_class=8)
     cfg = GanCfg(steps=10, ada_images=40, ada_target=0.05)  # a low target: p moves within a few steps
     straight = gan.train_gan(images, labels, 2, cfg, torch.device("cpu"))
-    checkpoint = gan.Checkpointing(tmp_path, every=4, fingerprint="data+settings")
+    checkpoint = Checkpointing(tmp_path, every=4, fingerprint="data+settings")
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt  # killed after step 10, with the step-8 checkpoint on disk
@@ -164,7 +161,7 @@ def test_a_killed_run_resumes_exactly_where_its_checkpoint_left_off(tmp_path, mo
     for a, b in zip(straight.generator.state_dict().values(), resumed.generator.state_dict().values()):
         assert torch.equal(a, b)
     assert not (tmp_path / gan.CHECKPOINT_FILE).exists()
-    other = gan.Checkpointing(tmp_path, every=4, fingerprint="other data")
+    other = Checkpointing(tmp_path, every=4, fingerprint="other data")
     with monkeypatch.context() as patch:
         patch.setattr(gan, "_recalibrate_batch_norm", die)
         with pytest.raises(KeyboardInterrupt):
@@ -172,31 +169,13 @@ def test_a_killed_run_resumes_exactly_where_its_checkpoint_left_off(tmp_path, mo
     assert gan.train_gan(images, labels, 2, cfg, torch.device("cpu"), other).resumed_from == 0  # not resumed
 
 
-def stage_workspace(tmp_path, collected_dir, **overrides):
-    """A folder laid out like the repository (params.yaml, data/collected) for running the stage's command."""
-    work = tmp_path / "work"
-    shutil.copytree(collected_dir, work / "data" / "collected")
-    params = with_overrides(raw_params(), {**TINY, **overrides})
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return work
-
-
-def stage_env():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
 @pytest.mark.slow
 def test_the_stage_command_resumes_after_sigkill(tmp_path, collected_dir):
-    work = stage_workspace(tmp_path, collected_dir, **{"synthesize.steps": 1500, "synthesize.checkpoint_every": 100})
+    work = stage_workspace(tmp_path, collected_dir, None,
+                           **{"synthesize.steps": 1500, "synthesize.checkpoint_every": 100})
     command = [sys.executable, "-m", "pipeline.synthesize", "--fold", "0"]
     checkpoint = work / "data" / "checkpoints" / "synthesize" / "r0-fold0" / gan.CHECKPOINT_FILE
-    process = subprocess.Popen(command, cwd=work, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert checkpoint.exists(), process.stderr.read().decode()[-2000:]
+    kill_once_checkpointed(command, work, checkpoint)
     step = torch.load(checkpoint, weights_only=True)["step"]
     assert 100 <= step < 1500
     done = subprocess.run(command, cwd=work, env=stage_env(), capture_output=True, text=True)
@@ -208,7 +187,7 @@ def test_the_stage_command_resumes_after_sigkill(tmp_path, collected_dir):
 
 @pytest.mark.slow
 def test_torchrun_runs_the_same_command_data_parallel_on_cpu(tmp_path, collected_dir):
-    work = stage_workspace(tmp_path, collected_dir, **{"synthesize.steps": 40})
+    work = stage_workspace(tmp_path, collected_dir, None, **{"synthesize.steps": 40})
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "-m", "pipeline.synthesize", "--fold", "0"], cwd=work, env=stage_env(),
                           capture_output=True, text=True, timeout=300)

@@ -11,8 +11,8 @@ from pipeline.augmentations import build_policy
 from pipeline.backbones import Classifier, create_backbone
 from pipeline.errors import PipelineError
 from pipeline.images import load_collected
-from pipeline.runtime import World
-from pipeline.training import BatchPlan, Checkpointing, FitSetup, MixupCutmix, TrainingSet, fit, lr_lambda, predict
+from pipeline.runtime import Checkpointing, World
+from pipeline.training import BatchPlan, FitSetup, MixupCutmix, TrainingSet, fit, lr_lambda, predict
 
 CPU = torch.device("cpu")
 

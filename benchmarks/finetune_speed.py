@@ -55,11 +55,9 @@ def bare_loop(model_name: str, images: np.ndarray, targets: np.ndarray, size: in
               device: torch.device, lr: float) -> float:
     """images/s of the plainest loop: preprocessed tensors on the device, forward, loss, backward, step."""
     torch.manual_seed(0)
-    model = create_backbone(model_name, "none")
-    model.reset_classifier(CLASSES)
-    model.to(device).train()
-    x = Classifier(create_backbone(model_name, "none"), num_classes=CLASSES, input_size=size).preprocess(
-        torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)).to(device)
+    wrapped = Classifier(create_backbone(model_name, "none"), num_classes=CLASSES, input_size=size)
+    x = wrapped.preprocess(torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)).to(device)
+    model = wrapped.backbone.to(device).train()  # called bare: the preprocessing is already done
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)

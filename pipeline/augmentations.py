@@ -156,6 +156,13 @@ def augment_image(policy: Any, image: np.ndarray) -> np.ndarray:
     return out.reshape(image.shape)
 
 
+def augment_seeded(policy: Any, image: np.ndarray, seed: int) -> np.ndarray:
+    """`augment_image` with the policy's own streams re-seeded first: the draw depends on `seed` alone, not on
+    which process or how many images came before."""
+    policy.set_random_seed(seed % 2**32)
+    return augment_image(policy, image)
+
+
 def save_policy(policy: Any, path: Path) -> None:
     _albumentations().save(policy, str(path), data_format="json")
 

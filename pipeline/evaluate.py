@@ -100,10 +100,11 @@ def recipe(variant: Variant) -> str:
 def single_changes(variants: dict[str, Variant]) -> list[tuple[str, str, str]]:
     """(setting, from variant, to variant) for every pair of variants that differ in exactly one setting: what
     that one setting bought, read in params order (scratch -> baseline -> augment -> synthetic)."""
-    names, pairs = list(variants), []
+    settings = {name: asdict(variant) for name, variant in variants.items()}
+    names, pairs = list(settings), []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            changed = [k for k, v in asdict(variants[a]).items() if asdict(variants[b])[k] != v]
+            changed = [k for k, v in settings[a].items() if settings[b][k] != v]
             if len(changed) == 1:
                 pairs.append((changed[0], a, b))
     return pairs

@@ -99,9 +99,9 @@ class LinearProbe:
         return (x - self.mean) / self.scale
 
     def fit(self, features: np.ndarray, targets: np.ndarray) -> "LinearProbe":
-        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
-        self.mean, self.scale = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
-        x = (x - self.mean) / self.scale
+        raw = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
+        self.mean, self.scale = raw.mean(0), raw.std(0, unbiased=False).clamp_min(1e-6)
+        x = self._standardised(features)
         y = torch.from_numpy(np.array(targets, dtype=np.int64)).to(self.device)  # a writable copy
         self.weight = torch.zeros(x.shape[1], self.num_classes, device=self.device, requires_grad=True)
         self.bias = torch.zeros(self.num_classes, device=self.device, requires_grad=True)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline import atomic, paths
-from pipeline.augmentations import augment_image, load_policy
+from pipeline.augmentations import augment_seeded, load_policy
 from pipeline.backbones import Classifier, create_backbone
 from pipeline.errors import PipelineError
 from pipeline.features import FeatureCache, ImageFeatures, LinearProbe
@@ -123,7 +123,6 @@ def training_set(collected: Collected, inputs: FinetuneInputs, fold: int, repeat
     rows = collected.fold_split(fold, repeat)[0]
     images, targets = collected.select(rows)
     targets = targets.astype(np.int64)
-    inner = np.zeros(0, dtype=np.int64)
     if params.inner_val > 0 and variant.strategy == "full":
         keep, inner = inner_split(targets, rows["group"].to_numpy(), params.inner_val, seed)
         images, targets, inner_images, inner_targets = images[keep], targets[keep], images[inner], targets[inner]
@@ -209,11 +208,8 @@ def full(job: Job) -> Outcome | None:
 
 def augmented_views(images: np.ndarray, policy, views: int, seed: int) -> np.ndarray:
     """`views` augmented copies of every image, each drawn with its own seed (view-major)."""
-    out = []
-    for view in range(views):
-        for i, image in enumerate(images):
-            policy.set_random_seed((seed * 7919 + view * len(images) + i) % 2**32)
-            out.append(augment_image(policy, image))
+    out = [augment_seeded(policy, image, seed * 7919 + view * len(images) + i)
+           for view in range(views) for i, image in enumerate(images)]
     return np.stack(out) if out else images[:0]
 
 
@@ -264,13 +260,13 @@ def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInp
     collected = load_collected(inputs.collected)
     data = training_set(collected, inputs, fold, repeat, variant, params, seed)
     val_rows, external_rows = collected.fold_split(fold, repeat)[1], collected.external
-    held_out = (collected.select(val_rows)[0], collected.select(external_rows)[0])
+    val_images, val_targets = collected.select(val_rows)
+    held_out = (val_images, collected.select(external_rows)[0])
     job = Job(params, variant, data, held_out, len(collected.classes), inputs, out, device, world)
     outcome = STRATEGIES[variant.strategy](job)
     leave_process_group()  # the rest is the main process's alone
     if outcome is None:
         return {}
-    val_targets = collected.select(val_rows)[1]
     meta = {"repeat": repeat, "fold": fold, "variant": asdict(variant), "device": str(device),
             "processes": world.size, "train_real": len(data.images), "train_synthetic": len(data.synthetic),
             "inner_validation": len(data.inner), **outcome.meta,

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from pipeline import atomic
-from pipeline.augmentations import augment_image
+from pipeline.augmentations import augment_seeded
 from pipeline.backbones import Classifier
 from pipeline.errors import PipelineError
 from pipeline.params import FinetuneParams
@@ -127,16 +127,12 @@ class AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _augmented(self, index: int, seed: int) -> np.ndarray:
-        self.policy.set_random_seed(seed % 2**32)
-        return augment_image(self.policy, self.images[index])
-
     def __getitems__(self, items: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         indices = np.fromiter((index for index, _ in items), dtype=np.int64, count=len(items))
         if self.policy is None:
             images = self.images[indices]
         else:
-            images = np.stack([self._augmented(index, seed) for index, seed in items])
+            images = np.stack([augment_seeded(self.policy, self.images[index], seed) for index, seed in items])
         return torch.from_numpy(images), torch.from_numpy(self.targets[indices])
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +249,7 @@ def predict(model: nn.Module, images: np.ndarray, device: torch.device, num_clas
 def inner_scores(model: nn.Module, data: TrainingSet, device: torch.device) -> tuple[float, float]:
     """(cross-entropy, accuracy) on the inner split, after recalibrating batch norm on the real training images."""
     recalibrate_batch_norm(model, data.images, device)
-    probs = predict(model, data.inner, device, int(data.all_targets.max()) + 1)
+    probs = predict(model, data.inner, device, int(model.backbone.num_classes))
     rows = np.arange(len(probs))
     loss = float(-np.log(np.clip(probs[rows, data.inner_targets], 1e-12, None)).mean())
     return loss, float((probs.argmax(1) == data.inner_targets).mean())

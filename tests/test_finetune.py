@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import kill_once_checkpointed, make_params, stage_env, stage_workspace
-from pipeline import augment, finetune, synthesize
+from pipeline import augment, finetune, learners, synthesize
 from pipeline.errors import PipelineError
 from pipeline.finetune import FinetuneInputs, FinetuneOutputs
 from pipeline.images import load_collected
@@ -171,12 +171,12 @@ def test_inner_split_is_stratified_and_keeps_groups_together():
     targets = np.repeat(np.arange(4), 10)
     groups = np.arange(40)
     groups[[0, 1, 2]] = 0  # three near-duplicates of class 0
-    train, inner = finetune.inner_split(targets, groups, 0.2, seed=0)
+    train, inner = learners.inner_split(targets, groups, 0.2, seed=0)
     assert len(inner) + len(train) == 40 and not set(train) & set(inner)
     assert (np.bincount(targets[inner], minlength=4) >= 1).all()
     assert {0, 1, 2} <= set(train) or {0, 1, 2} <= set(inner)
     with pytest.raises(PipelineError, match="a class has only 2 training image"):
-        finetune.inner_split(np.array([0, 0, 1, 1, 1, 1, 1]), np.arange(7), 0.25, seed=0)
+        learners.inner_split(np.array([0, 0, 1, 1, 1, 1, 1]), np.arange(7), 0.25, seed=0)
 
 
 def test_early_stopping_variant_holds_out_part_of_the_training_fold(tmp_path, inputs):

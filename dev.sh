@@ -26,7 +26,8 @@ export PATH="$PWD/$VENV/bin:$PATH"   # dvc runs `python -m pipeline.<stage>`: th
 
 cmd="${1:-}"; shift || true
 case "$cmd" in
-  repro)  dvc repro "$@"; [ ! -f reports/report.md ] || grep -v '^!\[' reports/report.md ;;  # the report, less its images
+  repro)  dvc repro "$@"  # then the report's first sections, less images; the whole of it is reports/report.html
+          [ ! -f reports/report.md ] || sed '/^## Where the errors are/,$d' reports/report.md | grep -v '^!\[' ;;
   test)   python -m pytest "$@" ;;
   dvc)    dvc "$@" ;;
   python) python "$@" ;;

@@ -41,7 +41,7 @@ def run(params: AugmentParams, collected_dir: Path, output: Path) -> None:
     with atomic.atomic_dir(output) as tmp:
         save_policy(policy, tmp / paths.POLICY_FILE)
         scale = max(1, 96 // images.shape[1])  # enlarge tiny images so a person can see the transforms
-        save_png(tmp / "preview.png", preview(policy, shown), scale=scale)
+        save_png(tmp / paths.PREVIEW_FILE, preview(policy, shown), scale=scale)
     log.info("augment: policy %s, preview of %d images", describe(params.transforms), len(shown))
 
 

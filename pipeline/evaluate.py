@@ -1,6 +1,19 @@
-"""Stage 5, evaluate: out-of-fold metrics per variant (mean and std across folds, and a bootstrap interval of
-the pooled out-of-fold accuracy), external test accuracy per fold and for the ensemble of folds, confusion
-matrices, `reports/metrics.json` and a report that says in words which variant did best."""
+"""Stage 5, evaluate: what the cross-validation says, with its uncertainty, and what each ingredient bought.
+
+- Every variant: accuracy, balanced accuracy, macro-F1, macro one-vs-rest ROC AUC, log loss and expected
+  calibration error on the pooled out-of-fold predictions (every labelled image predicted by the fold model that
+  did not train on it; averaged over repeats), with bootstrap intervals over images; the mean over folds with the
+  Nadeau-Bengio corrected t interval (which accounts for folds sharing training images); per-class precision and
+  recall; on the external test set, each fold model and the ensemble of fold models, and whether the CV interval
+  contains the fold models' external accuracy.
+- Comparisons on the same folds: every pair of variants that differs in one setting (what that ingredient bought)
+  and the best variant against each other one, by the corrected resampled t-test and by a paired bootstrap over
+  images, Holm-corrected over the comparisons; `evaluate.test` picks the one the report's words follow.
+- The label-scarcity curve from the scarcity stage.
+
+Writes reports/metrics.json (flat DVC metrics), reports/evaluation.json (everything), reports/plots/ and
+reports/figures/ (DVC plots), and the report as reports/report.md and the self-contained reports/report.html.
+"""
 
 from __future__ import annotations
 
@@ -11,33 +24,56 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 
-from pipeline import atomic, paths
+from pipeline import atomic, figures, paths, report
 from pipeline.errors import PipelineError
 from pipeline.images import Collected, load_collected
-from pipeline.metrics import METRICS, bootstrap_accuracy, mean_std, save_confusion, score
-from pipeline.params import EvaluateParams, Variant
+from pipeline.metrics import (METRICS, bootstrap_intervals, corrected_t_interval, corrected_t_test, holm,
+                              paired_bootstrap, per_class, reliability, roc_points, score)
+from pipeline.params import EvaluateParams, ScarcityParams, Variant
 from pipeline.runtime import cli, stage_args
 
 log = logging.getLogger(__name__)
 FoldDir = Callable[[int, int, str], Path]  # (repeat, fold, variant) -> that finetune run's output folder
+PointDir = Callable[[int, str], Path]  # (images per class, variant) -> that scarcity run's output folder
+
+
+@dataclass(frozen=True)
+class EvaluateInputs:
+    collected: Path
+    finetune: FoldDir
+    scarcity: PointDir
+    preview: Path  # augment's preview.png
+    data_card: Path  # collect's data card figures
+    synthesize_reports: Path  # each fold's GAN metrics and sample grid
 
 
 @dataclass(frozen=True)
 class EvaluateOutputs:
     metrics: Path
-    report: Path
+    evaluation: Path
+    report_md: Path
+    report_html: Path
     figures: Path
+    plots: Path
 
 
 @dataclass
 class VariantResult:
     name: str
-    fold_scores: list[dict[str, float]]  # validation metrics, one dict per fold of every repeat
+    fold_scores: list[dict[str, float]]  # validation metrics, one dict per fold of every repeat, in (repeat, fold) order
+    test_train_ratio: float  # validation images / training images, averaged over folds (the t-test's correction)
     oof_targets: np.ndarray  # every labelled image once, in manifest order
     oof_probs: np.ndarray  # repeats x images x classes: each image predicted by the fold that did not train on it
-    external_fold_accuracy: list[float]
+    external_fold_scores: list[dict[str, float]]
     external_probs: np.ndarray | None  # mean of all fold models' probabilities (the ensemble); None without a test set
+    loss_curve: np.ndarray | None  # training loss per epoch, mean over folds (full fine-tuning only)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
 
 
 def load_predictions(path: Path, what: str) -> dict[str, np.ndarray]:
@@ -45,56 +81,103 @@ def load_predictions(path: Path, what: str) -> dict[str, np.ndarray]:
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
     except FileNotFoundError:
-        raise PipelineError(f"{path} is missing: run `dvc repro` so finetune covers {what}") from None
+        raise PipelineError(f"{path} is missing: run `dvc repro` so it covers {what}") from None
+
+
+def _loss_curve(folders: list[Path]) -> np.ndarray | None:
+    curves = []
+    for folder in folders:
+        history = json.loads((folder / "history.json").read_text())
+        if history and "loss" in history[0]:
+            curves.append([h["loss"] for h in history])
+    if not curves:
+        return None
+    length = min(len(c) for c in curves)  # early stopping may end folds at different epochs
+    return np.mean([c[:length] for c in curves], axis=0)
 
 
 def load_variant(name: str, collected: Collected, finetune_dir: FoldDir) -> VariantResult:
-    fold_scores, ext_acc, ext_probs = [], [], []
+    fold_scores, ext_scores, ext_probs, ratios, folders = [], [], [], [], []
     targets = collected.manifest.target.to_numpy()
     labelled = collected.labelled["index"].to_numpy()  # labelled rows come first, so index == position here
     oof = np.full((len(collected.repeats), len(labelled), len(collected.classes)), np.nan, dtype=np.float32)
     for repeat in collected.repeats:
         for fold in collected.folds:
-            path = finetune_dir(repeat, fold, name) / paths.PREDICTIONS_FILE
-            pred = load_predictions(path, f"repeat {repeat}, fold {fold}, variant {name}")
-            expected = collected.fold_split(fold, repeat)[1]["index"].to_numpy()
-            if not np.array_equal(np.sort(pred["val_index"]), np.sort(expected)):
-                raise PipelineError(f"{path} was made for other folds than the collected data; re-run `dvc repro`")
+            folder = finetune_dir(repeat, fold, name)
+            pred = load_predictions(folder / paths.PREDICTIONS_FILE, f"repeat {repeat}, fold {fold}, variant {name}")
+            train_rows, val_rows = collected.fold_split(fold, repeat)
+            if not np.array_equal(np.sort(pred["val_index"]), np.sort(val_rows["index"].to_numpy())):
+                raise PipelineError(f"{folder} was made for other folds than the collected data; re-run `dvc repro`")
             fold_scores.append(score(targets[pred["val_index"]], pred["val_probs"]))
+            ratios.append(len(val_rows) / len(train_rows))
             oof[repeat, pred["val_index"]] = pred["val_probs"]
+            folders.append(folder)
             if len(pred["test_index"]):
-                ext_acc.append(score(targets[pred["test_index"]], pred["test_probs"])["accuracy"])
+                ext_scores.append(score(targets[pred["test_index"]], pred["test_probs"]))
                 ext_probs.append(pred["test_probs"])
     ensemble = np.mean(ext_probs, axis=0) if ext_probs else None
-    return VariantResult(name, fold_scores, targets[labelled], oof, ext_acc, ensemble)
+    return VariantResult(name, fold_scores, float(np.mean(ratios)), targets[labelled], oof, ext_scores, ensemble,
+                         _loss_curve(folders))
 
 
-def summarise(result: VariantResult, external_targets: np.ndarray, confidence: float) -> dict:
-    """Numbers for metrics.json: cv_<metric>{,_std} over folds (of every repeat); oof_<metric> on the pooled
-    out-of-fold predictions (averaged over repeats), with oof_accuracy_{low,high} bootstrapped over images;
-    external_* on the external test set."""
-    out = {}
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def _interval(value: float, bounds: tuple[float, float]) -> dict[str, float]:
+    return {"value": float(value), "low": float(bounds[0]), "high": float(bounds[1])}
+
+
+def _per_class_table(targets: np.ndarray, probs: np.ndarray) -> dict[str, list[float]]:
+    return {k: [float(x) for x in v] for k, v in per_class(targets, probs).items()}
+
+
+METRIC_RANGE = {"log_loss": (0.0, np.inf)}  # every other metric lies in [0, 1]
+
+
+def _clip(metric: str, low: float, high: float) -> tuple[float, float]:
+    """A t interval can reach past what a metric can be (accuracy above 1): cut it at the metric's range."""
+    floor, ceiling = METRIC_RANGE.get(metric, (0.0, 1.0))
+    return float(np.clip(low, floor, ceiling)), float(np.clip(high, floor, ceiling))
+
+
+def variant_statistics(result: VariantResult, external_targets: np.ndarray, params: EvaluateParams) -> dict:
+    """Everything the report says about one variant (JSON-ready)."""
+    out: dict = {"cv": {}, "oof": {}}
     for metric in METRICS:
-        out[f"cv_{metric}"], out[f"cv_{metric}_std"] = mean_std([s[metric] for s in result.fold_scores])
+        mean, low, high = corrected_t_interval([s[metric] for s in result.fold_scores], result.test_train_ratio,
+                                               params.confidence)
+        values = np.array([s[metric] for s in result.fold_scores])
+        low, high = _clip(metric, low, high)
+        out["cv"][metric] = {"mean": float(mean), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                             "low": low, "high": high}
+    bounds = bootstrap_intervals(result.oof_targets, result.oof_probs, params.confidence, params.bootstrap)
     per_repeat = [score(result.oof_targets, probs) for probs in result.oof_probs]
-    out.update({f"oof_{k}": float(np.mean([s[k] for s in per_repeat])) for k in METRICS})
-    out["oof_accuracy_low"], out["oof_accuracy_high"] = bootstrap_accuracy(result.oof_targets, result.oof_probs,
-                                                                           confidence)
+    for metric in METRICS:
+        out["oof"][metric] = _interval(np.mean([s[metric] for s in per_repeat]), bounds[metric])
+    out["oof_per_class"] = _per_class_table(result.oof_targets, result.oof_probs.mean(0))
+    out["external"] = None
     if result.external_probs is not None:
-        out["external_accuracy_fold_mean"] = float(np.mean(result.external_fold_accuracy))
-        out["external_accuracy_fold_std"] = float(np.std(result.external_fold_accuracy, ddof=1))
-        out.update({f"external_ensemble_{k}": v for k, v in score(external_targets, result.external_probs).items()})
+        folds = {m: [s[m] for s in result.external_fold_scores] for m in METRICS}
+        ensemble = score(external_targets, result.external_probs)
+        out["external"] = {m: {"fold_mean": float(np.mean(folds[m])),
+                               "fold_std": float(np.std(folds[m], ddof=1)) if len(folds[m]) > 1 else 0.0,
+                               "ensemble": ensemble[m]} for m in METRICS}
+        out["external_per_class"] = _per_class_table(external_targets, result.external_probs)
+        cv = out["cv"]["accuracy"]
+        fold_mean = out["external"]["accuracy"]["fold_mean"]
+        out["external_inside_cv_interval"] = bool(cv["low"] <= fold_mean <= cv["high"])
     return out
 
 
-def recipe(variant: Variant) -> str:
-    """A variant in a few words, for the report's table."""
-    parts = [variant.backbone, f"{variant.weights} weights", variant.strategy.replace("_", " "),
-             f"{variant.input_size} px" if variant.input_size else "its own input size"]
-    if variant.strategy == "full":
-        parts.append(f"{variant.epochs} epochs")
-    parts += [name for name, on in (("+augment", variant.augment), ("+GAN samples", variant.synthetic)) if on]
-    return ", ".join(parts)
+def _setting(value) -> str:
+    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+
+SETTING_WORDS = {"weights": "pretrained weights", "augment": "augmentation", "synthetic": "GAN samples",
+                 "strategy": "training strategy", "backbone": "backbone", "epochs": "epochs",
+                 "input_size": "input size"}
 
 
 def single_changes(variants: dict[str, Variant]) -> list[tuple[str, str, str]]:
@@ -110,104 +193,210 @@ def single_changes(variants: dict[str, Variant]) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def _effects(summary: dict[str, dict], variants: dict[str, Variant], has_external: bool) -> list[str]:
-    pairs = single_changes(variants)
-    if not pairs:
-        return []
-    lines = ["## What each ingredient bought", "",
-             "Pairs of variants that differ in one setting only; the change in accuracy is what that setting bought "
-             "(or cost) here.", "",
-             "| setting | from → to | out-of-fold accuracy | change |" + (" external accuracy, ensemble | change |"
-                                                                      if has_external else ""),
-             "|---|---|---|---|" + ("---|---|" if has_external else "")]
-    for setting, a, b in pairs:
-        before, after = asdict(variants[a])[setting], asdict(variants[b])[setting]
-        row = (f"| {setting}: {before} → {after} | {a} → {b} | {summary[a]['oof_accuracy']:.3f} → "
-               f"{summary[b]['oof_accuracy']:.3f} | {summary[b]['oof_accuracy'] - summary[a]['oof_accuracy']:+.3f} |")
-        if has_external:
-            ext_a, ext_b = summary[a]["external_ensemble_accuracy"], summary[b]["external_ensemble_accuracy"]
-            row += f" {ext_a:.3f} → {ext_b:.3f} | {ext_b - ext_a:+.3f} |"
-        lines.append(row)
-    return lines + [""]
+def comparisons(results: dict[str, VariantResult], variants: dict[str, Variant], best: str,
+                params: EvaluateParams) -> list[dict]:
+    """Paired comparisons of accuracy on the same folds and images: every single-setting change, then the best
+    variant against each other one. p-values are Holm-corrected over all of them."""
+    pairs = [(f"{SETTING_WORDS.get(s, s)}: {_setting(asdict(variants[a])[s])} → {_setting(asdict(variants[b])[s])}",
+              a, b)
+             for s, a, b in single_changes(variants)]
+    seen = {frozenset((a, b)) for _, a, b in pairs}
+    pairs += [(f"best ({best}) against {other}", other, best) for other in results
+              if other != best and frozenset((other, best)) not in seen]
+    out = []
+    for what, a, b in pairs:
+        ra, rb = results[a], results[b]
+        diffs = [sb["accuracy"] - sa["accuracy"] for sa, sb in zip(ra.fold_scores, rb.fold_scores)]
+        t_test = corrected_t_test(diffs, ra.test_train_ratio, params.confidence)
+        boot = paired_bootstrap(ra.oof_targets, ra.oof_probs, rb.oof_probs, "accuracy", params.confidence,
+                                params.bootstrap)
+        out.append({"what": what, "a": a, "b": b, "corrected_t": asdict(t_test), "bootstrap": asdict(boot)})
+    for c in out:
+        c["test"] = params.test
+        if params.test == "corrected_t" and c["corrected_t"]["low"] == c["corrected_t"]["high"]:
+            # Every fold moved by exactly the same amount (common with a few validation images per fold): the t
+            # statistic divides by zero, so the paired bootstrap over images decides instead of a p of 0.
+            c["test"] = "bootstrap"
+    adjusted = holm([c[c["test"]]["p_value"] for c in out])
+    for c, p in zip(out, adjusted):
+        chosen = c[c["test"]]
+        c.update({"difference": chosen["difference"], "low": chosen["low"], "high": chosen["high"],
+                  "p_value": chosen["p_value"], "p_holm": float(p),
+                  "significant": bool(np.isfinite(p) and p < params.alpha)})
+    return out
 
 
-def write_report(path: Path, summary: dict[str, dict], collected: Collected, params: EvaluateParams,
-                 variants: dict[str, Variant]) -> str:
-    """The Markdown report; returns the name of the best variant (highest mean accuracy over folds)."""
-    best = max(summary, key=lambda v: summary[v]["cv_accuracy"])
+def scarcity_curves(collected: Collected, scarcity: ScarcityParams, point_dir: PointDir,
+                    params: EvaluateParams) -> dict[str, list[dict]]:
+    """Per scarcity variant, one record per point: out-of-fold accuracy with its bootstrap interval, the fold
+    models' accuracy on the fixed test set, or why the point was not run."""
+    targets = collected.manifest.target.to_numpy()
+    curves: dict[str, list[dict]] = {}
+    for name in scarcity.variants:
+        curves[name] = []
+        for n in scarcity.images_per_class:
+            folder = point_dir(n, name)
+            try:
+                meta = json.loads((folder / "meta.json").read_text())
+            except FileNotFoundError:
+                raise PipelineError(f"{folder} is missing: run `dvc repro` so the scarcity curve covers {name} at "
+                                    f"{n} images per class") from None
+            record: dict = {"images_per_class": n}
+            if "not_run" in meta:
+                curves[name].append({**record, "not_run": meta["not_run"]})
+                continue
+            pred = load_predictions(folder / paths.PREDICTIONS_FILE, f"{name} at {n} images per class")
+            train_targets = targets[pred["train_index"]]
+            acc = float(np.mean(pred["oof_probs"].argmax(-1) == train_targets))
+            low_high = bootstrap_intervals(train_targets, pred["oof_probs"], params.confidence, params.bootstrap)
+            record.update({"oof_accuracy": acc, "oof_accuracy_low": low_high["accuracy"][0],
+                           "oof_accuracy_high": low_high["accuracy"][1], "train_images": int(meta["train_images"])})
+            if len(pred["test_index"]):
+                test_targets = targets[pred["test_index"]]
+                per_model = pred["test_probs"].reshape(-1, *pred["test_probs"].shape[2:])
+                record["test_accuracy_fold_mean"] = float(np.mean([(p.argmax(1) == test_targets).mean()
+                                                                   for p in per_model]))
+                record["test_images"] = len(test_targets)
+            curves[name].append(record)
+    return curves
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+
+def flat_metrics(stats: dict[str, dict], compared: list[dict], curves: dict[str, list[dict]]) -> dict[str, float]:
+    """The numbers `dvc metrics show/diff` and `dvc exp show` list: one level of keys, numbers only."""
+    out: dict[str, float] = {}
+    for name, s in stats.items():
+        for metric, v in s["oof"].items():
+            out[f"{name}.oof_{metric}"] = v["value"]
+        out[f"{name}.oof_accuracy_low"], out[f"{name}.oof_accuracy_high"] = (s["oof"]["accuracy"]["low"],
+                                                                           s["oof"]["accuracy"]["high"])
+        cv = s["cv"]["accuracy"]
+        out.update({f"{name}.cv_accuracy": cv["mean"], f"{name}.cv_accuracy_std": cv["std"],
+                    f"{name}.cv_accuracy_low": cv["low"], f"{name}.cv_accuracy_high": cv["high"]})
+        if s["external"]:
+            out[f"{name}.external_accuracy_fold_mean"] = s["external"]["accuracy"]["fold_mean"]
+            out.update({f"{name}.external_{m}": v["ensemble"] for m, v in s["external"].items()})
+    for c in compared:
+        out[f"compare.{c['b']}-{c['a']}.difference"] = c["difference"]
+        out[f"compare.{c['b']}-{c['a']}.p_holm"] = c["p_holm"]
+    for name, points in curves.items():
+        for p in points:
+            if "oof_accuracy" in p:
+                out[f"scarcity.{name}.n{p['images_per_class']}.oof_accuracy"] = p["oof_accuracy"]
+            if "test_accuracy_fold_mean" in p:
+                out[f"scarcity.{name}.n{p['images_per_class']}.test_accuracy"] = p["test_accuracy_fold_mean"]
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
+
+
+def write_plots(folder: Path, results: dict[str, VariantResult], classes: tuple[str, ...],
+                curves: dict[str, list[dict]]) -> None:
+    """Data files for `dvc plots show`: confusion (actual, predicted), ROC, reliability and scarcity, one file per
+    variant in each folder."""
+    with atomic.atomic_dir(folder) as tmp:
+        for name, r in results.items():
+            predicted = r.oof_probs.argmax(-1)
+            pd.DataFrame({"actual": np.array(classes)[np.tile(r.oof_targets, len(predicted))],
+                          "predicted": np.array(classes)[predicted.ravel()]}).to_csv(
+                _mkdir(tmp / "confusion") / f"{name}.csv", index=False)
+            fpr, tpr = roc_points(np.tile(r.oof_targets, len(r.oof_probs)), r.oof_probs.reshape(-1, len(classes)))
+            pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(_mkdir(tmp / "roc") / f"{name}.csv", index=False)
+            bins = reliability(r.oof_targets, r.oof_probs.mean(0))
+            pd.DataFrame(bins).to_csv(_mkdir(tmp / "calibration") / f"{name}.csv", index=False)
+        for name, points in curves.items():
+            rows = [p for p in points if "oof_accuracy" in p]
+            pd.DataFrame(rows, columns=["images_per_class", "oof_accuracy", "oof_accuracy_low", "oof_accuracy_high",
+                                        "test_accuracy_fold_mean"]).to_csv(
+                _mkdir(tmp / "scarcity") / f"{name}.csv", index=False)
+
+
+def _mkdir(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def make_figures(results: dict[str, VariantResult], stats: dict[str, dict], compared: list[dict],
+                 curves: dict[str, list[dict]], collected: Collected, params: EvaluateParams) -> dict[str, bytes]:
+    """Every figure of the report, by file name."""
+    from sklearn.metrics import confusion_matrix
+
+    names = list(results) + [n for n in curves if n not in results]  # a variant keeps its colour in every figure
     level = f"{params.confidence:.0%}"
-    has_external = "external_ensemble_accuracy" in summary[best]
-    lines = [
-        "# Results", "",
-        f"{len(collected.labelled)} labelled images in {len(collected.classes)} classes, "
-        f"{len(collected.folds)}-fold cross-validation"
-        + (f" repeated {len(collected.repeats)} times" if len(collected.repeats) > 1 else "")
-        + (f"; {len(collected.external)} external test images that no stage trained on." if has_external else "."),
-        "",
-        f"| variant | recipe | out-of-fold accuracy [{level} interval] | CV accuracy per fold (mean ± std) | "
-        "CV balanced accuracy | CV macro-F1 |"
-        + (" external accuracy, folds (mean ± std) | external accuracy, ensemble |" if has_external else ""),
-        "|---|---|---|---|---|---|" + ("---|---|" if has_external else ""),
-    ]
-    for name, m in sorted(summary.items(), key=lambda kv: -kv[1]["cv_accuracy"]):
-        row = (f"| {'**' + name + '**' if name == best else name} | {recipe(variants[name])} | {m['oof_accuracy']:.3f} "
-               f"[{m['oof_accuracy_low']:.3f}, {m['oof_accuracy_high']:.3f}] | "
-               f"{m['cv_accuracy']:.3f} ± {m['cv_accuracy_std']:.3f} | {m['cv_balanced_accuracy']:.3f} | "
-               f"{m['cv_macro_f1']:.3f} |")
-        if has_external:
-            row += (f" {m['external_accuracy_fold_mean']:.3f} ± {m['external_accuracy_fold_std']:.3f} | "
-                    f"{m['external_ensemble_accuracy']:.3f} |")
-        lines.append(row)
-    lines += ["", _verdict(summary, best, has_external), "",
-              "Intervals are percentile bootstrap intervals over the out-of-fold images (every labelled image is "
-              "predicted once, by the fold model that did not train on it). They do not include the variation "
-              "from retraining on other data, so they are a lower bound on the uncertainty; a difference between "
-              "overlapping intervals is not evidence that one variant is better.", ""]
-    lines += _effects(summary, variants, has_external)
-    lines += [f"![confusion matrix of {name}](figures/confusion_{name}.png)" for name in summary]
-    atomic.write_text(path, "\n".join(lines) + "\n")
-    return best
-
-
-def _verdict(summary: dict[str, dict], best: str, has_external: bool) -> str:
-    m = summary[best]
-    text = (f"**{best}** did best in cross-validation with an accuracy of {m['oof_accuracy']:.3f} "
-            f"({m['oof_accuracy_low']:.3f} to {m['oof_accuracy_high']:.3f}).")
-    overlapping = [v for v in summary if v != best and summary[v]["oof_accuracy_high"] >= m["oof_accuracy_low"]]
-    if overlapping:
-        text += f" Its interval overlaps that of {', '.join(overlapping)}, so that lead is not clear-cut."
-    if has_external:
-        ext_best = max(summary, key=lambda v: summary[v]["external_ensemble_accuracy"])
-        text += (f" On the external test set the ensemble of its fold models scores {m['external_ensemble_accuracy']:.3f}"
-                 + (", also the best there." if ext_best == best else
-                    f"; there {ext_best} scores higher ({summary[ext_best]['external_ensemble_accuracy']:.3f})."))
-    return text
-
-
-def run(params: EvaluateParams, variants: dict[str, Variant], collected_dir: Path, finetune_dir: FoldDir,
-        outputs: EvaluateOutputs) -> dict:
-    """Evaluate every variant's fold predictions; write metrics, report and figures; return the metrics."""
-    collected = load_collected(collected_dir)
+    labels = range(len(collected.classes))
+    out = {}
+    external = {n: s["external"]["accuracy"]["fold_mean"] for n, s in stats.items() if s["external"]}
+    out["accuracy.png"] = figures.intervals_png(
+        [(n, s["oof"]["accuracy"]["value"], s["oof"]["accuracy"]["low"], s["oof"]["accuracy"]["high"])
+         for n, s in stats.items()], names, f"out-of-fold accuracy ({level} bootstrap interval)", external or None)
+    if compared:
+        out["differences.png"] = figures.differences_png(
+            [(f"{c['b']} − {c['a']}", c["difference"], c["low"], c["high"], c["significant"]) for c in compared],
+            f"difference in accuracy ({level} interval; filled = significant after Holm)")
+    if any("oof_accuracy" in p for points in curves.values() for p in points):
+        out["scarcity.png"] = figures.scarcity_png(curves, names, level)
+    out["reliability.png"] = figures.reliability_png(
+        {n: reliability(r.oof_targets, r.oof_probs.mean(0)) for n, r in results.items()}, names)
+    out["roc.png"] = figures.roc_png({n: roc_points(np.tile(r.oof_targets, len(r.oof_probs)),
+                                                    r.oof_probs.reshape(-1, len(collected.classes)))
+                                      for n, r in results.items()}, names)
+    losses = {n: r.loss_curve for n, r in results.items() if r.loss_curve is not None}
+    if losses:
+        out["training.png"] = figures.training_png(losses, names)
     ext_targets = collected.external.target.to_numpy()
-    results = [load_variant(name, collected, finetune_dir) for name in variants]
-    summary = {r.name: summarise(r, ext_targets, params.confidence) for r in results}
-    with atomic.atomic_dir(outputs.figures) as figures:
-        for r in results:
-            has_ext = r.external_probs is not None
-            targets, probs = (ext_targets, r.external_probs) if has_ext else (r.oof_targets, r.oof_probs[0])
-            where = "external test, ensemble of folds" if has_ext else "out-of-fold"
-            save_confusion(figures / f"confusion_{r.name}.png", targets, probs, collected.classes,
-                           f"{r.name} ({where})")
-    best = write_report(outputs.report, summary, collected, params, variants)
-    atomic.write_text(outputs.metrics, json.dumps(summary, indent=2) + "\n")
-    log.info("evaluate: best variant %s (CV accuracy %.3f)", best, summary[best]["cv_accuracy"])
-    return summary
+    for n, r in results.items():
+        counts = sum(confusion_matrix(r.oof_targets, p.argmax(1), labels=labels) for p in r.oof_probs)
+        out[f"confusion_{n}.png"] = figures.confusion_png(counts, collected.classes, f"{n} (out-of-fold)")
+        if r.external_probs is not None:
+            counts = confusion_matrix(ext_targets, r.external_probs.argmax(1), labels=labels)
+            out[f"confusion_{n}_external.png"] = figures.confusion_png(
+                counts, collected.classes, f"{n} (external test, ensemble of folds)")
+    return out
+
+
+def run(params: EvaluateParams, variants: dict[str, Variant], scarcity: ScarcityParams, inputs: EvaluateInputs,
+        outputs: EvaluateOutputs) -> dict:
+    """Evaluate every variant's fold predictions and the scarcity curve; write metrics, plots, figures and the
+    report; return the evaluation."""
+    collected = load_collected(inputs.collected)
+    ext_targets = collected.external.target.to_numpy()
+    results = {name: load_variant(name, collected, inputs.finetune) for name in variants}
+    stats = {name: variant_statistics(r, ext_targets, params) for name, r in results.items()}
+    best = max(stats, key=lambda v: stats[v]["cv"]["accuracy"]["mean"])
+    compared = comparisons(results, variants, best, params)
+    curves = scarcity_curves(collected, scarcity, inputs.scarcity, params)
+    evaluation = {"data": report.data_summary(collected), "params": asdict(params), "best": best,
+                  "variants": {n: {"recipe": report.recipe(variants[n]), **s} for n, s in stats.items()},
+                  "comparisons": compared, "scarcity": curves}
+    pictures = make_figures(results, stats, compared, curves, collected, params)
+    with atomic.atomic_dir(outputs.figures) as tmp:
+        for name, png in pictures.items():
+            atomic.write_bytes(tmp / name, png)
+    write_plots(outputs.plots, results, collected.classes, curves)
+    assets = report.Assets.gather(inputs.data_card, inputs.preview, inputs.synthesize_reports)
+    report.write(evaluation, outputs.figures, assets, outputs.report_md, outputs.report_html)
+    atomic.write_text(outputs.evaluation, json.dumps(evaluation, indent=1, default=_jsonable) + "\n")
+    atomic.write_text(outputs.metrics, json.dumps(flat_metrics(stats, compared, curves), indent=1) + "\n")
+    log.info("evaluate: best variant %s (CV accuracy %.3f); report in %s", best,
+             stats[best]["cv"]["accuracy"]["mean"], outputs.report_html)
+    return evaluation
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"cannot write {type(value)} to JSON")
 
 
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_args(__doc__, argv)
-    outputs = EvaluateOutputs(paths.METRICS, paths.REPORT, paths.FIGURES)
-    run(params.evaluate, params.variants, paths.COLLECTED, paths.finetune_dir, outputs)
+    inputs = EvaluateInputs(paths.COLLECTED, paths.finetune_dir, paths.scarcity_dir, paths.AUGMENT / paths.PREVIEW_FILE,
+                            paths.REPORTS / paths.DATA_CARD_DIR, paths.SYNTHESIZE_REPORTS)
+    outputs = EvaluateOutputs(paths.METRICS, paths.EVALUATION, paths.REPORT, paths.REPORT_HTML, paths.FIGURES,
+                              paths.PLOTS)
+    run(params.evaluate, params.variants, params.scarcity, inputs, outputs)
 
 
 if __name__ == "__main__":

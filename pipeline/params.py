@@ -196,11 +196,32 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class ScarcityParams:
+    images_per_class: tuple[int, ...]  # points of the label-scarcity curve
+    variants: tuple[str, ...]  # names from `variants` trained at every point
+    holdout: int  # external images drawn as the curve's fixed test set (0 = all); bundled sources train on the rest too
+    seed: int  # the nested draws and their folds
+
+    def __post_init__(self) -> None:
+        sizes = list(self.images_per_class)
+        _require(sizes == sorted(set(sizes)) and all(n >= 1 for n in sizes), "scarcity.images_per_class",
+                 "increasing positive numbers of images per class, e.g. [5, 10, 20, 50]", sizes)
+        _require(len(set(self.variants)) == len(self.variants), "scarcity.variants", "names without repeats",
+                 list(self.variants))
+        _require(self.holdout >= 0, "scarcity.holdout", ">= 0 (0 = the whole external set)", self.holdout)
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
-    confidence: float
+    confidence: float  # level of every interval
+    bootstrap: int  # resamples of the bootstrap intervals and of the paired bootstrap test
+    test: Literal["corrected_t", "bootstrap"]  # the test that decides "significant" in the report's words
+    alpha: float  # significance level, after Holm's correction over the report's comparisons
 
     def __post_init__(self) -> None:
         _require(0.5 <= self.confidence < 1, "evaluate.confidence", "in [0.5, 1)", self.confidence)
+        _require(100 <= self.bootstrap <= 100_000, "evaluate.bootstrap", "from 100 to 100000 resamples", self.bootstrap)
+        _require(0 < self.alpha < 0.5, "evaluate.alpha", "in (0, 0.5)", self.alpha)
 
 
 @dataclass(frozen=True)
@@ -210,6 +231,7 @@ class Params:
     synthesize: SynthesizeParams
     finetune: FinetuneParams
     variants: dict[str, Variant]
+    scarcity: ScarcityParams
     evaluate: EvaluateParams
 
     def __post_init__(self) -> None:
@@ -222,6 +244,19 @@ class Params:
             _require(variant.input_size == 0 or 16 <= variant.input_size <= 1024, f"variants.{name}.input_size",
                      "from 16 to 1024, or 0 for the model's own (from its timm config)", variant.input_size)
             _require(variant.epochs >= 1, f"variants.{name}.epochs", ">= 1", variant.epochs)
+        self._check_scarcity()
+
+    def _check_scarcity(self) -> None:
+        for name in self.scarcity.variants:
+            _require(name in self.variants, "scarcity.variants", f"names from `variants` ({', '.join(self.variants)})",
+                     name)
+            _require(not self.variants[name].synthetic, f"scarcity.variants ({name})",
+                     "variants without synthetic data: each fold's GAN is trained on the whole fold, so its samples "
+                     "would carry more real images into training than the curve's point allows", name)
+        folds = len(self.collect.folds)
+        for n in self.scarcity.images_per_class:
+            _require(n >= folds, "scarcity.images_per_class",
+                     f"at least collect.folds' count ({folds}) per value, so every fold validates each class", n)
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:

@@ -14,6 +14,7 @@ FINETUNE = DATA / "finetune"  # finetune: one folder per fold and variant
 CHECKPOINTS = DATA / "checkpoints"  # training state of killed runs, outside DVC's outputs so it survives
 SYNTHESIZE_REPORTS = REPORTS / "synthesize"  # synthesize: per-fold DVC metrics and plots
 FINETUNE_REPORTS = REPORTS / "finetune"  # finetune: per fold x variant dvclive curves (DVC plots) and metrics
+SCARCITY = DATA / "scarcity"  # scarcity: one folder per point of the curve and variant
 FEATURE_CACHE = DATA / "cache" / "features"  # frozen-backbone features, shared by every fold and variant
 
 IMAGES_FILE = "images.npz"
@@ -25,10 +26,14 @@ DATA_CARD_DIR = "data_card"
 POLICY_FILE = "policy.json"
 SAMPLES_FILE = "samples.npz"
 PREDICTIONS_FILE = "predictions.npz"
+PREVIEW_FILE = "preview.png"
 
-METRICS = REPORTS / "metrics.json"
+METRICS = REPORTS / "metrics.json"  # evaluate: flat DVC metrics
+EVALUATION = REPORTS / "evaluation.json"  # evaluate: every number of the report
 REPORT = REPORTS / "report.md"
-FIGURES = REPORTS / "figures"  # evaluate: confusion matrices and other PNGs
+REPORT_HTML = REPORTS / "report.html"  # the same report, one self-contained file
+FIGURES = REPORTS / "figures"  # evaluate: the report's PNGs (DVC image plots)
+PLOTS = REPORTS / "plots"  # evaluate: data for DVC plots (confusion, roc, calibration, scarcity)
 
 
 def split_name(repeat: int, fold: int) -> str:
@@ -41,3 +46,7 @@ def synthetic_dir(repeat: int, fold: int) -> Path:
 
 def finetune_dir(repeat: int, fold: int, variant: str) -> Path:
     return FINETUNE / f"{split_name(repeat, fold)}-{variant}"
+
+
+def scarcity_dir(images_per_class: int, variant: str) -> Path:
+    return SCARCITY / f"n{images_per_class}-{variant}"

@@ -140,7 +140,8 @@ def cli(main: Callable[[list[str] | None], None]) -> None:
         sys.exit(2)
 
 
-def stage_args(doc: str, argv: list[str] | None, *, fold: bool = False, variant: bool = False):
+def stage_args(doc: str, argv: list[str] | None, *, fold: bool = False, variant: bool = False,
+               images_per_class: bool = False):
     """Parse a stage's command line, set up logging and load the params: (args, Params)."""
     from pipeline.params import load_params
 
@@ -150,6 +151,9 @@ def stage_args(doc: str, argv: list[str] | None, *, fold: bool = False, variant:
         parser.add_argument("--repeat", type=int, default=0, help="repeat of the k-fold split (default 0)")
     if variant:
         parser.add_argument("--variant", required=True, help="a name from params `variants`")
+    if images_per_class:
+        parser.add_argument("--images-per-class", type=int, required=True,
+                            help="a point of the label-scarcity curve (from params `scarcity.images_per_class`)")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     setup_logging()

@@ -36,6 +36,9 @@ TINY = {
     "synthesize.log_every": 5,
     "finetune.warmup_epochs": 1,
     "finetune.batch_size": 16,
+    "scarcity.images_per_class": [2, 6],
+    "scarcity.holdout": 100,
+    "evaluate.bootstrap": 200,
 }
 for _variant in yaml.safe_load((ROOT / "params.yaml").read_text())["variants"]:
     TINY[f"variants.{_variant}.epochs"] = 3
@@ -128,3 +131,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def known_answers(tmp_path_factory):
+    """A whole evaluate run on predictions with known accuracies (tests/reporting.py)."""
+    from reporting import evaluate_known_answers
+
+    return evaluate_known_answers(tmp_path_factory.mktemp("known_answers"))

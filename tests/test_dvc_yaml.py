@@ -17,8 +17,13 @@ def test_stage_outputs_are_the_paths_the_code_writes():
     assert s["augment"]["outs"] == [str(paths.AUGMENT)]
     assert s["synthesize"]["outs"] == [str(paths.synthetic_dir("${item.repeat}", "${item.fold}"))]
     assert s["finetune"]["outs"] == [str(paths.finetune_dir("${item.repeat}", "${item.fold}", "${item.variant}"))]
-    assert s["evaluate"]["metrics"] == [str(paths.METRICS)]
-    assert set(s["evaluate"]["outs"]) == {str(paths.REPORT), str(paths.FIGURES)}
+    assert s["evaluate"]["metrics"] == [{str(paths.METRICS): {"cache": False}}]
+    assert set(s["evaluate"]["outs"]) == {str(paths.REPORT), str(paths.REPORT_HTML), str(paths.EVALUATION)}
+    declared = [next(iter(p)) for p in s["evaluate"]["plots"]]
+    assert declared == [str(paths.FIGURES)] + [str(paths.PLOTS / k) for k in ("confusion", "roc", "calibration",
+                                                                             "scarcity")]
+    assert s["scarcity"]["outs"] == [str(paths.scarcity_dir("${item.n}", "${item.variant}"))]
+    assert str(paths.SCARCITY) in s["evaluate"]["deps"]
     name = paths.split_name("${item.repeat}", "${item.fold}")
     assert s["synthesize"]["metrics"] == [{str(paths.SYNTHESIZE_REPORTS / f"{name}.json"): {"cache": False}}]
     assert [next(iter(p)) for p in s["synthesize"]["plots"]] == [
@@ -35,6 +40,9 @@ def test_each_stage_runs_its_module_lists_it_and_only_its_params():
     for name, stage in stages().items():
         assert stage["cmd"].startswith(f"python -m pipeline.{name}")
         assert f"pipeline/{name}.py" in stage["deps"]
-        assert stage["params"][0] == name
+        assert stage["params"][0].split(".")[0] in (name, "finetune")
     assert stages()["finetune"]["params"] == ["finetune", "variants.${item.variant}"]
+    # the scarcity stages do not re-run when points are added or removed: each depends on its own draw only
+    assert stages()["scarcity"]["params"] == ["finetune", "scarcity.holdout", "scarcity.seed",
+                                              "variants.${item.variant}"]
     assert set(stages()["collect"]["deps"]) >= {"pipeline/sources.py", "pipeline/download.py", "pipeline/datacard.py"}

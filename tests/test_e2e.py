@@ -20,29 +20,36 @@ def repo(tmp_path_factory):
 def test_dvc_repro_runs_every_stage_then_nothing(repo):
     first = dvc(repo, "repro")
     variants = set(raw_params()["variants"])
-    # 1 collect + 1 augment + 2 synthesize + 2 folds x every variant + 1 evaluate
-    assert first.count("Running stage") == 5 + 2 * len(variants), first
+    points = len(TINY["scarcity.images_per_class"]) * len(raw_params()["scarcity"]["variants"])
+    # 1 collect + 1 augment + 2 synthesize + 2 folds x every variant + the scarcity points + 1 evaluate
+    assert first.count("Running stage") == 5 + 2 * len(variants) + points, first
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    assert set(metrics) == variants
-    for values in metrics.values():
-        assert 0 <= values["cv_accuracy"] <= 1
-        assert values["oof_accuracy_low"] <= values["oof_accuracy"] <= values["oof_accuracy_high"]
+    assert {key.split(".")[0] for key in metrics} == variants | {"compare", "scarcity"}
+    for name in variants:
+        assert 0 <= metrics[f"{name}.cv_accuracy"] <= 1
+        assert metrics[f"{name}.oof_accuracy_low"] <= metrics[f"{name}.oof_accuracy"] <= metrics[
+            f"{name}.oof_accuracy_high"]
     # 10 classes: chance is 0.1 (standard deviation 0.017 on 300 images); the pretrained baseline must beat it
-    assert metrics["baseline"]["external_ensemble_accuracy"] > 0.18
+    assert metrics["baseline.external_accuracy"] > 0.18
+    assert len([key for key in metrics if key.startswith("scarcity.")]) == 2 * points  # CV and test accuracy
     report = (repo / "reports" / "report.md").read_text()
-    assert "did best in cross-validation" in report
+    assert "did best: out-of-fold accuracy" in report and "## What each ingredient bought" in report
+    assert (repo / "reports" / "report.html").stat().st_size > 100_000  # figures embedded
     assert (repo / "data" / "augment" / "preview.png").exists()
     assert (repo / "data" / "synthetic" / "r0-fold1" / "grid.png").exists()
     assert "Source `mnist`" in (repo / "reports" / "data_card.md").read_text()
     shown = dvc(repo, "metrics", "show")
-    assert "baseline.cv_accuracy" in shown.replace("\n", " ") or "cv_accuracy" in shown
+    assert "baseline.cv_accuracy" in shown
     assert "reports/synthesize/r0-fold1.json" in shown and "cas_real" in shown and "fid_candidates" in shown
     plots = dvc(repo, "plots", "show", "-o", str(repo / "plots"))
     assert "index.html" in plots
     page = (repo / "plots" / "index.html").read_text()
     assert "GAN augmentation strength p, repeat 0 fold 0" in page and "r0-fold1-curves.png" in page
-    # every finetune stage's dvclive curves
+    # every finetune stage's dvclive curves, and evaluate's confusion, ROC, calibration and scarcity data and figures
     assert "reports/finetune/r0-fold1-cnn/plots/metrics/train/loss.tsv" in page
+    for plot in ("confusion/cnn.csv", "roc/probe.csv", "calibration/baseline.csv", "scarcity/cnn.csv"):
+        assert f"reports/plots/{plot}" in page, plot
+    assert "reports/figures/scarcity.png" in page and "reports/figures/differences.png" in page
     assert "reports/finetune/r0-fold0-baseline/metrics.json" in shown.replace("\\", "/") or "train.loss" in shown
 
     second = dvc(repo, "repro")
@@ -56,6 +63,11 @@ def test_changing_one_variant_reruns_only_its_stages(repo):
     out = dvc(repo, "exp", "run", "-S", "variants.augment.weights=none")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"finetune@0-0-augment", "finetune@0-1-augment", "evaluate"}, out
+    # the experiment's metrics are listed beside the workspace's
+    shown = json.loads(dvc(repo, "exp", "show", "--json"))
+    found = json.dumps(shown)
+    assert "augment.oof_accuracy" in found and "variants.augment.weights" in found
+    assert "augment.oof_accuracy" in dvc(repo, "metrics", "diff", "--all")
 
 
 @pytest.mark.slow
@@ -66,7 +78,8 @@ def test_your_own_folder_of_images_through_dvc(tmp_path):
     from conftest import digit_images
 
     baseline = {**raw_params()["variants"]["baseline"], "epochs": 2, "input_size": 32}
-    params = with_overrides(raw_params(), {**TINY, "collect.folds": [0, 1, 2], "variants": {"baseline": baseline}})
+    params = with_overrides(raw_params(), {**TINY, "collect.folds": [0, 1, 2], "variants": {"baseline": baseline},
+                                           "scarcity.variants": ["baseline"], "scarcity.images_per_class": [3, 12]})
     repo = make_repo(tmp_path, yaml.safe_dump(params, sort_keys=False))
     for label, images in digit_images(6).items():
         (repo / "data" / "raw" / f"digit{label}").mkdir(parents=True)
@@ -78,8 +91,12 @@ def test_your_own_folder_of_images_through_dvc(tmp_path):
     assert summary["source"] == "folder" and summary["accepted"] == 18 and summary["classes"] == [
         "digit0", "digit1", "digit2"]
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    assert "external_ensemble_accuracy" not in metrics["baseline"]  # a folder source has no external test set
-    assert 0 <= metrics["baseline"]["oof_accuracy"] <= 1
+    assert "baseline.external_accuracy" not in metrics  # a folder source has no external test set
+    assert 0 <= metrics["baseline.oof_accuracy"] <= 1
+    # the scarcity curve draws only from the 6 labelled images per class: 3 runs, 12 is recorded as not run
+    assert "scarcity.baseline.n3.oof_accuracy" in metrics and "scarcity.baseline.n12.oof_accuracy" not in metrics
+    assert "not run: class 'digit0' has 6 images to draw from, fewer than 12" in (
+        repo / "reports" / "report.md").read_text()
     # a new image in the folder is a changed dependency: collect runs again
     Image.fromarray(digit_images(7)[0][6]).save(repo / "data" / "raw" / "digit0" / "new.png")
     assert "Running stage 'collect'" in dvc(repo, "repro")

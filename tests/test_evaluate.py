@@ -1,125 +1,124 @@
-"""The evaluate stage on predictions with known answers."""
+"""The evaluate stage on predictions with known answers (see tests/reporting.py): the better variant is found
+significant, an identical one is not, an optimistic CV estimate is flagged, and every output is written."""
 
 import json
+import re
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import make_params
 from pipeline import evaluate
 from pipeline.errors import PipelineError
-from pipeline.evaluate import EvaluateOutputs
-from pipeline.images import load_collected
-from pipeline.metrics import bootstrap_accuracy, mean_std, score
+from reporting import outputs_in
 
 
-def write_predictions(root, collected_dir, name, correct_share, seed):
-    """Predictions that are right for `correct_share` of the images (chosen at random), confidently."""
-    data = load_collected(collected_dir)
-    rng = np.random.default_rng(seed)
-    targets = data.manifest.target.to_numpy()
-
-    def probs(index):
-        predicted = np.where(rng.random(len(index)) < correct_share, targets[index], (targets[index] + 1) % 10)
-        out = np.full((len(index), 10), 0.01)
-        out[np.arange(len(index)), predicted] = 0.91
-        return out
-
-    for repeat in data.repeats:
-        for fold in data.folds:
-            val = data.fold_split(fold, repeat)[1]["index"].to_numpy()
-            test = data.external["index"].to_numpy()
-            folder = root / f"r{repeat}-fold{fold}-{name}"
-            folder.mkdir(parents=True)
-            np.savez(folder / "predictions.npz", val_index=val, val_probs=probs(val), test_index=test,
-                     test_probs=probs(test))
+def test_a_variant_better_by_construction_is_significant_and_an_identical_one_is_not(known_answers):
+    ev = known_answers.evaluation
+    by_pair = {(c["a"], c["b"]): c for c in ev["comparisons"]}
+    better = by_pair[("coin", "good")]  # differ in augmentation alone: 50% against 95% right
+    assert better["what"] == "augmentation: off → on" and better["significant"]
+    assert 0.35 < better["difference"] < 0.55 and better["low"] > 0 and better["p_holm"] < 0.001
+    assert better["corrected_t"]["p_value"] < 0.001 and better["bootstrap"]["p_value"] < 0.01
+    same = by_pair[("coin", "twin")]  # differ in epochs alone, same predictions
+    assert same["difference"] == 0 and same["p_holm"] == 1 and not same["significant"]
+    # every fold moved by exactly 0, so the t statistic is undefined and the paired bootstrap decides
+    assert same["test"] == "bootstrap"
+    assert ev["best"] == "good"
+    report = known_answers.outputs.report_md.read_text()
+    assert "**Helped:** augmentation: off → on (coin → good) raised accuracy by" in report
+    assert "**Not significant:** epochs: 3 → 4 (coin → twin) left accuracy by 0.000" in report
 
 
-def outputs(tmp_path):
-    return EvaluateOutputs(tmp_path / "reports" / "metrics.json", tmp_path / "reports" / "report.md",
-                           tmp_path / "reports" / "figures")
+def test_repeats_and_folds_give_intervals_that_hold_the_estimates(known_answers):
+    ev = known_answers.evaluation
+    assert ev["data"]["folds"] == 5 and ev["data"]["repeats"] == 2 and ev["data"]["labelled"] == 100
+    coin = ev["variants"]["coin"]
+    for metric, v in coin["oof"].items():
+        assert v["low"] <= v["value"] <= v["high"], metric
+    cv = coin["cv"]["accuracy"]
+    assert cv["low"] < cv["mean"] < cv["high"] and 0.3 < cv["mean"] < 0.7 and cv["std"] > 0
+    assert coin["oof"]["accuracy"]["high"] - coin["oof"]["accuracy"]["low"] > 0.1  # 100 images: a wide interval
+    assert set(coin["oof_per_class"]) == {"precision", "recall", "f1", "support"}
+    assert sum(coin["oof_per_class"]["support"]) == 100
+    assert "5-fold cross-validation repeated 2 times" in known_answers.outputs.report_md.read_text()
 
 
-def test_metrics_and_report_name_the_better_variant(tmp_path, collected_dir):
-    preds = tmp_path / "finetune"
-    write_predictions(preds, collected_dir, "perfect", 1.0, 0)
-    write_predictions(preds, collected_dir, "coin", 0.5, 1)
-    out = outputs(tmp_path)
+def test_external_scores_are_checked_against_the_cv_interval(known_answers):
+    ev = known_answers.evaluation
+    assert ev["variants"]["coin"]["external_inside_cv_interval"]
+    overfit = ev["variants"]["overfit"]  # 95% in cross-validation, 30% on the external set
+    assert not overfit["external_inside_cv_interval"]
+    assert overfit["external"]["accuracy"]["fold_mean"] < overfit["cv"]["accuracy"]["low"]
+    row = next(line for line in known_answers.outputs.report_md.read_text().splitlines()
+               if line.startswith("| overfit |"))
+    assert row.endswith("| **no** |")
+
+
+def test_metrics_json_is_flat_numbers_that_match_the_evaluation(known_answers):
+    metrics = json.loads(known_answers.outputs.metrics.read_text())
+    ev = json.loads(known_answers.outputs.evaluation.read_text())
+    assert all(isinstance(v, (int, float)) or v is None for v in metrics.values())
+    assert metrics["good.oof_accuracy"] == ev["variants"]["good"]["oof"]["accuracy"]["value"]
+    assert metrics["coin.cv_accuracy_low"] == ev["variants"]["coin"]["cv"]["accuracy"]["low"]
+    assert metrics["overfit.external_accuracy_fold_mean"] == pytest.approx(0.3, abs=0.05)
+    assert metrics["compare.good-coin.p_holm"] < 0.001
+    assert {f"{v}.oof_{m}" for v in ("coin", "good") for m in ("roc_auc", "log_loss", "ece", "macro_f1")} <= set(metrics)
+
+
+def test_the_scarcity_curve_reports_each_point_and_the_one_not_run(known_answers):
+    curve = known_answers.evaluation["scarcity"]["probe"]
+    assert [p["images_per_class"] for p in curve] == [5, 10, 1000]
+    five, ten, too_many = curve
+    assert five["train_images"] == 50 and ten["train_images"] == 100
+    assert five["oof_accuracy_low"] <= five["oof_accuracy"] <= five["oof_accuracy_high"]
+    assert 0.15 < ten["test_accuracy_fold_mean"] <= 1  # the probe beats chance (0.1) on the fixed test set
+    assert "fewer than 1000" in too_many["not_run"]
+    table = pd.read_csv(known_answers.outputs.plots / "scarcity" / "probe.csv")
+    assert table.images_per_class.tolist() == [5, 10]
+    assert "not run: class" in known_answers.outputs.report_md.read_text()
+
+
+def test_dvc_plot_files_hold_every_out_of_fold_prediction(known_answers):
+    plots = known_answers.outputs.plots
+    confusion = pd.read_csv(plots / "confusion" / "good.csv", dtype=str)
+    assert len(confusion) == 200  # 100 images x 2 repeats
+    assert 0.85 < (confusion.actual == confusion.predicted).mean() <= 1
+    roc = pd.read_csv(plots / "roc" / "good.csv")
+    assert roc.iloc[0].tolist() == [0, 0] and roc.iloc[-1].tolist() == [1, 1]
+    calibration = pd.read_csv(plots / "calibration" / "coin.csv")
+    assert calibration["count"].sum() == 100
+    for name in ("accuracy", "differences", "scarcity", "reliability", "roc", "confusion_good",
+                 "confusion_good_external"):
+        assert (known_answers.outputs.figures / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_html_report_is_self_contained_and_says_what_the_markdown_says(known_answers):
+    page = known_answers.outputs.report_html.read_text()
+    markdown = known_answers.outputs.report_md.read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == markdown.count("![")
+    assert not re.search(r'(src|href)="(https?:|//)', page) and "<script" not in page
+    for section in ("What each ingredient bought", "How it scales with labelled data", "Where the errors are",
+                    "The data", "Augmentation", "Synthetic samples"):
+        assert f">{section}</h" in page and f"# {section}" in markdown
+    assert "FID" in page and "CAS (samples)" in page  # the GAN fold's sample quality beside its grid
+
+
+def test_missing_predictions_say_what_to_run(tmp_path, known_answers):
+    params = make_params()
+    inputs = known_answers.inputs.__class__(**{**known_answers.inputs.__dict__,
+                                              "finetune": lambda r, f, n: tmp_path / f"{r}{f}{n}"})
+    with pytest.raises(PipelineError, match=r"is missing: run `dvc repro` so it covers repeat 0, fold 0, variant x"):
+        evaluate.run(params.evaluate, {"x": params.variants["cnn"]}, params.scarcity, inputs, outputs_in(tmp_path))
+
+
+def test_single_changes_pair_variants_that_differ_in_one_setting():
     variants = make_params().variants
-    summary = evaluate.run(make_params().evaluate, {"coin": variants["baseline"], "perfect": variants["augment"]},
-                           collected_dir,
-                           lambda repeat, fold, name: preds / f"r{repeat}-fold{fold}-{name}", out)
-    assert json.loads(out.metrics.read_text()) == summary
-    perfect, coin = summary["perfect"], summary["coin"]
-    assert perfect["cv_accuracy"] == perfect["oof_accuracy"] == perfect["external_ensemble_accuracy"] == 1.0
-    assert perfect["cv_accuracy_std"] == 0.0 and perfect["cv_macro_f1"] == 1.0
-    assert 0.3 < coin["cv_accuracy"] < 0.7 and 0.35 < coin["external_accuracy_fold_mean"] < 0.65
-    # averaging the folds' probabilities: wrong answers disagree less often than right ones, so the ensemble is
-    # at least as good as the folds
-    assert coin["external_ensemble_accuracy"] >= coin["external_accuracy_fold_mean"] - 0.05
-    report = out.report.read_text()
-    assert "**perfect** did best in cross-validation" in report
-    assert "| **perfect** | efficientnet_lite0, packaged weights, full, 32 px, 3 epochs, +augment | 1.000 [1.000, 1.000] " \
-           "| 1.000 ± 0.000" in report
-    # the two differ in augmentation alone, so the report says what it bought
-    change = perfect["oof_accuracy"] - coin["oof_accuracy"]
-    assert f"| augment: False → True | coin → perfect | {coin['oof_accuracy']:.3f} → 1.000 | {change:+.3f} |" in report
-    assert "Its interval overlaps" not in report  # 40 coin flips cannot reach 1.0
-    # the bootstrap interval of the coin-flip variant is wide and holds its point estimate
-    assert coin["oof_accuracy_low"] < coin["oof_accuracy"] < coin["oof_accuracy_high"]
-    assert coin["oof_accuracy_high"] - coin["oof_accuracy_low"] > 0.2
-    assert (out.figures / "confusion_perfect.png").stat().st_size > 1000
-    assert (out.figures / "confusion_coin.png").exists()
-
-
-def test_missing_predictions_say_what_to_run(tmp_path, collected_dir):
-    with pytest.raises(PipelineError, match=r"is missing: run `dvc repro` so finetune covers repeat 0, fold 0, "
-                                            r"variant x"):
-        evaluate.run(make_params().evaluate, {"x": make_params().variants["cnn"]}, collected_dir,
-                     lambda r, f, n: tmp_path / f"{r}{f}{n}",
-                     outputs(tmp_path))
-
-
-def test_score_and_interval_known_answers():
-    targets = np.array([0, 0, 1, 1])
-    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6]])
-    result = score(targets, probs)
-    assert result["accuracy"] == 0.75 and result["balanced_accuracy"] == 0.75
-    assert result["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
-    assert mean_std([0.5, 0.7, 0.6]) == (pytest.approx(0.6), pytest.approx(0.1))
-    assert mean_std([0.9]) == (0.9, 0.0)
-
-
-def test_bootstrap_interval_matches_the_binomial_spread():
-    """200 images, 150 right: the 95% interval of the accuracy is about 0.75 +- 1.96 * sqrt(.75 * .25 / 200)."""
-    targets = np.zeros(200, dtype=int)
-    probs = np.tile([[0.2, 0.8]], (200, 1))
-    probs[:150] = [0.8, 0.2]
-    low, high = bootstrap_accuracy(targets, probs, 0.95)
-    half = 1.96 * (0.75 * 0.25 / 200) ** 0.5
-    assert low == pytest.approx(0.75 - half, abs=0.015) and high == pytest.approx(0.75 + half, abs=0.015)
-    assert bootstrap_accuracy(targets, probs, 0.95) == (low, high)  # seeded: reproducible
-
-
-def test_repeats_are_evaluated_together(tmp_path):
-    """Two repeats of 2-fold CV: four fold scores, out-of-fold metrics averaged over the repeats, and an interval
-    where an image counts with its share of right answers across repeats."""
-    from pipeline import collect
-
-    params = make_params(collect__repeats=[0, 1])
-    collect.run(params.collect, tmp_path / "collected", tmp_path / "collect-reports")
-    preds = tmp_path / "finetune"
-    write_predictions(preds, tmp_path / "collected", "coin", 0.5, 3)
-    summary = evaluate.run(params.evaluate, {"coin": params.variants["cnn"]}, tmp_path / "collected",
-                           lambda repeat, fold, name: preds / f"r{repeat}-fold{fold}-{name}", outputs(tmp_path))
-    coin = summary["coin"]
-    assert 0.3 < coin["oof_accuracy"] < 0.7
-    assert coin["oof_accuracy_low"] < coin["oof_accuracy"] < coin["oof_accuracy_high"]
-    assert "2-fold cross-validation repeated 2 times" in outputs(tmp_path).report.read_text()
-    # an image right in one repeat and wrong in the other counts half: the interval is narrower than one repeat's
-    targets = np.zeros(100, dtype=int)
-    right, wrong = np.tile([[0.9, 0.1]], (100, 1)), np.tile([[0.1, 0.9]], (100, 1))
-    one_repeat = bootstrap_accuracy(targets, np.where(np.arange(100)[:, None] < 50, right, wrong), 0.95)
-    halves = bootstrap_accuracy(targets, np.stack([np.where(np.arange(100)[:, None] % 2 == 0, right, wrong),
-                                                   np.where(np.arange(100)[:, None] % 2 == 1, right, wrong)]), 0.95)
-    assert halves == (0.5, 0.5) and one_repeat[1] - one_repeat[0] > 0.15
+    pairs = evaluate.single_changes(variants)
+    assert ("weights", "scratch", "baseline") in pairs and ("augment", "baseline", "augment") in pairs
+    assert ("synthetic", "augment", "synthetic") in pairs and ("synthetic", "cnn", "cnn_synthetic") in pairs
+    assert all(a != b for _, a, b in pairs) and not any(s == "backbone" and a == "scratch" for s, a, _ in pairs)
+    assert np.all([isinstance(s, str) for s, _, _ in pairs])

@@ -54,6 +54,11 @@ def test_default_params_yaml_is_valid():
     ({"augment.transforms.hflip": {"p": 1.5}}, r"`augment.transforms.hflip.p` must be a probability"),
     ({"augment.transforms.affine.scale": [1.2, 0.8]}, r"`augment.transforms.affine.scale` must be a \[low, high\]"),
     ({"synthesize.ema_decay": 1.0}, r"`synthesize.ema_decay` must be in \[0, 1\)"),
+    ({"scarcity.holdout": -1}, r"`scarcity.holdout` must be >= 0"),
+    ({"scarcity.variants": ["cnn", "cnn"]}, r"`scarcity.variants` must be names without repeats"),
+    ({"evaluate.test": "wilcoxon"}, r"`evaluate.test` must be one of 'corrected_t', 'bootstrap'"),
+    ({"evaluate.bootstrap": 10}, r"`evaluate.bootstrap` must be from 100 to 100000"),
+    ({"evaluate.alpha": 0.5}, r"`evaluate.alpha` must be in \(0, 0.5\)"),
 ])
 def test_bad_values_are_refused_with_the_key_named(overrides, message):
     with pytest.raises(PipelineError, match=message):

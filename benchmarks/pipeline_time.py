@@ -73,6 +73,26 @@ def seconds_of(cmd: list[str], repo: Path, repeats: int = 3) -> float:
     return best
 
 
+def print_results(ev: dict) -> None:
+    """The evaluation's headline numbers: each variant, each comparison, each point of the scarcity curve."""
+    nan = {"fold_mean": float("nan"), "fold_std": float("nan"), "ensemble": float("nan")}
+    for name, v in sorted(ev["variants"].items(), key=lambda kv: -kv[1]["oof"]["accuracy"]["value"]):
+        oof, cv, ext = v["oof"]["accuracy"], v["cv"]["accuracy"], (v["external"] or {}).get("accuracy", nan)
+        print(f"{name:<14} out-of-fold accuracy {oof['value']:.3f} [{oof['low']:.3f}, {oof['high']:.3f}], folds "
+              f"{cv['mean']:.3f} [{cv['low']:.3f}, {cv['high']:.3f}], ROC AUC {v['oof']['roc_auc']['value']:.3f}, "
+              f"ECE {v['oof']['ece']['value']:.3f}; external folds {ext['fold_mean']:.3f} ± {ext['fold_std']:.3f}, "
+              f"ensemble {ext['ensemble']:.3f}, inside CV interval: {v.get('external_inside_cv_interval')}")
+    for c in ev["comparisons"]:
+        print(f"{c['what']:<40} {c['a']:>13} -> {c['b']:<13} {c['difference']:+.3f} [{c['low']:+.3f}, "
+              f"{c['high']:+.3f}] p(t) {c['corrected_t']['p_value']:.4f} p(boot) {c['bootstrap']['p_value']:.4f} "
+              f"Holm {c['p_holm']:.4f} {'significant' if c['significant'] else 'not significant'}")
+    for name, points in ev["scarcity"].items():
+        for p in points:
+            text = p.get("not_run") or (f"{p['oof_accuracy']:.3f} [{p['oof_accuracy_low']:.3f}, "
+                                        f"{p['oof_accuracy_high']:.3f}], test {p.get('test_accuracy_fold_mean', 0):.3f}")
+            print(f"scarcity {name:<10} n={p['images_per_class']:<4} {text}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
@@ -93,9 +113,11 @@ def main() -> None:
     dvc_start = seconds_of([sys.executable, "-m", "dvc", "--version"], repo)
 
     groups: dict[str, list[float]] = {}
-    for name, seconds in stages:  # finetune@R-K-variant counts per variant
+    for name, seconds in stages:  # finetune@R-K-variant counts per variant, scarcity@N-variant per variant and N
         stage, _, item = name.partition("@")
-        key = f"{stage} {item.split('-', 2)[2]}" if stage == "finetune" else stage
+        key = {"finetune": lambda: f"{stage} {item.split('-', 2)[2]}",
+               "scarcity": lambda: f"{stage} {item.split('-', 1)[1]} n={item.split('-', 1)[0]}"}.get(
+            stage, lambda: stage)()
         groups.setdefault(key, []).append(seconds)
     print(f"{'stage':<24} {'runs':>4} {'seconds':>9} {'each':>7}")
     for name, times in groups.items():
@@ -103,12 +125,7 @@ def main() -> None:
     print(f"full dvc repro: {total:.1f} s = {total / 60:.1f} min; reference workload {reference:.2f} s "
           f"(before {ref_before:.2f}, after {ref_after:.2f}); ratio {total / reference:.0f}")
     print(f"no-op dvc repro: {noop:.2f} s; dvc --version: {dvc_start:.2f} s; ratio {noop / dvc_start:.2f}")
-    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    for variant, m in sorted(metrics.items(), key=lambda kv: -kv[1]["oof_accuracy"]):
-        print(f"{variant:<14} out-of-fold accuracy {m['oof_accuracy']:.3f} [{m['oof_accuracy_low']:.3f}, "
-              f"{m['oof_accuracy_high']:.3f}], external folds {m.get('external_accuracy_fold_mean', float('nan')):.3f}"
-              f" ± {m.get('external_accuracy_fold_std', float('nan')):.3f}, external ensemble "
-              f"{m.get('external_ensemble_accuracy', float('nan')):.3f}")
+    print_results(json.loads((repo / "reports" / "evaluation.json").read_text()))
     if not args.keep:
         shutil.rmtree(repo, ignore_errors=True)
 

@@ -253,10 +253,6 @@ class Params:
             _require(not self.variants[name].synthetic, f"scarcity.variants ({name})",
                      "variants without synthetic data: each fold's GAN is trained on the whole fold, so its samples "
                      "would carry more real images into training than the curve's point allows", name)
-        folds = len(self.collect.folds)
-        for n in self.scarcity.images_per_class:
-            _require(n >= folds, "scarcity.images_per_class",
-                     f"at least collect.folds' count ({folds}) per value, so every fold validates each class", n)
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:

@@ -114,6 +114,8 @@ def assign_folds(collected: Collected, train: np.ndarray, seed: int) -> np.ndarr
 
 
 def draw(collected: Collected, params: ScarcityParams, n: int) -> Draw:
+    if n < len(collected.folds):
+        raise NotEnoughImages(f"{n} images per class cannot give each of the {len(collected.folds)} folds one")
     test, pool = test_and_pool(collected, params)
     orders = class_orders(collected, pool, params.seed)
     short = {collected.classes[t]: len(order) for t, order in orders.items() if len(order) < n}

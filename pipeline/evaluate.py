@@ -194,9 +194,10 @@ def single_changes(variants: dict[str, Variant]) -> list[tuple[str, str, str]]:
 
 
 def comparisons(results: dict[str, VariantResult], variants: dict[str, Variant], best: str,
-                params: EvaluateParams) -> list[dict]:
+                external_targets: np.ndarray, params: EvaluateParams) -> list[dict]:
     """Paired comparisons of accuracy on the same folds and images: every single-setting change, then the best
-    variant against each other one. p-values are Holm-corrected over all of them."""
+    variant against each other one. p-values are Holm-corrected over all of them. Where there is an external test
+    set, the fold ensembles are also compared there (paired bootstrap over its images)."""
     pairs = [(f"{SETTING_WORDS.get(s, s)}: {_setting(asdict(variants[a])[s])} → {_setting(asdict(variants[b])[s])}",
               a, b)
              for s, a, b in single_changes(variants)]
@@ -210,7 +211,12 @@ def comparisons(results: dict[str, VariantResult], variants: dict[str, Variant],
         t_test = corrected_t_test(diffs, ra.test_train_ratio, params.confidence)
         boot = paired_bootstrap(ra.oof_targets, ra.oof_probs, rb.oof_probs, "accuracy", params.confidence,
                                 params.bootstrap)
-        out.append({"what": what, "a": a, "b": b, "corrected_t": asdict(t_test), "bootstrap": asdict(boot)})
+        record = {"what": what, "a": a, "b": b, "corrected_t": asdict(t_test), "bootstrap": asdict(boot)}
+        if ra.external_probs is not None and rb.external_probs is not None:
+            # beside the CV test, not instead of it: the external set says whether the CV verdict held on new data
+            record["external"] = asdict(paired_bootstrap(external_targets, ra.external_probs, rb.external_probs,
+                                                         "accuracy", params.confidence, params.bootstrap))
+        out.append(record)
     for c in out:
         c["test"] = params.test
         if params.test == "corrected_t" and c["corrected_t"]["low"] == c["corrected_t"]["high"]:
@@ -365,7 +371,7 @@ def run(params: EvaluateParams, variants: dict[str, Variant], scarcity: Scarcity
     results = {name: load_variant(name, collected, inputs.finetune) for name in variants}
     stats = {name: variant_statistics(r, ext_targets, params) for name, r in results.items()}
     best = max(stats, key=lambda v: stats[v]["cv"]["accuracy"]["mean"])
-    compared = comparisons(results, variants, best, params)
+    compared = comparisons(results, variants, best, ext_targets, params)
     curves = scarcity_curves(collected, scarcity, inputs.scarcity, params)
     evaluation = {"data": report.data_summary(collected), "params": asdict(params), "best": best,
                   "variants": {n: {"recipe": report.recipe(variants[n]), **s} for n, s in stats.items()},

@@ -122,8 +122,13 @@ def _ci(low: float, high: float) -> str:
     return f"[{_f(low)}, {_f(high)}]"
 
 
-def _p(p: float) -> str:
-    return "–" if not np.isfinite(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+def _p(p: float, resamples: int | None = None) -> str:
+    """A p-value in words; a bootstrap's at its floor, 2 / (resamples + 1), is only known to be that small."""
+    if not np.isfinite(p):
+        return "–"
+    if resamples and p <= 2 / (resamples + 1) + 1e-12:
+        return f"≤ {p:.3f}"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def headline(ev: dict) -> list:
@@ -151,17 +156,40 @@ TEST_NAMES = {"corrected_t": "corrected resampled t-test", "bootstrap": "paired 
 
 def verdicts(ev: dict) -> list[str]:
     """One sentence per comparison: what changed, by how much, and whether the test can tell."""
-    out = []
+    out, resamples = [], ev["params"]["bootstrap"]
     for c in ev["comparisons"]:
         test = TEST_NAMES[c["test"]]
         move = "raised" if c["difference"] > 0 else "lowered" if c["difference"] < 0 else "left"
         body = (f"{c['what']} ({c['a']} → {c['b']}) {move} accuracy by {abs(c['difference']):.3f} "
                 f"(interval {c['low']:+.3f} to {c['high']:+.3f}, Holm-corrected p {_p(c['p_holm'])}, {test})")
         if c["significant"]:
-            out.append(f"**{'Helped' if c['difference'] > 0 else 'Hurt'}:** {body}.")
+            words = ("Ahead", "Behind") if c["what"].startswith("best") else ("Helped", "Hurt")
+            text = f"**{words[0] if c['difference'] > 0 else words[1]}:** {body}."
         else:
-            out.append(f"**Not significant:** {body}; this data cannot tell the two apart.")
+            text = f"**Not significant:** {body}; this data cannot tell the two apart."
+        if "external" in c:
+            x = c["external"]
+            text += (f" On the external test set the fold ensembles differ by {x['difference']:+.3f} "
+                     f"({x['low']:+.3f} to {x['high']:+.3f}, p {_p(x['p_value'], resamples)}).")
+        out.append(text)
     return out
+
+
+def comparison_summary(ev: dict) -> str:
+    """How many comparisons the test could decide, and what would give it more power."""
+    compared = ev["comparisons"]
+    decided = sum(c["significant"] for c in compared)
+    d = ev["data"]
+    text = (f"{decided} of {len(compared)} differences are significant at {ev['params']['alpha']} after Holm's "
+            "correction (the p-values are adjusted for the number of comparisons; the intervals are not).")
+    if d["repeats"] == 1 and ev["params"]["test"] == "corrected_t":
+        text += (f" The corrected t-test sees {d['folds']} folds, {d['folds'] - 1} degrees of freedom, so only "
+                 "large differences pass; more repeats of the split (`collect.repeats: [0, 1, 2, ...]`) give it "
+                 "more power.")
+    if any("external" in c for c in compared):
+        text += (" The external test set is far larger than the cross-validation, so its differences are "
+                 "measured much more tightly; they are shown beside each verdict, not used for it.")
+    return text
 
 
 def variants_table(ev: dict) -> Table:
@@ -189,11 +217,20 @@ def variants_table(ev: dict) -> Table:
 
 
 def comparisons_table(ev: dict) -> Table:
-    rows = [[c["what"], f"{c['a']} → {c['b']}", f"{c['difference']:+.3f}", f"[{c['low']:+.3f}, {c['high']:+.3f}]",
-             _p(c["corrected_t"]["p_value"]), _p(c["bootstrap"]["p_value"]), TEST_NAMES[c["test"]], _p(c["p_holm"]),
-             "**yes**" if c["significant"] else "no"] for c in ev["comparisons"]]
+    has_ext = any("external" in c for c in ev["comparisons"])
+    rows, resamples = [], ev["params"]["bootstrap"]
+    for c in ev["comparisons"]:
+        row = [c["what"], f"{c['a']} → {c['b']}", f"{c['difference']:+.3f}", f"[{c['low']:+.3f}, {c['high']:+.3f}]",
+               _p(c["corrected_t"]["p_value"]), _p(c["bootstrap"]["p_value"], resamples), TEST_NAMES[c["test"]],
+               _p(c["p_holm"]), "**yes**" if c["significant"] else "no"]
+        if has_ext:
+            x = c.get("external")
+            row.append(f"{x['difference']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}], p {_p(x['p_value'], resamples)}" if x
+                       else "–")
+        rows.append(row)
     return Table(["change", "variants", "accuracy difference", "interval", "p, corrected t", "p, paired bootstrap",
-                  "test used", "its p, Holm-corrected", "significant"], rows)
+                  "test used", "its p, Holm-corrected", "significant"]
+                 + (["external test: ensemble difference"] if has_ext else []), rows)
 
 
 def scarcity_blocks(ev: dict, figures: Path) -> list:
@@ -280,7 +317,7 @@ def document(ev: dict, figures: Path, assets: Assets) -> list:
                    "share training images. Neither includes the variation from collecting another dataset. ECE is "
                    "the expected calibration error (0 = probabilities match accuracy).")]
     if ev["comparisons"]:
-        blocks += [Heading("What each ingredient bought"), Bullets(verdicts(ev))]
+        blocks += [Heading("What each ingredient bought"), Text(comparison_summary(ev)), Bullets(verdicts(ev))]
         if (figures / "differences.png").exists():
             blocks.append(Figure(figures / "differences.png", "Paired differences in accuracy"))
         blocks.append(comparisons_table(ev))

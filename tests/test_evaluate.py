@@ -26,7 +26,12 @@ def test_a_variant_better_by_construction_is_significant_and_an_identical_one_is
     # every fold moved by exactly 0, so the t statistic is undefined and the paired bootstrap decides
     assert same["test"] == "bootstrap"
     assert ev["best"] == "good"
+    # beside the CV verdict, the external set's paired comparison of the fold ensembles (300 images)
+    assert 0.3 < better["external"]["difference"] < 0.6 and better["external"]["low"] > 0
+    assert same["external"]["difference"] == 0 and same["external"]["p_value"] == 1
     report = known_answers.outputs.report_md.read_text()
+    assert "2 of 4 differences are significant" in report  # good beats coin and its twin; not overfit (same CV)
+    assert "On the external test set the fold ensembles differ by +0.000 (+0.000 to +0.000, p 1.000)" in report
     assert "**Helped:** augmentation: off → on (coin → good) raised accuracy by" in report
     assert "**Not significant:** epochs: 3 → 4 (coin → twin) left accuracy by 0.000" in report
 

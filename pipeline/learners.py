@@ -60,6 +60,7 @@ class Outcome:
     probs: tuple[np.ndarray, np.ndarray]  # for the validation and the external images
     history: list[dict]
     meta: dict
+    model: torch.nn.Module | None = None  # the trained network (full fine-tuning), for the final model
 
 
 def inner_split(targets: np.ndarray, groups: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +153,7 @@ def full(job: Job) -> Outcome | None:
     meta = {"epochs_run": epochs, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
             "resumed_from_epoch": result.resumed_from, "steps": epochs * per_epoch, "train_seconds": round(seconds, 2),
             "train_images_per_second": round(shown / max(seconds, 1e-9), 1)}
-    return Outcome(probs, result.history, meta)
+    return Outcome(probs, result.history, meta, result.model)
 
 
 def augmented_views(images: np.ndarray, policy, views: int, seed: int) -> np.ndarray:

@@ -212,6 +212,11 @@ class ScarcityParams:
 
 
 @dataclass(frozen=True)
+class FinalParams:
+    variant: str  # `best` (the evaluation's first) or a name from `variants`
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     confidence: float  # level of every interval
     bootstrap: int  # resamples of the bootstrap intervals and of the paired bootstrap test
@@ -233,6 +238,7 @@ class Params:
     variants: dict[str, Variant]
     scarcity: ScarcityParams
     evaluate: EvaluateParams
+    final: FinalParams
 
     def __post_init__(self) -> None:
         _require(len(self.variants) >= 1, "variants", "at least one variant", self.variants)
@@ -245,6 +251,8 @@ class Params:
                      "from 16 to 1024, or 0 for the model's own (from its timm config)", variant.input_size)
             _require(variant.epochs >= 1, f"variants.{name}.epochs", ">= 1", variant.epochs)
         self._check_scarcity()
+        _require(self.final.variant == "best" or self.final.variant in self.variants, "final.variant",
+                 f"best or a name from `variants` ({', '.join(self.variants)})", self.final.variant)
 
     def _check_scarcity(self) -> None:
         for name in self.scarcity.variants:

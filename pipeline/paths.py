@@ -15,6 +15,7 @@ CHECKPOINTS = DATA / "checkpoints"  # training state of killed runs, outside DVC
 SYNTHESIZE_REPORTS = REPORTS / "synthesize"  # synthesize: per-fold DVC metrics and plots
 FINETUNE_REPORTS = REPORTS / "finetune"  # finetune: per fold x variant dvclive curves (DVC plots) and metrics
 SCARCITY = DATA / "scarcity"  # scarcity: one folder per point of the curve and variant
+MODEL = DATA / "model"  # final: the model trained on every labelled image, its card and exports
 FEATURE_CACHE = DATA / "cache" / "features"  # frozen-backbone features, shared by every fold and variant
 
 IMAGES_FILE = "images.npz"
@@ -33,6 +34,7 @@ EVALUATION = REPORTS / "evaluation.json"  # evaluate: every number of the report
 REPORT = REPORTS / "report.md"
 REPORT_HTML = REPORTS / "report.html"  # the same report, one self-contained file
 FIGURES = REPORTS / "figures"  # evaluate: the report's PNGs (DVC image plots)
+FINAL_METRICS = REPORTS / "final.json"  # final: the final model's external accuracy
 PLOTS = REPORTS / "plots"  # evaluate: data for DVC plots (confusion, roc, calibration, scarcity)
 
 

@@ -1,0 +1,129 @@
+"""Stage 6, final: train the chosen variant on every labelled image and save it for use.
+
+`final.variant` names a variant, or `best` for the one the evaluation ranked first. The model is trained exactly
+as in cross-validation (same recipe, same number of epochs), only on all the labelled images instead of k-1
+folds of them, so the CV figures describe it (slightly pessimistically: it saw 1/k more data). Writes
+data/model/ (weights, model card, TorchScript and ONNX exports; see pipeline/inference.py) and, where there is
+an external test set, the final model's accuracy there in reports/final.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline import atomic, inference, paths
+from pipeline.errors import PipelineError
+from pipeline.images import load_collected
+from pipeline.learners import Job, Workspace, real_training_set, train
+from pipeline.images import Normalise
+from pipeline.params import FinalParams, FinetuneParams, Variant
+from pipeline.runtime import World, cli, pick_device, seed_everything, stage_args
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinalInputs:
+    collected: Path
+    policy: Path
+    evaluation: Path  # evaluate's evaluation.json: the ranking and the CV figures for the card
+
+
+@dataclass(frozen=True)
+class FinalOutputs:
+    folder: Path  # the model folder
+    metrics: Path  # the final model's external accuracy (DVC metrics)
+    checkpoints: Path | None = None
+
+
+def choose(params: FinalParams, variants: dict[str, Variant], evaluation: dict) -> str:
+    name = evaluation["best"] if params.variant == "best" else params.variant
+    if name not in variants:
+        raise PipelineError(f"final.variant: {name!r} is not in params `variants` ({', '.join(variants)})")
+    if variants[name].synthetic:
+        raise PipelineError(f"final.variant: {name!r} uses GAN samples; the final stage does not yet train a GAN on "
+                            "all the images, so pick a variant without synthetic data")
+    if variants[name].strategy != "full":
+        raise PipelineError(f"final.variant: {name!r} is a {variants[name].strategy}; only full fine-tuning is "
+                            "exported so far, so pick a variant with strategy: full")
+    return name
+
+
+def manifest_hash(sha256: list[str]) -> str:
+    """One hash of the training data: the sorted sha256 of every labelled image's stored pixels."""
+    return hashlib.sha256("\n".join(sorted(sha256)).encode()).hexdigest()
+
+
+def model_card(name: str, variant: Variant, model, finetune: FinetuneParams, image: Normalise, classes: list[str],
+               evaluation: dict, data_hash: str, trained_on: int) -> dict:
+    cv = evaluation["variants"][name]
+    return {"variant": name, "recipe": cv["recipe"], "classes": classes, "backbone": variant.backbone,
+            "weights": variant.weights, "input_size": model.input_size,
+            "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
+            "image": {"size": image.size, "channels": image.channels, "fit": image.fit}, "trained_on_images": trained_on, "data_sha256": data_hash,
+            "params": {"variant": asdict(variant), "finetune": asdict(finetune)},
+            "cross_validation": {"oof": cv["oof"], "cv": cv["cv"], "external": cv["external"]}}
+
+
+def card_markdown(card: dict) -> str:
+    oof = card["cross_validation"]["oof"]["accuracy"]
+    lines = [f"# Model card: {card['variant']}", "", f"{card['recipe']}.", "",
+             f"- Classes ({len(card['classes'])}): {', '.join(card['classes'])}",
+             f"- Input: {card['image']['size']} x {card['image']['size']} pixels, {card['image']['channels']} "
+             f"channel(s), values in [0, 1], prepared as collect does (`fit: {card['image']['fit']}`); resized to "
+             f"{card['input_size']} px and normalised inside the model (mean {card['mean']}, std {card['std']})",
+             f"- Trained on {card['trained_on_images']} labelled images (data sha256 {card['data_sha256'][:16]}…)",
+             f"- Cross-validated accuracy of this recipe: {oof['value']:.3f} ({oof['low']:.3f} to {oof['high']:.3f})"]
+    if "final_external_accuracy" in card:
+        lines.append(f"- This model on the external test set: {card['final_external_accuracy']:.3f}")
+    lines += ["", "Files: `model.safetensors` (weights), `model.torchscript.pt` and `model.onnx` (logits from float "
+              "images N x C x H x W), this card as `model_card.json`.", ""]
+    return "\n".join(lines)
+
+
+def run(params: FinalParams, finetune: FinetuneParams, variants: dict[str, Variant], image: Normalise,
+        inputs: FinalInputs, outputs: FinalOutputs) -> dict:
+    """Train, save, export; return the model card."""
+    evaluation = json.loads(inputs.evaluation.read_text())
+    name = choose(params, variants, evaluation)
+    variant = variants[name]
+    seed_everything(finetune.seed)
+    collected = load_collected(inputs.collected)
+    rows = collected.labelled
+    images, targets = collected.select(rows)
+    data = real_training_set(images, targets, rows["group"].to_numpy(), finetune, variant, finetune.seed)
+    external_images, external_targets = collected.select(collected.external)
+    device = pick_device(finetune.device)
+    job = Job(finetune, variant, data, (external_images, images[:0]), len(collected.classes), inputs.policy,
+              Workspace(None, outputs.checkpoints, None), device, World())
+    outcome = train(job)
+    card = model_card(name, variant, outcome.model, finetune, image, list(collected.classes), evaluation,
+                      manifest_hash(list(rows.sha256)), len(images))
+    metrics = {}
+    if len(external_targets):
+        card["final_external_accuracy"] = float((outcome.probs[0].argmax(1) == external_targets).mean())
+        metrics["external_accuracy"] = card["final_external_accuracy"]
+    with atomic.atomic_dir(outputs.folder) as tmp:
+        inference.save_model(tmp, outcome.model, card)
+        inference.export(outcome.model, card, tmp)
+        atomic.write_text(tmp / inference.CARD_MD_FILE, card_markdown(card))
+    atomic.write_text(outputs.metrics, json.dumps(metrics, indent=2) + "\n")
+    log.info("final: %s trained on %d images%s", name, len(images),
+             f"; external accuracy {card['final_external_accuracy']:.3f}" if len(external_targets) else "")
+    return card
+
+
+def main(argv: list[str] | None = None) -> None:
+    _, params = stage_args(__doc__, argv)
+    image = Normalise(params.collect.image_size, params.collect.channels, params.collect.fit)
+    inputs = FinalInputs(paths.COLLECTED, paths.AUGMENT / paths.POLICY_FILE, paths.EVALUATION)
+    outputs = FinalOutputs(paths.MODEL, paths.FINAL_METRICS, paths.CHECKPOINTS / "final")
+    run(params.final, params.finetune, params.variants, image, inputs, outputs)
+
+
+if __name__ == "__main__":
+    cli(main)

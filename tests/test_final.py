@@ -1,0 +1,112 @@
+"""The final model: trained on every labelled image, saved with its card, exported to TorchScript and ONNX (checked
+with onnxruntime on real images), and used by `python -m pipeline.predict` on real files, broken ones included."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, make_params, stage_env
+from pipeline import augment, final, inference, predict
+from pipeline.errors import PipelineError
+from pipeline.images import Normalise, load_collected
+
+
+def fake_evaluation(name: str, recipe: str) -> dict:
+    """The parts of evaluate's evaluation.json the final stage reads."""
+    interval = {"value": 0.5, "low": 0.4, "high": 0.6}
+    return {"best": name, "variants": {name: {"recipe": recipe, "oof": {"accuracy": interval},
+                                              "cv": {"accuracy": {"mean": 0.5, "low": 0.4, "high": 0.6}},
+                                              "external": None}}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, collected_dir):
+    root = tmp_path_factory.mktemp("final")
+    params = make_params()
+    augment.run(params.augment, collected_dir, root / "augment")
+    (root / "evaluation.json").write_text(json.dumps(fake_evaluation("cnn", "compact CNN")))
+    inputs = final.FinalInputs(collected_dir, root / "augment" / "policy.json", root / "evaluation.json")
+    outputs = final.FinalOutputs(root / "model", root / "final.json")
+    image = Normalise(params.collect.image_size, params.collect.channels, params.collect.fit)
+    card = final.run(params.final, params.finetune, params.variants, image, inputs, outputs)
+    assert card["variant"] == "cnn"
+    return root / "model"
+
+
+def test_the_card_says_what_the_model_is_and_what_it_was_trained_on(model_dir, collected_dir):
+    card = json.loads((model_dir / "model_card.json").read_text())
+    collected = load_collected(collected_dir)
+    assert card["classes"] == list(collected.classes) and card["backbone"] == "compact_cnn"
+    assert card["trained_on_images"] == len(collected.labelled) == 40
+    assert card["image"] == {"size": 16, "channels": 1, "fit": "crop"} and card["input_size"] == 32
+    assert card["data_sha256"] == final.manifest_hash(list(collected.labelled.sha256))
+    assert card["mean"] == [0.5, 0.5, 0.5] and card["params"]["variant"]["epochs"] == 3
+    assert 0.1 <= card["final_external_accuracy"] <= 1
+    assert "# Model card: cnn" in (model_dir / "model_card.md").read_text()
+
+
+def test_exports_match_pytorch_on_real_images(model_dir, collected_dir):
+    import onnxruntime
+
+    model, card = inference.load_model(model_dir, torch.device("cpu"))
+    images = load_collected(collected_dir).images[-64:]  # external digits the model never saw
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        expected = model(x).softmax(1).numpy()
+    session = onnxruntime.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_probs = torch.from_numpy(session.run(None, {"images": x.numpy()})[0]).softmax(1).numpy()
+    assert np.abs(onnx_probs - expected).max() < 1e-4
+    scripted = torch.jit.load(str(model_dir / "model.torchscript.pt"))
+    with torch.no_grad():
+        assert np.abs(scripted(x).softmax(1).numpy() - expected).max() < 1e-5
+    assert expected.argmax(1).tolist() == predict.probabilities(model, images, torch.device("cpu"), 7).argmax(1).tolist()
+
+
+def test_predict_command_reads_files_folders_and_globs_and_reports_bad_files(tmp_path, model_dir, collected_dir):
+    collected = load_collected(collected_dir)
+    images = collected.images[-6:]
+    (tmp_path / "folder" / "sub").mkdir(parents=True)
+    files = [tmp_path / "a.png", tmp_path / "folder" / "b.png", tmp_path / "folder" / "sub" / "c.png",
+             tmp_path / "g1.png", tmp_path / "g2.png", tmp_path / "g3.png"]
+    for path, pixels in zip(files, images):
+        Image.fromarray(pixels[..., 0]).save(path)
+    (tmp_path / "folder" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "predictions.csv"
+    done = subprocess.run([sys.executable, "-m", "pipeline.predict", str(files[0]), str(tmp_path / "folder"),
+                           str(tmp_path / "g*.png"), str(tmp_path / "missing.png"), "--model", str(model_dir),
+                           "--device", "cpu", "--out", str(out)], cwd=ROOT, env=stage_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1, done.stderr  # some files failed
+    assert "8 files: 6 predicted, 2 could not be read" in done.stdout
+    table = pd.read_csv(out, dtype={"path": str, "predicted": str, "error": str})
+    table[["predicted", "error"]] = table[["predicted", "error"]].fillna("")
+    assert len(table) == 8
+    bad = table[table.error != ""]
+    assert set(bad.path) == {str(tmp_path / "folder" / "broken.png"), str(tmp_path / "missing.png")}
+    assert bad.error.str.contains("unreadable|no such file").all()
+    # the files hold exactly the stored pixels, so the command must agree with the model on the arrays
+    model, card = inference.load_model(model_dir, torch.device("cpu"))
+    expected = predict.probabilities(model, images, torch.device("cpu"), 32)
+    good = table[table.error == ""].set_index("path")
+    for path, probs in zip(files, expected):
+        row = good.loc[str(path)]
+        assert row.predicted == card["classes"][probs.argmax()]
+        assert np.allclose([row[f"p_{c}"] for c in card["classes"]], probs, atol=1e-5)
+
+
+def test_variants_the_final_stage_cannot_train_yet_are_refused_by_name():
+    variants = make_params().variants
+    with pytest.raises(PipelineError, match="'synthetic' uses GAN samples"):
+        final.choose(make_params(final__variant="synthetic").final, variants, fake_evaluation("cnn", ""))
+    with pytest.raises(PipelineError, match="'probe' is a linear_probe"):
+        final.choose(make_params().final, variants, fake_evaluation("probe", ""))
+    with pytest.raises(PipelineError, match="`final.variant` must be best or a name from `variants`"):
+        make_params(final__variant="nope")

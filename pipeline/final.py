@@ -2,26 +2,30 @@
 
 `final.variant` names a variant, or `best` for the one the evaluation ranked first. The model is trained exactly
 as in cross-validation (same recipe, same number of epochs), only on all the labelled images instead of k-1
-folds of them, so the CV figures describe it (slightly pessimistically: it saw 1/k more data). Writes
+folds of them, so the CV figures describe it (slightly pessimistically: it saw 1/k more data). A variant with
+GAN samples gets a GAN trained on every labelled image, filtered as in synthesize. Writes
 data/model/ (weights, model card, TorchScript and ONNX exports; see pipeline/inference.py) and, where there is
 an external test set, the final model's accuracy there in reports/final.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import atomic, inference, paths
 from pipeline.errors import PipelineError
-from pipeline.images import load_collected
+from pipeline.images import Collected, Normalise, load_collected
 from pipeline.learners import Job, Workspace, real_training_set, train
-from pipeline.images import Normalise
-from pipeline.params import FinalParams, FinetuneParams, Variant
+from pipeline.params import FinalParams, FinetuneParams, SynthesizeParams, Variant
 from pipeline.runtime import World, cli, pick_device, seed_everything, stage_args
+from pipeline.synthesis import make_samples
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,15 @@ class FinalInputs:
     collected: Path
     policy: Path
     evaluation: Path  # evaluate's evaluation.json: the ranking and the CV figures for the card
+
+
+@dataclass(frozen=True)
+class FinalSettings:
+    final: FinalParams
+    finetune: FinetuneParams
+    synthesize: SynthesizeParams  # for a variant with GAN samples: its GAN, trained on every labelled image
+    variants: dict[str, Variant]
+    image: Normalise  # how collect prepared the images: predictions must prepare theirs the same way
 
 
 @dataclass(frozen=True)
@@ -44,12 +57,6 @@ def choose(params: FinalParams, variants: dict[str, Variant], evaluation: dict) 
     name = evaluation["best"] if params.variant == "best" else params.variant
     if name not in variants:
         raise PipelineError(f"final.variant: {name!r} is not in params `variants` ({', '.join(variants)})")
-    if variants[name].synthetic:
-        raise PipelineError(f"final.variant: {name!r} uses GAN samples; the final stage does not yet train a GAN on "
-                            "all the images, so pick a variant without synthetic data")
-    if variants[name].strategy != "full":
-        raise PipelineError(f"final.variant: {name!r} is a {variants[name].strategy}; only full fine-tuning is "
-                            "exported so far, so pick a variant with strategy: full")
     return name
 
 
@@ -85,24 +92,40 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
-def run(params: FinalParams, finetune: FinetuneParams, variants: dict[str, Variant], image: Normalise,
-        inputs: FinalInputs, outputs: FinalOutputs) -> dict:
+def gan_samples(settings: FinalSettings, collected: Collected, device) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The accepted samples of a GAN trained on every labelled image (no validation images are left to measure
+    CAS on, so only the external set's CAS is recorded, where there is one)."""
+    seed_everything(settings.synthesize.seed)
+    labelled = collected.labelled
+    made = make_samples(settings.synthesize, collected, (labelled, labelled.iloc[:0]), device, None)
+    quality = {k: v for k, v in made.quality.items() if v is not None and k != "acceptance_per_class"}
+    return made.fake[made.kept], made.labels[made.kept].astype(np.int64), quality
+
+
+def run(settings: FinalSettings, inputs: FinalInputs, outputs: FinalOutputs) -> dict:
     """Train, save, export; return the model card."""
+    finetune = settings.finetune
     evaluation = json.loads(inputs.evaluation.read_text())
-    name = choose(params, variants, evaluation)
-    variant = variants[name]
-    seed_everything(finetune.seed)
+    name = choose(settings.final, settings.variants, evaluation)
+    variant = settings.variants[name]
     collected = load_collected(inputs.collected)
+    device = pick_device(finetune.device)
     rows = collected.labelled
     images, targets = collected.select(rows)
     data = real_training_set(images, targets, rows["group"].to_numpy(), finetune, variant, finetune.seed)
+    gan = {}
+    if variant.synthetic:
+        fake, fake_targets, gan = gan_samples(settings, collected, device)
+        data = dataclasses.replace(data, synthetic=fake, synthetic_targets=fake_targets)
+    seed_everything(finetune.seed)
     external_images, external_targets = collected.select(collected.external)
-    device = pick_device(finetune.device)
     job = Job(finetune, variant, data, (external_images, images[:0]), len(collected.classes), inputs.policy,
               Workspace(None, outputs.checkpoints, None), device, World())
     outcome = train(job)
-    card = model_card(name, variant, outcome.model, finetune, image, list(collected.classes), evaluation,
+    card = model_card(name, variant, outcome.model, finetune, settings.image, list(collected.classes), evaluation,
                       manifest_hash(list(rows.sha256)), len(images))
+    if variant.synthetic:
+        card["gan"] = {"samples": len(data.synthetic), **gan, "params": asdict(settings.synthesize)}
     metrics = {}
     if len(external_targets):
         card["final_external_accuracy"] = float((outcome.probs[0].argmax(1) == external_targets).mean())
@@ -120,9 +143,10 @@ def run(params: FinalParams, finetune: FinetuneParams, variants: dict[str, Varia
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_args(__doc__, argv)
     image = Normalise(params.collect.image_size, params.collect.channels, params.collect.fit)
+    settings = FinalSettings(params.final, params.finetune, params.synthesize, params.variants, image)
     inputs = FinalInputs(paths.COLLECTED, paths.AUGMENT / paths.POLICY_FILE, paths.EVALUATION)
     outputs = FinalOutputs(paths.MODEL, paths.FINAL_METRICS, paths.CHECKPOINTS / "final")
-    run(params.final, params.finetune, params.variants, image, inputs, outputs)
+    run(settings, inputs, outputs)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,25 @@ def linear_probe(job: Job) -> Outcome | None:
     meta = {"train_seconds": round(seconds, 2), "probe_features": int(train_x.shape[1]),
             "probe_training_rows": len(train_x), "feature_cache_hits": features.hits,
             "feature_cache_misses": features.misses}
-    return Outcome(probs, history, meta)
+    return Outcome(probs, history, meta, probe_as_classifier(features.extract, probe, job.classes))
+
+
+@torch.no_grad()
+def probe_as_classifier(extract: ImageFeatures, probe: LinearProbe, classes: int) -> Classifier:
+    """The frozen backbone and the probe as one network: the standardisation is folded into the head,
+    logits = ((f - mean) / scale) W + b = f (W / scale) + (b - (mean / scale) W), so the final model and its
+    exports need no separate scaler."""
+    frozen = extract.model
+    model = Classifier(create_backbone(frozen.backbone.default_cfg["architecture"], "none"), num_classes=classes,
+                       input_size=frozen.input_size)
+    model.backbone.load_state_dict(frozen.backbone.state_dict(), strict=False)  # all but the new head
+    model.mean.copy_(frozen.mean)
+    model.std.copy_(frozen.std)
+    head = model.backbone.get_classifier()
+    weight, scale, mean = probe.weight.float().cpu(), probe.scale.float().cpu(), probe.mean.float().cpu()
+    head.weight.copy_((weight / scale[:, None]).T)
+    head.bias.copy_(probe.bias.float().cpu() - (mean / scale) @ weight)
+    return model.eval()
 
 
 STRATEGIES: dict[str, Callable[[Job], Outcome | None]] = {"full": full, "linear_probe": linear_probe}

@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,18 +28,15 @@ from safetensors.torch import save_file
 
 from pipeline import atomic, paths
 from pipeline.errors import PipelineError
-from pipeline.features import ImageFeatures, fit_probe
-from pipeline.gan import generate, sample_grid, train_gan
+from pipeline.gan import sample_grid
 from pipeline.images import Collected, load_collected, save_png
 from pipeline.params import SynthesizeParams
 from pipeline.runtime import (Checkpointing, World, cli, leave_process_group, pick_device, seed_everything, stage_args,
                               torchrun_world)
-from pipeline.sample_quality import (class_probability, classification_accuracy_score, fid_kid, inception_fid_kid,
-                                     select_samples)
+from pipeline.synthesis import make_samples
 
 log = logging.getLogger(__name__)
 GRID_COLUMNS = 10
-CAS_EXTERNAL_IMAGES = 1000  # external test images CAS is also measured on, when the data has them
 METRIC_KEYS = (  # what goes into reports/synthesize/rR-foldK.json
     "fid_candidates", "kid_candidates", "kid_std_candidates", "fid_accepted", "kid_accepted",
     "kid_std_accepted", "cas_synthetic", "cas_candidates", "cas_real", "cas_synthetic_external",
@@ -88,40 +84,6 @@ def fingerprint(params: SynthesizeParams, images: np.ndarray, targets: np.ndarra
     digest.update(np.ascontiguousarray(images).tobytes())
     digest.update(np.ascontiguousarray(targets).tobytes())
     return digest.hexdigest()
-
-
-def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake_labels: np.ndarray,
-          rows: tuple[pd.DataFrame, pd.DataFrame], device) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Filter the candidates and measure them: (kept indices, every candidate's score, metrics)."""
-    (train_images, train_targets), (val_images, val_targets) = (collected.select(r) for r in rows)
-    extract = ImageFeatures(params.feature_backbone, params.feature_size, device)
-    real_f, fake_f = extract(train_images), extract(fake)
-    probe = fit_probe(real_f, train_targets, params.seed)
-    scores = class_probability(probe, fake_f, fake_labels)
-    chosen = select_samples(scores, fake_labels, len(collected.classes), params.min_confidence,
-                            params.keep_per_class)
-    kept = chosen.keep
-    if params.fid_features == "inception":
-        before, after = (inception_fid_kid(train_images, fake[i], params.seed) for i in (slice(None), kept))
-    else:
-        before, after = (fid_kid(real_f, fake_f[i], params.seed) for i in (slice(None), kept))
-    metrics = {
-        **{f"{k}_candidates": v for k, v in before.items()}, **{f"{k}_accepted": v for k, v in after.items()},
-        "acceptance": float(np.mean(list(chosen.acceptance.values()))),
-        "accepted": int(len(kept)), "candidates": int(len(fake)),
-        "acceptance_per_class": {collected.classes[c]: round(a, 4) for c, a in chosen.acceptance.items()},
-    }
-    tests = {"": (extract(val_images), val_targets)}
-    if len(collected.external):  # a fold's validation part is a handful of images; the external set is not
-        sample = collected.external.sample(min(CAS_EXTERNAL_IMAGES, len(collected.external)), random_state=0)
-        images, targets = collected.select(sample)
-        tests["_external"] = (extract(images), targets)
-    trained_on = {"cas_synthetic": (fake_f[kept], fake_labels[kept]), "cas_candidates": (fake_f, fake_labels),
-                  "cas_real": (real_f, train_targets)}
-    for suffix, (test_f, test_y) in tests.items():
-        for name, (train_f, train_y) in trained_on.items():
-            metrics[name + suffix] = classification_accuracy_score(train_f, train_y, test_f, test_y, params.seed)
-    return kept, scores, metrics
 
 
 def curves_png(history: list[dict]) -> bytes:
@@ -197,25 +159,21 @@ def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path |
     if out.checkpoints is not None:
         checkpoint = Checkpointing(out.checkpoints, params.checkpoint_every,
                                    fingerprint(params, images, targets, world))
-    start = time.perf_counter()
-    trained = train_gan(images, targets, len(collected.classes), params, device, checkpoint, world)
-    seconds = time.perf_counter() - start
-    leave_process_group()  # the rest is the main process's alone
-    if not world.is_main:
+    made = make_samples(params, collected, rows, device, checkpoint, world)
+    if made is None:
         return {}
-    fake, labels = generate(trained.generator, per_class=params.candidates_per_class, z_dim=params.z_dim,
-                            seed=params.seed, device=device)
-    kept, scores, quality = judge(params, collected, fake, labels, rows, device)
+    trained, quality = made.trained, made.quality
     meta = {"repeat": repeat, "fold": fold, "device": str(device), "processes": world.size, "steps": params.steps,
-            "resumed_from_step": trained.resumed_from, "train_seconds": round(seconds, 2),
-            "steps_per_second": round((params.steps - trained.resumed_from) / max(seconds, 1e-9), 2),
+            "resumed_from_step": trained.resumed_from, "train_seconds": round(made.seconds, 2),
+            "steps_per_second": round((params.steps - trained.resumed_from) / max(made.seconds, 1e-9), 2),
             "augment_p": round(trained.augment_p, 4), **quality, "classes": list(collected.classes),
             "trained_on_sha256": sorted(rows[0].sha256)}
-    write_outputs(out, trained, (fake, labels), kept, scores, meta, len(collected.classes))
+    write_outputs(out, trained, (made.fake, made.labels), made.kept, made.scores, meta, len(collected.classes))
     log.info("synthesize repeat %d fold %d: GAN trained on %d images in %.1fs (p = %.2f); kept %d of %d samples "
-             "(acceptance %.2f); FID %s, KID %s, CAS %s vs %s on real images", repeat, fold, len(images), seconds,
-             trained.augment_p, len(kept), len(fake), quality["acceptance"], _fmt(quality["fid_accepted"]),
-             _fmt(quality["kid_accepted"]), _fmt(quality["cas_synthetic"]), _fmt(quality["cas_real"]))
+             "(acceptance %.2f); FID %s, KID %s, CAS %s vs %s on real images", repeat, fold, len(images),
+             made.seconds, trained.augment_p, len(made.kept), len(made.fake), quality["acceptance"],
+             _fmt(quality["fid_accepted"]), _fmt(quality["kid_accepted"]), _fmt(quality["cas_synthetic"]),
+             _fmt(quality["cas_real"]))
     return meta
 
 

@@ -24,6 +24,9 @@ def test_stage_outputs_are_the_paths_the_code_writes():
                                                                              "scarcity")]
     assert s["scarcity"]["outs"] == [str(paths.scarcity_dir("${item.n}", "${item.variant}"))]
     assert str(paths.SCARCITY) in s["evaluate"]["deps"]
+    assert s["final"]["outs"] == [str(paths.MODEL)]
+    assert s["final"]["metrics"] == [{str(paths.FINAL_METRICS): {"cache": False}}]
+    assert str(paths.EVALUATION) in s["final"]["deps"]
     name = paths.split_name("${item.repeat}", "${item.fold}")
     assert s["synthesize"]["metrics"] == [{str(paths.SYNTHESIZE_REPORTS / f"{name}.json"): {"cache": False}}]
     assert [next(iter(p)) for p in s["synthesize"]["plots"]] == [

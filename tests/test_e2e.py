@@ -21,8 +21,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
     first = dvc(repo, "repro")
     variants = set(raw_params()["variants"])
     points = len(TINY["scarcity.images_per_class"]) * len(raw_params()["scarcity"]["variants"])
-    # 1 collect + 1 augment + 2 synthesize + 2 folds x every variant + the scarcity points + 1 evaluate
-    assert first.count("Running stage") == 5 + 2 * len(variants) + points, first
+    # 1 collect + 1 augment + 2 synthesize + 2 folds x every variant + the scarcity points + evaluate + final
+    assert first.count("Running stage") == 6 + 2 * len(variants) + points, first
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert {key.split(".")[0] for key in metrics} == variants | {"compare", "scarcity"}
     for name in variants:
@@ -35,6 +35,11 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
     report = (repo / "reports" / "report.md").read_text()
     assert "did best: out-of-fold accuracy" in report and "## What each ingredient bought" in report
     assert (repo / "reports" / "report.html").stat().st_size > 100_000  # figures embedded
+    # the final model: the best variant on every labelled image, ready for `python -m pipeline.predict`
+    card = json.loads((repo / "data" / "model" / "model_card.json").read_text())
+    assert card["variant"] == json.loads((repo / "reports" / "evaluation.json").read_text())["best"]
+    assert card["trained_on_images"] == 40 and (repo / "data" / "model" / "model.onnx").exists()
+    assert 0 <= json.loads((repo / "reports" / "final.json").read_text())["external_accuracy"] <= 1
     assert (repo / "data" / "augment" / "preview.png").exists()
     assert (repo / "data" / "synthetic" / "r0-fold1" / "grid.png").exists()
     assert "Source `mnist`" in (repo / "reports" / "data_card.md").read_text()
@@ -62,7 +67,7 @@ def test_changing_one_variant_reruns_only_its_stages(repo):
     dvc(repo, "repro")  # no-op when the test above ran first; makes this test stand alone otherwise
     out = dvc(repo, "exp", "run", "-S", "variants.augment.weights=none")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"finetune@0-0-augment", "finetune@0-1-augment", "evaluate"}, out
+    assert ran == {"finetune@0-0-augment", "finetune@0-1-augment", "evaluate", "final"}, out
     # the experiment's metrics are listed beside the workspace's
     shown = json.loads(dvc(repo, "exp", "show", "--json"))
     experiments = [rev["data"] for commit in shown for exp in (commit.get("experiments") or [])

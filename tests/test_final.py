@@ -27,6 +27,11 @@ def fake_evaluation(name: str, recipe: str) -> dict:
                                               "external": None}}}
 
 
+def settings(params) -> final.FinalSettings:
+    image = Normalise(params.collect.image_size, params.collect.channels, params.collect.fit)
+    return final.FinalSettings(params.final, params.finetune, params.synthesize, params.variants, image)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, collected_dir):
     root = tmp_path_factory.mktemp("final")
@@ -35,8 +40,7 @@ def model_dir(tmp_path_factory, collected_dir):
     (root / "evaluation.json").write_text(json.dumps(fake_evaluation("cnn", "compact CNN")))
     inputs = final.FinalInputs(collected_dir, root / "augment" / "policy.json", root / "evaluation.json")
     outputs = final.FinalOutputs(root / "model", root / "final.json")
-    image = Normalise(params.collect.image_size, params.collect.channels, params.collect.fit)
-    card = final.run(params.final, params.finetune, params.variants, image, inputs, outputs)
+    card = final.run(settings(params), inputs, outputs)
     assert card["variant"] == "cnn"
     return root / "model"
 
@@ -102,11 +106,36 @@ def test_predict_command_reads_files_folders_and_globs_and_reports_bad_files(tmp
         assert np.allclose([row[f"p_{c}"] for c in card["classes"]], probs, atol=1e-5)
 
 
-def test_variants_the_final_stage_cannot_train_yet_are_refused_by_name():
+def test_a_linear_probe_becomes_one_network_with_the_scaler_folded_into_its_head(tmp_path, collected_dir):
+    params = make_params()
+    augment.run(params.augment, collected_dir, tmp_path / "augment")
+    (tmp_path / "evaluation.json").write_text(json.dumps(fake_evaluation("probe", "probe")))
+    inputs = final.FinalInputs(collected_dir, tmp_path / "augment" / "policy.json", tmp_path / "evaluation.json")
+    card = final.run(settings(params), inputs, final.FinalOutputs(tmp_path / "model", tmp_path / "final.json"))
+    model, _ = inference.load_model(tmp_path / "model", torch.device("cpu"))
+    collected = load_collected(collected_dir)
+    images, targets = collected.select(collected.external)
+    probs = predict.probabilities(model, images, torch.device("cpu"), 64)
+    # the folded network reproduces the probe's own predictions, which the card's accuracy was computed from
+    assert (probs.argmax(1) == targets).mean() == pytest.approx(card["final_external_accuracy"], abs=1 / len(targets))
+    assert card["final_external_accuracy"] > 0.2  # frozen ImageNet features on 40 digits: well above chance
+
+
+def test_a_variant_with_gan_samples_gets_a_gan_trained_on_every_labelled_image(tmp_path, collected_dir):
+    params = make_params(final__variant="cnn_synthetic", synthesize__keep_per_class=6,
+                         synthesize__min_confidence=0.0)  # keep samples even from a 20-step GAN
+    augment.run(params.augment, collected_dir, tmp_path / "augment")
+    (tmp_path / "evaluation.json").write_text(json.dumps(fake_evaluation("cnn_synthetic", "cnn + GAN")))
+    inputs = final.FinalInputs(collected_dir, tmp_path / "augment" / "policy.json", tmp_path / "evaluation.json")
+    card = final.run(settings(params), inputs, final.FinalOutputs(tmp_path / "model", tmp_path / "final.json"))
+    assert card["variant"] == "cnn_synthetic" and card["gan"]["samples"] == 60  # 6 kept of 6 per class
+    assert card["gan"]["params"]["steps"] == params.synthesize.steps and "fid_accepted" in card["gan"]
+    assert (tmp_path / "model" / "model.onnx").exists()
+
+
+def test_best_means_the_evaluations_first_and_unknown_names_are_refused():
     variants = make_params().variants
-    with pytest.raises(PipelineError, match="'synthetic' uses GAN samples"):
-        final.choose(make_params(final__variant="synthetic").final, variants, fake_evaluation("cnn", ""))
-    with pytest.raises(PipelineError, match="'probe' is a linear_probe"):
-        final.choose(make_params().final, variants, fake_evaluation("probe", ""))
+    assert final.choose(make_params().final, variants, fake_evaluation("probe", "")) == "probe"
+    assert final.choose(make_params(final__variant="scratch").final, variants, fake_evaluation("probe", "")) == "scratch"
     with pytest.raises(PipelineError, match="`final.variant` must be best or a name from `variants`"):
         make_params(final__variant="nope")

@@ -71,16 +71,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path)
     parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--side", type=int, default=64, help="side of the JPEG files (default 64)")
+    parser.add_argument("--side", type=int, default=0, help="side of the JPEG files (default: the model's input size)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = args.model or default_model(tmp / "model")
-        (tmp / "jpegs").mkdir()
-        files = write_jpegs(tmp / "jpegs", args.images, args.side)
         cpu = torch.device("cpu")
         model, card = inference.load_model(folder, cpu)
+        args.side = args.side or card["input_size"]
+        (tmp / "jpegs").mkdir()
+        files = write_jpegs(tmp / "jpegs", args.images, args.side)
         ours = best_of(lambda: predict.run([str(tmp / "jpegs")], folder, cpu, BATCH), args.repeats)
         plain = best_of(lambda: bare(model, files, card), args.repeats)
     print(f"{args.images} JPEG files of {args.side} px, model {card['backbone']} at {card['input_size']} px, batch "

@@ -50,17 +50,16 @@ def run(patterns: list[str], model_dir: Path, device: torch.device, batch: int =
     good = [r for r in reads if r.image is not None]
     probs = probabilities(model, np.stack([r.image for r in good]), device, batch) if good else None
     classes = card["classes"]
-    rows, k = [], 0
-    for r in reads:
-        row = {"path": r.path, "predicted": "", "probability": np.nan, "error": r.error}
-        row.update({f"p_{c}": np.nan for c in classes})
-        if r.image is not None:
-            p = probs[k]
-            k += 1
-            row.update({"predicted": classes[int(p.argmax())], "probability": float(p.max())})
-            row.update({f"p_{c}": float(v) for c, v in zip(classes, p)})
-        rows.append(row)
-    return pd.DataFrame(rows)
+    ok = np.array([r.image is not None for r in reads], dtype=bool)
+    table = np.full((len(reads), len(classes)), np.nan, dtype=np.float32)
+    if probs is not None:
+        table[ok] = probs
+    best = np.nan_to_num(table, nan=-1.0).argmax(1)
+    out = pd.DataFrame({"path": [r.path for r in reads],
+                        "predicted": np.where(ok, np.asarray(classes, dtype=object)[best], ""),
+                        "probability": np.where(ok, table[np.arange(len(reads)), best], np.nan),
+                        "error": [r.error for r in reads]})
+    return pd.concat([out, pd.DataFrame(table, columns=[f"p_{c}" for c in classes])], axis=1)
 
 
 def summary(table: pd.DataFrame) -> str:

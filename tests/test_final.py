@@ -139,3 +139,17 @@ def test_best_means_the_evaluations_first_and_unknown_names_are_refused():
     assert final.choose(make_params(final__variant="scratch").final, variants, fake_evaluation("probe", "")) == "scratch"
     with pytest.raises(PipelineError, match="`final.variant` must be best or a name from `variants`"):
         make_params(final__variant="nope")
+
+
+@pytest.mark.gpu
+def test_prediction_on_cuda_agrees_with_the_cpu(model_dir, collected_dir):
+    """bf16 and channels-last on the GPU: the same classes as on the CPU for nearly every image."""
+    images = load_collected(collected_dir).images[-200:]
+    on = {}
+    for name in ("cpu", "cuda"):
+        model, _ = inference.load_model(model_dir, torch.device(name))
+        if name == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        on[name] = predict.probabilities(model, images, torch.device(name), 32)
+    assert (on["cpu"].argmax(1) == on["cuda"].argmax(1)).mean() >= 0.97
+    assert np.abs(on["cpu"] - on["cuda"]).max() < 0.05

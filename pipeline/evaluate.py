@@ -62,7 +62,7 @@ class EvaluateOutputs:
 @dataclass
 class VariantResult:
     name: str
-    fold_scores: list[dict[str, float]]  # validation metrics, one dict per fold of every repeat, in (repeat, fold) order
+    fold_scores: list[dict[str, float]]  # validation metrics per fold of every repeat, in (repeat, fold) order
     test_train_ratio: float  # validation images / training images, averaged over folds (the t-test's correction)
     oof_targets: np.ndarray  # every labelled image once, in manifest order
     oof_probs: np.ndarray  # repeats x images x classes: each image predicted by the fold that did not train on it
@@ -129,6 +129,10 @@ def _interval(value: float, bounds: tuple[float, float]) -> dict[str, float]:
     return {"value": float(value), "low": float(bounds[0]), "high": float(bounds[1])}
 
 
+def _sample_std(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def _per_class_table(targets: np.ndarray, probs: np.ndarray) -> dict[str, list[float]]:
     return {k: [float(x) for x in v] for k, v in per_class(targets, probs).items()}
 
@@ -148,9 +152,8 @@ def variant_statistics(result: VariantResult, external_targets: np.ndarray, para
     for metric in METRICS:
         mean, low, high = corrected_t_interval([s[metric] for s in result.fold_scores], result.test_train_ratio,
                                                params.confidence)
-        values = np.array([s[metric] for s in result.fold_scores])
         low, high = _clip(metric, low, high)
-        out["cv"][metric] = {"mean": float(mean), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        out["cv"][metric] = {"mean": float(mean), "std": _sample_std([s[metric] for s in result.fold_scores]),
                              "low": low, "high": high}
     bounds = bootstrap_intervals(result.oof_targets, result.oof_probs, params.confidence, params.bootstrap)
     per_repeat = [score(result.oof_targets, probs) for probs in result.oof_probs]
@@ -161,8 +164,7 @@ def variant_statistics(result: VariantResult, external_targets: np.ndarray, para
     if result.external_probs is not None:
         folds = {m: [s[m] for s in result.external_fold_scores] for m in METRICS}
         ensemble = score(external_targets, result.external_probs)
-        out["external"] = {m: {"fold_mean": float(np.mean(folds[m])),
-                               "fold_std": float(np.std(folds[m], ddof=1)) if len(folds[m]) > 1 else 0.0,
+        out["external"] = {m: {"fold_mean": float(np.mean(folds[m])), "fold_std": _sample_std(folds[m]),
                                "ensemble": ensemble[m]} for m in METRICS}
         out["external_per_class"] = _per_class_table(external_targets, result.external_probs)
         cv = out["cv"]["accuracy"]
@@ -298,8 +300,22 @@ def flat_metrics(stats: dict[str, dict], compared: list[dict], curves: dict[str,
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
 
 
-def write_plots(folder: Path, results: dict[str, VariantResult], classes: tuple[str, ...],
-                curves: dict[str, list[dict]]) -> None:
+@dataclass(frozen=True)
+class Diagrams:
+    """One variant's out-of-fold ROC curve and reliability bins: drawn in the report, written for DVC's plots."""
+
+    roc: tuple[np.ndarray, np.ndarray]  # fpr, tpr (micro-averaged one-vs-rest, every repeat's predictions)
+    reliability: dict[str, np.ndarray]  # confidence, accuracy, count per bin (predictions averaged over repeats)
+
+    @staticmethod
+    def of(result: VariantResult) -> "Diagrams":
+        repeats, classes = len(result.oof_probs), result.oof_probs.shape[-1]
+        roc = roc_points(np.tile(result.oof_targets, repeats), result.oof_probs.reshape(-1, classes))
+        return Diagrams(roc, reliability(result.oof_targets, result.oof_probs.mean(0)))
+
+
+def write_plots(folder: Path, results: dict[str, VariantResult], diagrams: dict[str, Diagrams],
+                classes: tuple[str, ...], curves: dict[str, list[dict]]) -> None:
     """Data files for `dvc plots show`: confusion (actual, predicted), ROC, reliability and scarcity, one file per
     variant in each folder."""
     with atomic.atomic_dir(folder) as tmp:
@@ -308,10 +324,9 @@ def write_plots(folder: Path, results: dict[str, VariantResult], classes: tuple[
             pd.DataFrame({"actual": np.array(classes)[np.tile(r.oof_targets, len(predicted))],
                           "predicted": np.array(classes)[predicted.ravel()]}).to_csv(
                 _mkdir(tmp / "confusion") / f"{name}.csv", index=False)
-            fpr, tpr = roc_points(np.tile(r.oof_targets, len(r.oof_probs)), r.oof_probs.reshape(-1, len(classes)))
+            fpr, tpr = diagrams[name].roc
             pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(_mkdir(tmp / "roc") / f"{name}.csv", index=False)
-            bins = reliability(r.oof_targets, r.oof_probs.mean(0))
-            pd.DataFrame(bins).to_csv(_mkdir(tmp / "calibration") / f"{name}.csv", index=False)
+            pd.DataFrame(diagrams[name].reliability).to_csv(_mkdir(tmp / "calibration") / f"{name}.csv", index=False)
         for name, points in curves.items():
             rows = [p for p in points if "oof_accuracy" in p]
             pd.DataFrame(rows, columns=["images_per_class", "oof_accuracy", "oof_accuracy_low", "oof_accuracy_high",
@@ -324,8 +339,9 @@ def _mkdir(folder: Path) -> Path:
     return folder
 
 
-def make_figures(results: dict[str, VariantResult], stats: dict[str, dict], compared: list[dict],
-                 curves: dict[str, list[dict]], collected: Collected, params: EvaluateParams) -> dict[str, bytes]:
+def make_figures(results: dict[str, VariantResult], diagrams: dict[str, Diagrams], stats: dict[str, dict],
+                 compared: list[dict], curves: dict[str, list[dict]], collected: Collected,
+                 params: EvaluateParams) -> dict[str, bytes]:
     """Every figure of the report, by file name."""
     from sklearn.metrics import confusion_matrix
 
@@ -343,11 +359,8 @@ def make_figures(results: dict[str, VariantResult], stats: dict[str, dict], comp
             f"difference in accuracy ({level} interval; filled = significant after Holm)")
     if any("oof_accuracy" in p for points in curves.values() for p in points):
         out["scarcity.png"] = figures.scarcity_png(curves, names, level)
-    out["reliability.png"] = figures.reliability_png(
-        {n: reliability(r.oof_targets, r.oof_probs.mean(0)) for n, r in results.items()}, names)
-    out["roc.png"] = figures.roc_png({n: roc_points(np.tile(r.oof_targets, len(r.oof_probs)),
-                                                    r.oof_probs.reshape(-1, len(collected.classes)))
-                                      for n, r in results.items()}, names)
+    out["reliability.png"] = figures.reliability_png({n: d.reliability for n, d in diagrams.items()}, names)
+    out["roc.png"] = figures.roc_png({n: d.roc for n, d in diagrams.items()}, names)
     losses = {n: r.loss_curve for n, r in results.items() if r.loss_curve is not None}
     if losses:
         out["training.png"] = figures.training_png(losses, names)
@@ -376,11 +389,12 @@ def run(params: EvaluateParams, variants: dict[str, Variant], scarcity: Scarcity
     evaluation = {"data": report.data_summary(collected), "params": asdict(params), "best": best,
                   "variants": {n: {"recipe": report.recipe(variants[n]), **s} for n, s in stats.items()},
                   "comparisons": compared, "scarcity": curves}
-    pictures = make_figures(results, stats, compared, curves, collected, params)
+    diagrams = {name: Diagrams.of(r) for name, r in results.items()}
+    pictures = make_figures(results, diagrams, stats, compared, curves, collected, params)
     with atomic.atomic_dir(outputs.figures) as tmp:
         for name, png in pictures.items():
             atomic.write_bytes(tmp / name, png)
-    write_plots(outputs.plots, results, collected.classes, curves)
+    write_plots(outputs.plots, results, diagrams, collected.classes, curves)
     assets = report.Assets.gather(inputs.data_card, inputs.preview, inputs.synthesize_reports)
     report.write(evaluation, outputs.figures, assets, outputs.report_md, outputs.report_html)
     atomic.write_text(outputs.evaluation, json.dumps(evaluation, indent=1, default=_jsonable) + "\n")

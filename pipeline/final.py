@@ -71,7 +71,8 @@ def model_card(name: str, variant: Variant, model, finetune: FinetuneParams, ima
     return {"variant": name, "recipe": cv["recipe"], "classes": classes, "backbone": variant.backbone,
             "weights": variant.weights, "input_size": model.input_size,
             "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
-            "image": {"size": image.size, "channels": image.channels, "fit": image.fit}, "trained_on_images": trained_on, "data_sha256": data_hash,
+            "image": {"size": image.size, "channels": image.channels, "fit": image.fit},
+            "trained_on_images": trained_on, "data_sha256": data_hash,
             "params": {"variant": asdict(variant), "finetune": asdict(finetune)},
             "cross_validation": {"oof": cv["oof"], "cv": cv["cv"], "external": cv["external"]}}
 

@@ -60,7 +60,8 @@ def load_model(folder: Path, device: torch.device) -> tuple[Classifier, dict]:
 
 def example_input(card: dict, batch: int = 2) -> torch.Tensor:
     image = card["image"]
-    return torch.rand(batch, image["channels"], image["size"], image["size"], generator=torch.Generator().manual_seed(0))
+    shape = (batch, image["channels"], image["size"], image["size"])
+    return torch.rand(shape, generator=torch.Generator().manual_seed(0))
 
 
 def export(model: Classifier, card: dict, folder: Path) -> None:

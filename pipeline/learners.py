@@ -60,7 +60,7 @@ class Outcome:
     probs: tuple[np.ndarray, np.ndarray]  # for the validation and the external images
     history: list[dict]
     meta: dict
-    model: torch.nn.Module | None = None  # the trained network (full fine-tuning), for the final model
+    model: torch.nn.Module | None = None  # the trained network (a probe folded into one), for the final model
 
 
 def inner_split(targets: np.ndarray, groups: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

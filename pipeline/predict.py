@@ -20,25 +20,17 @@ import pandas as pd
 import torch
 
 from pipeline import atomic, inference, paths
-from pipeline.runtime import autocast, cli, pick_device, setup_logging
+from pipeline.runtime import cli, pick_device, setup_logging
+from pipeline.training import predict
 
 log = logging.getLogger(__name__)
 SHOWN_ROWS = 20
 
 
 def probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch: int) -> np.ndarray:
-    """Class probabilities for uint8 N x H x W x C images, in batches; channels-last and bf16 on CUDA."""
-    out = [np.zeros((0, model.backbone.num_classes), np.float32)]
-    with torch.inference_mode():
-        for start in range(0, len(images), batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch])).to(device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).float().div_(255)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
-                logits = model(x)
-            out.append(logits.float().softmax(1).cpu().numpy())
-    return np.concatenate(out)
+    """Class probabilities for uint8 N x H x W x C images, in batches; channels-last and bf16 on CUDA (the
+    training loop's own prediction)."""
+    return predict(model, images, device, int(model.backbone.num_classes), batch)
 
 
 def run(patterns: list[str], model_dir: Path, device: torch.device, batch: int = 32) -> pd.DataFrame:

@@ -91,7 +91,7 @@ def _natural(text: str) -> list:
 
 
 def data_summary(collected: Collected) -> dict:
-    """What the report says about the data (from collect's summary.json when present)."""
+    """What the report says about the data: counts per split and class, folds, repeats, groups."""
     labelled = collected.labelled
     return {"labelled": len(labelled), "external": len(collected.external), "classes": list(collected.classes),
             "per_class": {c: int((labelled.target == i).sum()) for i, c in enumerate(collected.classes)},
@@ -225,8 +225,8 @@ def comparisons_table(ev: dict) -> Table:
                _p(c["p_holm"]), "**yes**" if c["significant"] else "no"]
         if has_ext:
             x = c.get("external")
-            row.append(f"{x['difference']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}], p {_p(x['p_value'], resamples)}" if x
-                       else "–")
+            row.append(f"{x['difference']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}], "
+                       f"p {_p(x['p_value'], resamples)}" if x else "–")
         rows.append(row)
     return Table(["change", "variants", "accuracy difference", "interval", "p, corrected t", "p, paired bootstrap",
                   "test used", "its p, Holm-corrected", "significant"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -88,12 +89,10 @@ def test_and_pool(collected: Collected, params: ScarcityParams) -> tuple[pd.Data
 def class_orders(collected: Collected, pool: pd.DataFrame, seed: int) -> dict[int, np.ndarray]:
     """Per class, the order in which images are drawn: labelled ones first, then the pool, each seeded-shuffled."""
     rng = np.random.default_rng(seed + 1)
-    orders = {}
-    for target in range(len(collected.classes)):
-        parts = [rows["index"].to_numpy() for rows in (collected.labelled, pool)]
-        parts = [rng.permutation(p[(collected.manifest.target.to_numpy()[p] == target)]) for p in parts]
-        orders[target] = np.concatenate(parts)
-    return orders
+    targets = collected.manifest.target.to_numpy()
+    sources = [rows["index"].to_numpy() for rows in (collected.labelled, pool)]
+    return {target: np.concatenate([rng.permutation(p[targets[p] == target]) for p in sources])
+            for target in range(len(collected.classes))}
 
 
 def assign_folds(collected: Collected, train: np.ndarray, seed: int) -> np.ndarray:
@@ -176,10 +175,9 @@ def train_fold(point: Point, repeat: int, fold: int) -> dict[str, np.ndarray]:
     result = {"val_probs": outcome.probs[0], "test_probs": outcome.probs[1],
               "seconds": np.float64(outcome.meta["train_seconds"])}
     if kept is not None:
-        buffer_path = kept.parent / f".{kept.name}.tmp.npz"
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(buffer_path, key=key, **result)
-        buffer_path.replace(kept)
+        buffer = io.BytesIO()
+        np.savez(buffer, key=key, **result)
+        atomic.write_bytes(kept, buffer.getvalue())
     return result
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.features import ImageFeatures, fit_probe
-from pipeline.gan import generate, train_gan
+from pipeline.gan import TrainedGan, generate, train_gan
 from pipeline.images import Collected
 from pipeline.params import SynthesizeParams
 from pipeline.runtime import Checkpointing, World, leave_process_group
@@ -23,7 +23,7 @@ CAS_EXTERNAL_IMAGES = 1000  # external test images CAS is also measured on, when
 
 @dataclass
 class Synthesis:
-    trained: object  # gan.Trained: the EMA generator, history, final p
+    trained: TrainedGan  # the EMA generator, its history, the final augmentation strength p
     fake: np.ndarray  # every candidate
     labels: np.ndarray
     kept: np.ndarray  # indices of the accepted candidates

@@ -234,12 +234,13 @@ def recalibrate_batch_norm(model: nn.Module, images: np.ndarray, device: torch.d
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: np.ndarray, device: torch.device, num_classes: int) -> np.ndarray:
-    """Class probabilities (float32, N x classes) for uint8 NHWC images."""
+def predict(model: nn.Module, images: np.ndarray, device: torch.device, num_classes: int,
+            batch: int = EVAL_BATCH) -> np.ndarray:
+    """Class probabilities (float32, N x classes) for uint8 NHWC images, `batch` at a time."""
     model.eval()
     out = [np.zeros((0, num_classes), np.float32)]
-    for start in range(0, len(images), EVAL_BATCH):
-        x = to_batch(torch.from_numpy(np.ascontiguousarray(images[start:start + EVAL_BATCH])), device)
+    for start in range(0, len(images), batch):
+        x = to_batch(torch.from_numpy(np.ascontiguousarray(images[start:start + batch])), device)
         with autocast(device):
             logits = model(x)
         out.append(logits.float().softmax(1).cpu().numpy())

@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `pipeline` importable
-from pipeline import collect  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
-from pipeline.sources import worker_count  # noqa: E402
+from pipeline.data.sources import worker_count  # noqa: E402
+from pipeline.runtime.params import load_params  # noqa: E402
+from pipeline.stages import collect  # noqa: E402
 
 CLASSES = 10
 

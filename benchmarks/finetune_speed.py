@@ -1,6 +1,6 @@
 """Fine-tuning speed, each figure against a baseline measured in the same run:
 
-1. Our training loop (pipeline/training.py: planned batches through a DataLoader, uint8 batches converted on the
+1. Our training loop (pipeline/training/loop.py: planned batches through a DataLoader, uint8 batches converted on the
    device, resize + normalisation inside the model, discriminative learning rates, schedule, per-epoch metrics)
    against a bare PyTorch loop over the same timm model at the same resolution and batch, with the same
    optimizer, on data already preprocessed in memory. Ratio of images per second; the target is >= 0.95.
@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `pipeline` importable
-from pipeline.backbones import Classifier, create_backbone  # noqa: E402
-from pipeline.features import FeatureCache, ImageFeatures, LinearProbe  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
-from pipeline.runtime import World, autocast, pick_device  # noqa: E402
-from pipeline.training import FitSetup, TrainingSet, fit  # noqa: E402
+from pipeline.runtime.compute import World, autocast, pick_device  # noqa: E402
+from pipeline.runtime.params import load_params  # noqa: E402
+from pipeline.training.backbones import Classifier, create_backbone  # noqa: E402
+from pipeline.training.loop import FitSetup, TrainingSet, fit  # noqa: E402
+from pipeline.training.probe import FeatureCache, ImageFeatures, LinearProbe  # noqa: E402
 
 CLASSES = 10
 

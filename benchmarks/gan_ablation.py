@@ -25,10 +25,11 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `pipeline` importable
+from pipeline.runtime.params import parse_params  # noqa: E402
+from pipeline.stages import collect, synthesize  # noqa: E402
+from pipeline.stages.synthesize import SynthesizeOutputs  # noqa: E402
+
 from benchmarks import workspace  # noqa: E402
-from pipeline import collect, synthesize  # noqa: E402
-from pipeline.params import parse_params  # noqa: E402
-from pipeline.synthesize import SynthesizeOutputs  # noqa: E402
 
 VERSIONS = {  # name -> overrides of the synthesize params
     "DiffAugment + adaptive p (default)": {},

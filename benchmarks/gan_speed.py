@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `pipeline` importable
-from pipeline.gan import train_gan  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
-from pipeline.runtime import pick_device  # noqa: E402
+from pipeline.gan.conditional import train_gan  # noqa: E402
+from pipeline.runtime.compute import pick_device  # noqa: E402
+from pipeline.runtime.params import load_params  # noqa: E402
 
 CLASSES, PER_CLASS = 10, 10
 

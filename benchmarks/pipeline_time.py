@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks` importable
 from benchmarks import workspace  # noqa: E402
+
 STAGE = re.compile(r"Running stage '([^']+)'")
 
 

@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import inference, predict  # noqa: E402
-from pipeline.backbones import Classifier, create_backbone  # noqa: E402
+from pipeline.inference import model as inference  # noqa: E402
+from pipeline.stages import predict  # noqa: E402
+from pipeline.training.backbones import Classifier, create_backbone  # noqa: E402
 
 BATCH = 32
 
@@ -86,7 +87,7 @@ def main() -> None:
         plain = best_of(lambda: bare(model, files, card), args.repeats)
     print(f"{args.images} JPEG files of {args.side} px, model {card['backbone']} at {card['input_size']} px, batch "
           f"{BATCH}, {torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"bare PyTorch: {args.images / plain:.0f} images/s; pipeline.predict: {args.images / ours:.0f} images/s; "
+    print(f"bare PyTorch: {args.images / plain:.0f} images/s; pipeline.stages.predict: {args.images / ours:.0f} images/s; "
           f"ratio {plain / ours:.2f}")
 
 

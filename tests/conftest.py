@@ -15,8 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import collect
-from pipeline.params import Params, parse_params
+from pipeline.runtime.params import Params, parse_params
+from pipeline.stages import collect
 
 ROOT = Path(__file__).resolve().parents[1]
 

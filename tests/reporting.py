@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.collected import load_collected
+from pipeline.stages import augment, collect, evaluate, scarcity, synthesize
+from pipeline.stages.evaluate import EvaluateInputs, EvaluateOutputs
+
 from conftest import make_params
-from pipeline import augment, collect, evaluate, scarcity, synthesize
-from pipeline.evaluate import EvaluateInputs, EvaluateOutputs
-from pipeline.images import load_collected
 
 # 10 labelled digits per class in 5 folds, repeated twice: enough folds for the corrected t-test to have power
 CV = {"collect__images_per_class": 10, "collect__folds": [0, 1, 2, 3, 4], "collect__repeats": [0, 1],

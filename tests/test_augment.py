@@ -3,10 +3,11 @@
 import numpy as np
 from PIL import Image
 
+from pipeline.augmentation.policy import augment_image, build_policy, load_policy
+from pipeline.data.collected import load_collected
+from pipeline.stages import augment
+
 from conftest import make_params
-from pipeline import augment
-from pipeline.augmentations import augment_image, build_policy, load_policy
-from pipeline.images import load_collected
 
 
 def test_policy_is_saved_previewed_and_reloads_identically(tmp_path, collected_dir):

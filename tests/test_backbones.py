@@ -5,8 +5,8 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from pipeline.backbones import Classifier, create_backbone, map_by_order, packaged_state_dict
-from pipeline.errors import PipelineError
+from pipeline.runtime.errors import PipelineError
+from pipeline.training.backbones import Classifier, create_backbone, map_by_order, packaged_state_dict
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 

@@ -12,11 +12,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline.data.collected import fold_column, load_collected
+from pipeline.data.decode import Normalise, decode_file, pixel_sha256
+from pipeline.runtime.errors import PipelineError
+from pipeline.stages import collect
+
 from conftest import digit_images, make_params
 from corpus import ACCEPTED, DUPLICATE, ZERO, mnist_digits, sideways_jpeg, write_corpus
-from pipeline import collect
-from pipeline.errors import PipelineError
-from pipeline.images import Normalise, decode_file, fold_column, load_collected, pixel_sha256
 
 
 def run_collect(tmp_path, name="out", **overrides):
@@ -331,7 +333,7 @@ def test_csv_without_the_needed_columns_names_them(tmp_path):
     ("F", [-5.0, 100.4, 300.0], [0, 100, 255]),
 ])
 def test_wide_modes_become_8_bit(mode, values, expected):
-    from pipeline.images import to_8bit
+    from pipeline.data.decode import to_8bit
 
     dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
     image = Image.fromarray(np.array([values], dtype=dtype))

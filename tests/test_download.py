@@ -1,4 +1,4 @@
-"""pipeline.download against a real HTTP server on 127.0.0.1 whose routes misbehave the ways real servers do:
+"""pipeline.data.download against a real HTTP server on 127.0.0.1 whose routes misbehave the ways real servers do:
 flaky, down, stalled, lying about sizes, serving HTML, redirecting elsewhere. The server counts requests and
 connections, so the tests can tell a cache hit or a refusal from a request that was made."""
 
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import download
-from pipeline.download import DownloadSettings, fetch_all, is_url
-from pipeline.errors import PipelineError
+from pipeline.data import download
+from pipeline.data.download import DownloadSettings, fetch_all, is_url
+from pipeline.runtime.errors import PipelineError
 
 PIXELS = np.arange(16 * 16 * 3, dtype=np.uint16).reshape(16, 16, 3).astype(np.uint8)
 
@@ -192,7 +192,7 @@ def test_an_image_is_fetched_into_the_cache_under_the_hash_of_its_url(server, tm
 
 
 def test_a_rerun_requests_nothing_cached_and_tries_failures_again(server, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="pipeline.download")
+    caplog.set_level(logging.INFO, logger="pipeline.data.download")
     paths = ["/ok.png", "/octet.png", "/missing.png", "/down.png", "/garbage.png"]
     urls = [server.url(p) for p in paths]
     first = fetch_all(urls, settings(tmp_path))

@@ -35,7 +35,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
     report = (repo / "reports" / "report.md").read_text()
     assert "did best: out-of-fold accuracy" in report and "## What each ingredient bought" in report
     assert (repo / "reports" / "report.html").stat().st_size > 100_000  # figures embedded
-    # the final model: the best variant on every labelled image, ready for `python -m pipeline.predict`
+    # the final model: the best variant on every labelled image, ready for `python -m pipeline.stages.predict`
     card = json.loads((repo / "data" / "model" / "model_card.json").read_text())
     assert card["variant"] == json.loads((repo / "reports" / "evaluation.json").read_text())["best"]
     assert card["trained_on_images"] == 40 and (repo / "data" / "model" / "model.onnx").exists()

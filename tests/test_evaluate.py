@@ -8,9 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.evaluation import analysis
+from pipeline.runtime.errors import PipelineError
+from pipeline.stages import evaluate
+
 from conftest import make_params
-from pipeline import evaluate
-from pipeline.errors import PipelineError
 from reporting import outputs_in
 
 
@@ -122,7 +124,7 @@ def test_missing_predictions_say_what_to_run(tmp_path, known_answers):
 
 def test_single_changes_pair_variants_that_differ_in_one_setting():
     variants = make_params().variants
-    pairs = evaluate.single_changes(variants)
+    pairs = analysis.single_changes(variants)
     assert ("weights", "scratch", "baseline") in pairs and ("augment", "baseline", "augment") in pairs
     assert ("synthetic", "augment", "synthetic") in pairs and ("synthetic", "cnn", "cnn_synthetic") in pairs
     assert all(a != b for _, a, b in pairs) and not any(s == "backbone" and a == "scratch" for s, a, _ in pairs)

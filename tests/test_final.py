@@ -1,5 +1,5 @@
 """The final model: trained on every labelled image, saved with its card, exported to TorchScript and ONNX (checked
-with onnxruntime on real images), and used by `python -m pipeline.predict` on real files, broken ones included."""
+with onnxruntime on real images), and used by `python -m pipeline.stages.predict` on real files, broken ones included."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.data.collected import load_collected
+from pipeline.data.decode import Normalise
+from pipeline.inference import card as model_card
+from pipeline.inference import model as inference
+from pipeline.runtime.errors import PipelineError
+from pipeline.stages import augment, final, predict
+
 from conftest import ROOT, make_params, stage_env
-from pipeline import augment, final, inference, predict
-from pipeline.errors import PipelineError
-from pipeline.images import Normalise, load_collected
 
 
 def fake_evaluation(name: str, recipe: str) -> dict:
@@ -51,7 +55,7 @@ def test_the_card_says_what_the_model_is_and_what_it_was_trained_on(model_dir, c
     assert card["classes"] == list(collected.classes) and card["backbone"] == "compact_cnn"
     assert card["trained_on_images"] == len(collected.labelled) == 40
     assert card["image"] == {"size": 16, "channels": 1, "fit": "crop"} and card["input_size"] == 32
-    assert card["data_sha256"] == final.manifest_hash(list(collected.labelled.sha256))
+    assert card["data_sha256"] == model_card.manifest_hash(list(collected.labelled.sha256))
     assert card["mean"] == [0.5, 0.5, 0.5] and card["params"]["variant"]["epochs"] == 3
     assert 0.1 <= card["final_external_accuracy"] <= 1
     assert "# Model card: cnn" in (model_dir / "model_card.md").read_text()
@@ -84,7 +88,7 @@ def test_predict_command_reads_files_folders_and_globs_and_reports_bad_files(tmp
         Image.fromarray(pixels[..., 0]).save(path)
     (tmp_path / "folder" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "predictions.csv"
-    done = subprocess.run([sys.executable, "-m", "pipeline.predict", str(files[0]), str(tmp_path / "folder"),
+    done = subprocess.run([sys.executable, "-m", "pipeline.stages.predict", str(files[0]), str(tmp_path / "folder"),
                            str(tmp_path / "g*.png"), str(tmp_path / "missing.png"), "--model", str(model_dir),
                            "--device", "cpu", "--out", str(out)], cwd=ROOT, env=stage_env(), capture_output=True,
                           text=True, timeout=300)
@@ -135,8 +139,8 @@ def test_a_variant_with_gan_samples_gets_a_gan_trained_on_every_labelled_image(t
 
 def test_best_means_the_evaluations_first_and_unknown_names_are_refused():
     variants = make_params().variants
-    assert final.choose(make_params().final, variants, fake_evaluation("probe", "")) == "probe"
-    assert final.choose(make_params(final__variant="scratch").final, variants, fake_evaluation("probe", "")) == "scratch"
+    assert model_card.choose(make_params().final, variants, fake_evaluation("probe", "")) == "probe"
+    assert model_card.choose(make_params(final__variant="scratch").final, variants, fake_evaluation("probe", "")) == "scratch"
     with pytest.raises(PipelineError, match="`final.variant` must be best or a name from `variants`"):
         make_params(final__variant="nope")
 

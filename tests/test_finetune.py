@@ -11,11 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pipeline.data.collected import load_collected
+from pipeline.runtime.errors import PipelineError
+from pipeline.stages import augment, finetune, synthesize
+from pipeline.stages.finetune import FinetuneInputs, FinetuneOutputs
+from pipeline.training import learners
+
 from conftest import kill_once_checkpointed, make_params, stage_env, stage_workspace
-from pipeline import augment, finetune, learners, synthesize
-from pipeline.errors import PipelineError
-from pipeline.finetune import FinetuneInputs, FinetuneOutputs
-from pipeline.images import load_collected
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +190,7 @@ def test_early_stopping_variant_holds_out_part_of_the_training_fold(tmp_path, in
 
 
 def test_weights_from_a_local_file(tmp_path):
-    from pipeline.backbones import create_backbone
+    from pipeline.training.backbones import create_backbone
 
     torch.manual_seed(5)
     source = create_backbone("compact_cnn", "none")
@@ -212,7 +214,7 @@ def test_weights_from_a_local_file(tmp_path):
 def test_the_stage_command_resumes_after_sigkill(tmp_path, inputs):
     work = stage_workspace(tmp_path, inputs.collected, inputs.policy,
                            **{"variants.cnn.epochs": 400, "finetune.checkpoint_every": 20})
-    command = [sys.executable, "-m", "pipeline.finetune", "--fold", "0", "--variant", "cnn"]
+    command = [sys.executable, "-m", "pipeline.stages.finetune", "--fold", "0", "--variant", "cnn"]
     checkpoint = work / "data" / "checkpoints" / "finetune" / "r0-fold0-cnn" / "checkpoint.safetensors"
     kill_once_checkpointed(command, work, checkpoint)
     done = subprocess.run(command, cwd=work, env=stage_env(), capture_output=True, text=True)
@@ -239,13 +241,13 @@ def test_torchrun_with_two_processes_matches_one_process(tmp_path, inputs, colle
     absolute difference of the class probabilities within TORCHRUN_PROBABILITY_TOLERANCE."""
     overrides = {"variants.cnn.epochs": 10, "variants.cnn.augment": False}
     work = stage_workspace(tmp_path, inputs.collected, inputs.policy, **overrides)
-    one = subprocess.run([sys.executable, "-m", "pipeline.finetune", "--fold", "0", "--variant", "cnn"],
+    one = subprocess.run([sys.executable, "-m", "pipeline.stages.finetune", "--fold", "0", "--variant", "cnn"],
                          cwd=work, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     single = work / "data" / "finetune" / "r0-fold0-cnn"
     shutil.move(single, tmp_path / "single")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-                          "pipeline.finetune", "--fold", "0", "--variant", "cnn"], cwd=work, env=stage_env(),
+                          "pipeline.stages.finetune", "--fold", "0", "--variant", "cnn"], cwd=work, env=stage_env(),
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     meta = json.loads((single / "meta.json").read_text())
@@ -262,7 +264,7 @@ def test_torchrun_with_two_processes_matches_one_process(tmp_path, inputs, colle
 def test_linear_probe_fits_the_same_objective_as_scikit_learn(collected_dir):
     """Our torch L-BFGS probe and scikit-learn's LogisticRegression minimise the same objective; on real digit
     features they reach it to within 1e-3 and predict the same class for nearly every unseen digit."""
-    from pipeline.features import ImageFeatures, LinearProbe, fit_probe
+    from pipeline.training.probe import ImageFeatures, LinearProbe, fit_probe
 
     data = load_collected(collected_dir)
     extract = ImageFeatures("efficientnet_lite0", 32, torch.device("cpu"))

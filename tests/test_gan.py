@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pipeline.gan import (
+from pipeline.gan.conditional import (
     DIFFAUGMENT,
     Discriminator,
     Generator,

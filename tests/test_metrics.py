@@ -9,14 +9,33 @@ import warnings
 import numpy as np
 import pytest
 from scipy import stats
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, log_loss,
-                             precision_recall_fscore_support, roc_auc_score, roc_curve)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
 
-from pipeline import metrics
-from pipeline.errors import PipelineError
-from pipeline.metrics import (HIGHER_IS_BETTER, LABELS, METRICS, Comparison, bootstrap_intervals,
-                              corrected_t_interval, corrected_t_test, holm, paired_bootstrap, per_class, reliability,
-                              roc_points, score)
+from pipeline.evaluation import statistics as metrics
+from pipeline.evaluation.statistics import (
+    HIGHER_IS_BETTER,
+    LABELS,
+    METRICS,
+    Comparison,
+    bootstrap_intervals,
+    corrected_t_interval,
+    corrected_t_test,
+    holm,
+    paired_bootstrap,
+    per_class,
+    reliability,
+    roc_points,
+    score,
+)
+from pipeline.runtime.errors import PipelineError
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 import pytest
 
+from pipeline.runtime.errors import PipelineError
+from pipeline.runtime.params import load_params, parse_params
+
 from conftest import make_params, raw_params, with_overrides
-from pipeline.errors import PipelineError
-from pipeline.params import load_params, parse_params
 
 
 def test_default_params_yaml_is_valid():

@@ -7,12 +7,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
+
+from pipeline.data import draws
+from pipeline.data.collected import LABELLED, load_collected
+from pipeline.runtime.errors import PipelineError
+from pipeline.stages import augment, scarcity
+from pipeline.stages.scarcity import ScarcityInputs, ScarcityOutputs
+from pipeline.training import curve_points
 
 from conftest import make_params
-from pipeline import augment, scarcity
-from pipeline.errors import PipelineError
-from pipeline.images import LABELLED, load_collected
-from pipeline.scarcity import ScarcityInputs, ScarcityOutputs
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +29,7 @@ def inputs(tmp_path_factory, collected_dir):
 
 def test_draws_are_nested_start_with_the_labelled_images_and_never_touch_the_test_set(collected_dir):
     collected, params = load_collected(collected_dir), make_params().scarcity
-    small, large = scarcity.draw(collected, params, 2), scarcity.draw(collected, params, 6)
+    small, large = draws.draw(collected, params, 2), draws.draw(collected, params, 6)
     manifest = collected.manifest
     assert set(small.train) < set(large.train)
     assert np.array_equal(small.test, large.test) and len(small.test) == params.holdout
@@ -62,8 +66,8 @@ def test_user_data_draws_only_labelled_images(collected_dir):
     """A folder or CSV source has no unlabelled pool: its external images are a test set, never training data."""
     collected = load_collected(collected_dir)
     collected.manifest["source"] = "folder"
-    with pytest.raises(scarcity.NotEnoughImages, match="has 4 images to draw from, fewer than 6"):
-        scarcity.draw(collected, make_params().scarcity, 6)
+    with pytest.raises(draws.NotEnoughImages, match="has 4 images to draw from, fewer than 6"):
+        draws.draw(collected, make_params().scarcity, 6)
 
 
 def test_out_of_fold_predictions_cover_every_drawn_image_and_finished_folds_are_reused(tmp_path, inputs):
@@ -77,16 +81,16 @@ def test_out_of_fold_predictions_cover_every_drawn_image_and_finished_folds_are_
         first = p["oof_probs"].copy()
     assert meta["train_images"] == 60 and meta["from_pool"] == 20 and not out.checkpoints.exists()
     # a kept fold is reused only while it matches: plant fold 1's result with a wrong key, then the right one
-    drawn = scarcity.draw(load_collected(inputs.collected), params.scarcity, 6)
-    point = scarcity.Point(params.finetune, params.variants["cnn"], load_collected(inputs.collected), drawn, inputs,
-                           out, scarcity.pick_device("cpu"))
+    drawn = draws.draw(load_collected(inputs.collected), params.scarcity, 6)
+    point = curve_points.Point(params.finetune, params.variants["cnn"], load_collected(inputs.collected), drawn,
+                               inputs.policy, out.checkpoints, out.features, torch.device("cpu"))
     out.checkpoints.mkdir()
     planted = {"val_probs": np.full((30, 10), 0.1), "test_probs": np.full((params.scarcity.holdout, 10), 0.1),
                "seconds": 0.0}
     np.savez(out.checkpoints / "r0-fold1.npz", key="stale", **planted)
-    assert not np.allclose(scarcity.train_fold(point, 0, 1)["val_probs"], 0.1)
-    np.savez(out.checkpoints / "r0-fold1.npz", key=scarcity.fold_key(point, 0, 1), **planted)
-    assert np.allclose(scarcity.train_fold(point, 0, 1)["val_probs"], 0.1)
+    assert not np.allclose(curve_points.train_fold(point, 0, 1)["val_probs"], 0.1)
+    np.savez(out.checkpoints / "r0-fold1.npz", key=curve_points.fold_key(point, 0, 1), **planted)
+    assert np.allclose(curve_points.train_fold(point, 0, 1)["val_probs"], 0.1)
     assert not np.allclose(first, 0.1)
 
 

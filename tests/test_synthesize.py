@@ -12,15 +12,23 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.data.collected import load_collected
+from pipeline.data.decode import pixel_sha256
+from pipeline.gan import conditional as gan
+from pipeline.gan.quality import (
+    class_probability,
+    classification_accuracy_score,
+    fid_kid,
+    inception_fid_kid,
+    select_samples,
+)
+from pipeline.runtime.checkpoint import Checkpointing
+from pipeline.runtime.errors import PipelineError
+from pipeline.stages import synthesize
+from pipeline.stages.synthesize import SynthesizeOutputs
+from pipeline.training.probe import ImageFeatures, fit_probe
+
 from conftest import kill_once_checkpointed, make_params, stage_env, stage_workspace
-from pipeline import gan, synthesize
-from pipeline.errors import PipelineError
-from pipeline.features import ImageFeatures, fit_probe
-from pipeline.images import load_collected, pixel_sha256
-from pipeline.runtime import Checkpointing
-from pipeline.sample_quality import (class_probability, classification_accuracy_score, fid_kid, inception_fid_kid,
-                                     select_samples)
-from pipeline.synthesize import SynthesizeOutputs
 
 
 def outputs(root, name="r0-fold0", checkpoints=True):
@@ -83,7 +91,7 @@ def planted(tmp_path, collected_dir, in_train_too=False):
     for i in targets:
         images[i] = checker
         manifest.loc[i, "sha256"] = pixel_sha256(checker)
-    from pipeline.images import save_collected
+    from pipeline.data.collected import save_collected
 
     save_collected(root, images, manifest, list(data.classes))
     return root, pixel_sha256(checker)
@@ -173,7 +181,7 @@ def test_a_killed_run_resumes_exactly_where_its_checkpoint_left_off(tmp_path, mo
 def test_the_stage_command_resumes_after_sigkill(tmp_path, collected_dir):
     work = stage_workspace(tmp_path, collected_dir, None,
                            **{"synthesize.steps": 1500, "synthesize.checkpoint_every": 100})
-    command = [sys.executable, "-m", "pipeline.synthesize", "--fold", "0"]
+    command = [sys.executable, "-m", "pipeline.stages.synthesize", "--fold", "0"]
     checkpoint = work / "data" / "checkpoints" / "synthesize" / "r0-fold0" / gan.CHECKPOINT_FILE
     kill_once_checkpointed(command, work, checkpoint)
     step = torch.load(checkpoint, weights_only=True)["step"]
@@ -189,7 +197,7 @@ def test_the_stage_command_resumes_after_sigkill(tmp_path, collected_dir):
 def test_torchrun_runs_the_same_command_data_parallel_on_cpu(tmp_path, collected_dir):
     work = stage_workspace(tmp_path, collected_dir, None, **{"synthesize.steps": 40})
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "pipeline.synthesize", "--fold", "0"], cwd=work, env=stage_env(),
+                           "-m", "pipeline.stages.synthesize", "--fold", "0"], cwd=work, env=stage_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     meta = json.loads((work / "data" / "synthetic" / "r0-fold0" / "meta.json").read_text())

@@ -5,14 +5,16 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.augmentation.policy import build_policy
+from pipeline.data.collected import load_collected
+from pipeline.runtime.checkpoint import Checkpointing
+from pipeline.runtime.compute import World
+from pipeline.runtime.errors import PipelineError
+from pipeline.training import loop as training
+from pipeline.training.backbones import Classifier, create_backbone
+from pipeline.training.loop import BatchPlan, FitSetup, MixupCutmix, TrainingSet, fit, lr_lambda, predict
+
 from conftest import make_params
-from pipeline import training
-from pipeline.augmentations import build_policy
-from pipeline.backbones import Classifier, create_backbone
-from pipeline.errors import PipelineError
-from pipeline.images import load_collected
-from pipeline.runtime import Checkpointing, World
-from pipeline.training import BatchPlan, FitSetup, MixupCutmix, TrainingSet, fit, lr_lambda, predict
 
 CPU = torch.device("cpu")
 

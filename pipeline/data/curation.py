@@ -1,0 +1,184 @@
+"""From what a source offered to the dataset: label conflicts, exact copies collapsed, near-duplicate groups, the
+labelled draw of a bundled dataset, test images that leak, folds, and the count that proves nothing was lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from pipeline.data.collected import EXTERNAL, LABELLED, fold_column
+from pipeline.data.decode import hamming_pairs, pixel_sha256
+from pipeline.data.folds import assign_folds, check_group_counts
+from pipeline.data.sources import POOL, Intake
+from pipeline.runtime.errors import PipelineError
+from pipeline.runtime.params import CollectParams
+
+KEEP_FIRST = {LABELLED: 0, POOL: 1, EXTERNAL: 2}  # of exact copies, keep a training copy over a test copy
+
+
+REJECT_COLUMNS = ["path", "category", "detail"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Everything the stage decided, before it is written."""
+
+    manifest: pd.DataFrame
+    classes: list[str]
+    images: np.ndarray
+    duplicates: pd.DataFrame  # path, kept_path, label: exact copies collapsed into the kept one
+    rejects: pd.DataFrame  # path, category, detail
+    summary: dict
+
+
+def candidate_table(intake: Intake) -> pd.DataFrame:
+    """One row per decoded picture, `picture` indexing intake.pictures."""
+    pictures = intake.pictures
+    return pd.DataFrame({
+        "picture": range(len(pictures)), "path": [p.path for p in pictures], "label": [p.label for p in pictures],
+        "source": [p.source for p in pictures], "split": [p.split for p in pictures],
+        "user_group": [p.group for p in pictures], "sha256": [pixel_sha256(p.decoded.pixels) for p in pictures],
+        "width": [p.decoded.width for p in pictures], "height": [p.decoded.height for p in pictures],
+    })
+
+
+def resolve_conflicts(table: pd.DataFrame, intake: Intake, policy: str) -> pd.DataFrame:
+    """The same picture under two labels: reject every copy (`drop`) or stop (`error`)."""
+    labels = table.groupby("sha256").label.unique()
+    conflicted = table.sha256.map(labels.map(len)) > 1
+    if not conflicted.any():
+        return table
+    if policy == "error":
+        first = table[conflicted].iloc[0]
+        copies = table[table.sha256 == first.sha256]
+        listing = "; ".join(f"{r.path} as {r.label!r}" for r in copies.itertuples())
+        raise PipelineError(f"label conflict: the same picture appears under two labels ({listing}); fix the labels, "
+                            f"or set collect.label_conflicts: drop to reject every copy "
+                            f"({int(conflicted.sum())} files are affected)")
+    for row in table[conflicted].itertuples():
+        others = table[(table.sha256 == row.sha256) & (table.label != row.label)]
+        intake.reject(row.path, "label conflict", f"the same picture is also labelled {others.label.iloc[0]!r} "
+                                                  f"({others.path.iloc[0]})")
+    return table[~conflicted]
+
+
+def collapse_exact(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep one copy of each picture (a training copy over a test copy, then the first); list the others."""
+    order = table.assign(rank=table.split.map(KEEP_FIRST)).sort_values(["rank", "picture"], kind="stable")
+    keep = ~order.duplicated("sha256")
+    kept_path = order[keep].set_index("sha256").path
+    dropped = order[~keep]
+    duplicates = pd.DataFrame({"path": dropped.path, "kept_path": dropped.sha256.map(kept_path),
+                               "label": dropped.label})
+    return order[keep].drop(columns="rank").sort_values("picture"), duplicates.reset_index(drop=True)
+
+
+def near_duplicate_groups(table: pd.DataFrame, intake: Intake, max_bits: int) -> np.ndarray:
+    """Group ids joining pictures whose perceptual hashes are within `max_bits`, and rows sharing a user group."""
+    hashes = np.stack([intake.pictures[i].decoded.phash for i in table.picture])
+    left, right = hamming_pairs(hashes, max_bits)
+    named = table.reset_index(drop=True)
+    named = named[named.user_group != ""]
+    for _, members in named.groupby("user_group").groups.items():  # chain each user group's members
+        left = np.concatenate([left, members[:-1]])
+        right = np.concatenate([right, members[1:]])
+    n = len(table)
+    graph = coo_matrix((np.ones(len(left)), (left, right)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def draw_labelled(table: pd.DataFrame, params: CollectParams) -> pd.Series:
+    """For a bundled dataset: which pictures are labelled (drawn per class, seeded); the rest are external."""
+    rng = np.random.default_rng(params.seed)
+    split = pd.Series(EXTERNAL, index=table.index)
+    for label, rows in table.groupby("label"):
+        if len(rows) < params.images_per_class:
+            raise PipelineError(f"collect.images_per_class: class {label!r} has only {len(rows)} images; "
+                                f"use at most {len(rows)}")
+        split[rng.choice(rows.index.to_numpy(), params.images_per_class, replace=False)] = LABELLED
+    return split
+
+
+def remove_test_leaks(table: pd.DataFrame, intake: Intake) -> pd.DataFrame:
+    """Test pictures in a training picture's group, or of a class with no training pictures, leave the test set."""
+    labelled = table[table.split == LABELLED]
+    first_in_group = labelled.drop_duplicates("group").set_index("group").path
+    leaks = (table.split == EXTERNAL) & table.group.isin(first_in_group.index)
+    for row in table[leaks].itertuples():
+        twin = first_in_group[row.group]
+        intake.reject(row.path, "leak into test set",
+                      f"a near-duplicate of training image {twin}; kept out of the test set so it cannot inflate "
+                      "the score")
+    unknown = (table.split == EXTERNAL) & ~table.label.isin(set(labelled.label))
+    for row in table[unknown].itertuples():
+        intake.reject(row.path, "class missing from training", f"no training image is labelled {row.label!r}")
+    return table[~leaks & ~unknown]
+
+
+def limit_external(table: pd.DataFrame, params: CollectParams) -> pd.DataFrame:
+    external = table.index[table.split == EXTERNAL]
+    if not params.external_limit or len(external) <= params.external_limit:
+        return table
+    rng = np.random.default_rng(params.seed + 1)
+    return table.drop(rng.choice(external.to_numpy(), len(external) - params.external_limit, replace=False))
+
+
+def build_manifest(table: pd.DataFrame, params: CollectParams) -> tuple[pd.DataFrame, list[str]]:
+    """Labelled rows first, then external ones; targets in natural class order; one fold column per repeat."""
+    labelled = table[table.split == LABELLED].copy()
+    classes = sorted(labelled.label.unique(), key=_natural)
+    if len(classes) < 2:
+        raise PipelineError(f"collect: found {len(classes)} class(es) with usable training images; a classifier "
+                            "needs at least two (see reports/rejects.csv for what was refused)")
+    check_group_counts(labelled, len(params.folds))
+    for repeat in params.repeats:
+        labelled[fold_column(repeat)] = assign_folds(labelled, len(params.folds), params.seed + 1000 * repeat)
+    external = table[table.split == EXTERNAL].assign(**{fold_column(r): -1 for r in params.repeats})
+    manifest = pd.concat([labelled, external], ignore_index=True)
+    manifest["target"] = manifest.label.map({c: i for i, c in enumerate(classes)})
+    manifest["index"] = range(len(manifest))
+    return manifest, classes
+
+
+def _natural(label: str) -> tuple:
+    """Sort "2" before "10" but keep words alphabetical."""
+    return (0, int(label), "") if label.isdigit() else (1, 0, label)
+
+
+def decide(params: CollectParams, intake: Intake) -> Outcome:
+    """Turn what the source offered into the dataset: conflicts, duplicates, groups, the draw, leaks, folds."""
+    table = resolve_conflicts(candidate_table(intake), intake, params.label_conflicts)
+    table, duplicates = collapse_exact(table)
+    table = table.assign(group=near_duplicate_groups(table, intake, params.near_duplicate_bits))
+    if (table.split == POOL).any():
+        table["split"] = draw_labelled(table, params)
+    table = remove_test_leaks(table, intake)
+    accepted = len(table)
+    manifest, classes = build_manifest(limit_external(table, params), params)
+    rejects = pd.DataFrame(intake.rejects, columns=REJECT_COLUMNS)
+    summary = summarise(params, intake, manifest, duplicates, accepted=accepted, classes=classes)
+    images = np.stack([intake.pictures[i].decoded.pixels for i in manifest.picture])
+    return Outcome(manifest, classes, images, duplicates, rejects, summary)
+
+
+def summarise(params: CollectParams, intake: Intake, manifest: pd.DataFrame, duplicates: pd.DataFrame,
+              accepted: int, classes: list[str]) -> dict:
+    labelled = manifest[manifest.split == LABELLED]
+    not_kept = accepted - len(manifest)  # external pictures beyond collect.external_limit
+    summary = {
+        "source": params.source, "inputs": intake.inputs, "accepted": accepted, "rejected": len(intake.rejects),
+        "duplicates_collapsed": len(duplicates), "labelled": len(labelled),
+        "external": int((manifest.split == EXTERNAL).sum()), "external_not_kept": not_kept,
+        "groups": int(labelled.group.nunique()), "classes": classes,
+        "labelled_per_class": {c: int((labelled.label == c).sum()) for c in classes},
+        "folds": len(params.folds), "repeats": len(params.repeats),
+        "rejects_by_category": pd.Series([r[1] for r in intake.rejects], dtype=str).value_counts().to_dict(),
+    }
+    if intake.inputs != accepted + len(intake.rejects) + len(duplicates):
+        raise AssertionError(f"collect lost inputs: {summary}")  # a bug, never a user's mistake
+    return summary

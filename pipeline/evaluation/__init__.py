@@ -1,0 +1,1 @@
+"""Evaluation: statistics with intervals and tests, figures, and the report."""

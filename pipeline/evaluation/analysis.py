@@ -1,0 +1,341 @@
+"""What the cross-validation says: each variant's predictions loaded and scored with intervals, the comparisons
+between variants, the scarcity curve, and the flat metrics, plot data and figures made from them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from pipeline.data.collected import Collected
+from pipeline.evaluation import figures
+from pipeline.evaluation.statistics import (
+    METRICS,
+    bootstrap_intervals,
+    corrected_t_interval,
+    corrected_t_test,
+    holm,
+    paired_bootstrap,
+    per_class,
+    reliability,
+    roc_points,
+    score,
+)
+from pipeline.runtime import atomic, paths
+from pipeline.runtime.errors import PipelineError
+from pipeline.runtime.params import EvaluateParams, ScarcityParams, Variant
+
+FoldDir = Callable[[int, int, str], Path]  # (repeat, fold, variant) -> that finetune run's output folder
+PointDir = Callable[[int, str], Path]  # (images per class, variant) -> that scarcity run's output folder
+
+
+@dataclass
+class VariantResult:
+    name: str
+    fold_scores: list[dict[str, float]]  # validation metrics per fold of every repeat, in (repeat, fold) order
+    test_train_ratio: float  # validation images / training images, averaged over folds (the t-test's correction)
+    oof_targets: np.ndarray  # every labelled image once, in manifest order
+    oof_probs: np.ndarray  # repeats x images x classes: each image predicted by the fold that did not train on it
+    external_fold_scores: list[dict[str, float]]
+    external_probs: np.ndarray | None  # mean of all fold models' probabilities (the ensemble); None without a test set
+    loss_curve: np.ndarray | None  # training loss per epoch, mean over folds (full fine-tuning only)
+
+
+def load_predictions(path: Path, what: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing: run `dvc repro` so it covers {what}") from None
+
+
+def _loss_curve(folders: list[Path]) -> np.ndarray | None:
+    curves = []
+    for folder in folders:
+        history = json.loads((folder / "history.json").read_text())
+        if history and "loss" in history[0]:
+            curves.append([h["loss"] for h in history])
+    if not curves:
+        return None
+    length = min(len(c) for c in curves)  # early stopping may end folds at different epochs
+    return np.mean([c[:length] for c in curves], axis=0)
+
+
+def load_variant(name: str, collected: Collected, finetune_dir: FoldDir) -> VariantResult:
+    fold_scores, ext_scores, ext_probs, ratios, folders = [], [], [], [], []
+    targets = collected.manifest.target.to_numpy()
+    labelled = collected.labelled["index"].to_numpy()  # labelled rows come first, so index == position here
+    oof = np.full((len(collected.repeats), len(labelled), len(collected.classes)), np.nan, dtype=np.float32)
+    for repeat in collected.repeats:
+        for fold in collected.folds:
+            folder = finetune_dir(repeat, fold, name)
+            pred = load_predictions(folder / paths.PREDICTIONS_FILE, f"repeat {repeat}, fold {fold}, variant {name}")
+            train_rows, val_rows = collected.fold_split(fold, repeat)
+            if not np.array_equal(np.sort(pred["val_index"]), np.sort(val_rows["index"].to_numpy())):
+                raise PipelineError(f"{folder} was made for other folds than the collected data; re-run `dvc repro`")
+            fold_scores.append(score(targets[pred["val_index"]], pred["val_probs"]))
+            ratios.append(len(val_rows) / len(train_rows))
+            oof[repeat, pred["val_index"]] = pred["val_probs"]
+            folders.append(folder)
+            if len(pred["test_index"]):
+                ext_scores.append(score(targets[pred["test_index"]], pred["test_probs"]))
+                ext_probs.append(pred["test_probs"])
+    ensemble = np.mean(ext_probs, axis=0) if ext_probs else None
+    return VariantResult(name, fold_scores, float(np.mean(ratios)), targets[labelled], oof, ext_scores, ensemble,
+                         _loss_curve(folders))
+
+
+def _interval(value: float, bounds: tuple[float, float]) -> dict[str, float]:
+    return {"value": float(value), "low": float(bounds[0]), "high": float(bounds[1])}
+
+
+def _sample_std(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _per_class_table(targets: np.ndarray, probs: np.ndarray) -> dict[str, list[float]]:
+    return {k: [float(x) for x in v] for k, v in per_class(targets, probs).items()}
+
+
+METRIC_RANGE = {"log_loss": (0.0, np.inf)}  # every other metric lies in [0, 1]
+
+
+def _clip(metric: str, low: float, high: float) -> tuple[float, float]:
+    """A t interval can reach past what a metric can be (accuracy above 1): cut it at the metric's range."""
+    floor, ceiling = METRIC_RANGE.get(metric, (0.0, 1.0))
+    return float(np.clip(low, floor, ceiling)), float(np.clip(high, floor, ceiling))
+
+
+def variant_statistics(result: VariantResult, external_targets: np.ndarray, params: EvaluateParams) -> dict:
+    """Everything the report says about one variant (JSON-ready)."""
+    out: dict = {"cv": {}, "oof": {}}
+    for metric in METRICS:
+        mean, low, high = corrected_t_interval([s[metric] for s in result.fold_scores], result.test_train_ratio,
+                                               params.confidence)
+        low, high = _clip(metric, low, high)
+        out["cv"][metric] = {"mean": float(mean), "std": _sample_std([s[metric] for s in result.fold_scores]),
+                             "low": low, "high": high}
+    bounds = bootstrap_intervals(result.oof_targets, result.oof_probs, params.confidence, params.bootstrap)
+    per_repeat = [score(result.oof_targets, probs) for probs in result.oof_probs]
+    for metric in METRICS:
+        out["oof"][metric] = _interval(np.mean([s[metric] for s in per_repeat]), bounds[metric])
+    out["oof_per_class"] = _per_class_table(result.oof_targets, result.oof_probs.mean(0))
+    out["external"] = None
+    if result.external_probs is not None:
+        folds = {m: [s[m] for s in result.external_fold_scores] for m in METRICS}
+        ensemble = score(external_targets, result.external_probs)
+        out["external"] = {m: {"fold_mean": float(np.mean(folds[m])), "fold_std": _sample_std(folds[m]),
+                               "ensemble": ensemble[m]} for m in METRICS}
+        out["external_per_class"] = _per_class_table(external_targets, result.external_probs)
+        cv = out["cv"]["accuracy"]
+        fold_mean = out["external"]["accuracy"]["fold_mean"]
+        out["external_inside_cv_interval"] = bool(cv["low"] <= fold_mean <= cv["high"])
+    return out
+
+
+def _setting(value) -> str:
+    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+
+SETTING_WORDS = {"weights": "pretrained weights", "augment": "augmentation", "synthetic": "GAN samples",
+                 "strategy": "training strategy", "backbone": "backbone", "epochs": "epochs",
+                 "input_size": "input size"}
+
+
+def single_changes(variants: dict[str, Variant]) -> list[tuple[str, str, str]]:
+    """(setting, from variant, to variant) for every pair of variants that differ in exactly one setting: what
+    that one setting bought, read in params order (scratch -> baseline -> augment -> synthetic)."""
+    settings = {name: asdict(variant) for name, variant in variants.items()}
+    names, pairs = list(settings), []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            changed = [k for k, v in settings[a].items() if settings[b][k] != v]
+            if len(changed) == 1:
+                pairs.append((changed[0], a, b))
+    return pairs
+
+
+def comparisons(results: dict[str, VariantResult], variants: dict[str, Variant], best: str,
+                external_targets: np.ndarray, params: EvaluateParams) -> list[dict]:
+    """Paired comparisons of accuracy on the same folds and images: every single-setting change, then the best
+    variant against each other one. p-values are Holm-corrected over all of them. Where there is an external test
+    set, the fold ensembles are also compared there (paired bootstrap over its images)."""
+    pairs = [(f"{SETTING_WORDS.get(s, s)}: {_setting(asdict(variants[a])[s])} → {_setting(asdict(variants[b])[s])}",
+              a, b)
+             for s, a, b in single_changes(variants)]
+    seen = {frozenset((a, b)) for _, a, b in pairs}
+    pairs += [(f"best ({best}) against {other}", other, best) for other in results
+              if other != best and frozenset((other, best)) not in seen]
+    out = []
+    for what, a, b in pairs:
+        ra, rb = results[a], results[b]
+        diffs = [sb["accuracy"] - sa["accuracy"] for sa, sb in zip(ra.fold_scores, rb.fold_scores)]
+        t_test = corrected_t_test(diffs, ra.test_train_ratio, params.confidence)
+        boot = paired_bootstrap(ra.oof_targets, ra.oof_probs, rb.oof_probs, "accuracy", params.confidence,
+                                params.bootstrap)
+        record = {"what": what, "a": a, "b": b, "corrected_t": asdict(t_test), "bootstrap": asdict(boot)}
+        if ra.external_probs is not None and rb.external_probs is not None:
+            # beside the CV test, not instead of it: the external set says whether the CV verdict held on new data
+            record["external"] = asdict(paired_bootstrap(external_targets, ra.external_probs, rb.external_probs,
+                                                         "accuracy", params.confidence, params.bootstrap))
+        out.append(record)
+    for c in out:
+        c["test"] = params.test
+        if params.test == "corrected_t" and c["corrected_t"]["low"] == c["corrected_t"]["high"]:
+            # Every fold moved by exactly the same amount (common with a few validation images per fold): the t
+            # statistic divides by zero, so the paired bootstrap over images decides instead of a p of 0.
+            c["test"] = "bootstrap"
+    adjusted = holm([c[c["test"]]["p_value"] for c in out])
+    for c, p in zip(out, adjusted):
+        chosen = c[c["test"]]
+        c.update({"difference": chosen["difference"], "low": chosen["low"], "high": chosen["high"],
+                  "p_value": chosen["p_value"], "p_holm": float(p),
+                  "significant": bool(np.isfinite(p) and p < params.alpha)})
+    return out
+
+
+def scarcity_curves(collected: Collected, scarcity: ScarcityParams, point_dir: PointDir,
+                    params: EvaluateParams) -> dict[str, list[dict]]:
+    """Per scarcity variant, one record per point: out-of-fold accuracy with its bootstrap interval, the fold
+    models' accuracy on the fixed test set, or why the point was not run."""
+    targets = collected.manifest.target.to_numpy()
+    curves: dict[str, list[dict]] = {}
+    for name in scarcity.variants:
+        curves[name] = []
+        for n in scarcity.images_per_class:
+            folder = point_dir(n, name)
+            try:
+                meta = json.loads((folder / "meta.json").read_text())
+            except FileNotFoundError:
+                raise PipelineError(f"{folder} is missing: run `dvc repro` so the scarcity curve covers {name} at "
+                                    f"{n} images per class") from None
+            record: dict = {"images_per_class": n}
+            if "not_run" in meta:
+                curves[name].append({**record, "not_run": meta["not_run"]})
+                continue
+            pred = load_predictions(folder / paths.PREDICTIONS_FILE, f"{name} at {n} images per class")
+            train_targets = targets[pred["train_index"]]
+            acc = float(np.mean(pred["oof_probs"].argmax(-1) == train_targets))
+            low_high = bootstrap_intervals(train_targets, pred["oof_probs"], params.confidence, params.bootstrap)
+            record.update({"oof_accuracy": acc, "oof_accuracy_low": low_high["accuracy"][0],
+                           "oof_accuracy_high": low_high["accuracy"][1], "train_images": int(meta["train_images"])})
+            if len(pred["test_index"]):
+                test_targets = targets[pred["test_index"]]
+                per_model = pred["test_probs"].reshape(-1, *pred["test_probs"].shape[2:])
+                record["test_accuracy_fold_mean"] = float(np.mean([(p.argmax(1) == test_targets).mean()
+                                                                   for p in per_model]))
+                record["test_images"] = len(test_targets)
+            curves[name].append(record)
+    return curves
+
+
+def flat_metrics(stats: dict[str, dict], compared: list[dict], curves: dict[str, list[dict]]) -> dict[str, float]:
+    """The numbers `dvc metrics show/diff` and `dvc exp show` list: one level of keys, numbers only."""
+    out: dict[str, float] = {}
+    for name, s in stats.items():
+        for metric, v in s["oof"].items():
+            out[f"{name}.oof_{metric}"] = v["value"]
+        out[f"{name}.oof_accuracy_low"], out[f"{name}.oof_accuracy_high"] = (s["oof"]["accuracy"]["low"],
+                                                                           s["oof"]["accuracy"]["high"])
+        cv = s["cv"]["accuracy"]
+        out.update({f"{name}.cv_accuracy": cv["mean"], f"{name}.cv_accuracy_std": cv["std"],
+                    f"{name}.cv_accuracy_low": cv["low"], f"{name}.cv_accuracy_high": cv["high"]})
+        if s["external"]:
+            out[f"{name}.external_accuracy_fold_mean"] = s["external"]["accuracy"]["fold_mean"]
+            out.update({f"{name}.external_{m}": v["ensemble"] for m, v in s["external"].items()})
+    for c in compared:
+        out[f"compare.{c['b']}-{c['a']}.difference"] = c["difference"]
+        out[f"compare.{c['b']}-{c['a']}.p_holm"] = c["p_holm"]
+    for name, points in curves.items():
+        for p in points:
+            if "oof_accuracy" in p:
+                out[f"scarcity.{name}.n{p['images_per_class']}.oof_accuracy"] = p["oof_accuracy"]
+            if "test_accuracy_fold_mean" in p:
+                out[f"scarcity.{name}.n{p['images_per_class']}.test_accuracy"] = p["test_accuracy_fold_mean"]
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class Diagrams:
+    """One variant's out-of-fold ROC curve and reliability bins: drawn in the report, written for DVC's plots."""
+
+    roc: tuple[np.ndarray, np.ndarray]  # fpr, tpr (micro-averaged one-vs-rest, every repeat's predictions)
+    reliability: dict[str, np.ndarray]  # confidence, accuracy, count per bin (predictions averaged over repeats)
+
+    @staticmethod
+    def of(result: VariantResult) -> "Diagrams":
+        repeats, classes = len(result.oof_probs), result.oof_probs.shape[-1]
+        roc = roc_points(np.tile(result.oof_targets, repeats), result.oof_probs.reshape(-1, classes))
+        return Diagrams(roc, reliability(result.oof_targets, result.oof_probs.mean(0)))
+
+
+def write_plots(folder: Path, results: dict[str, VariantResult], diagrams: dict[str, Diagrams],
+                classes: tuple[str, ...], curves: dict[str, list[dict]]) -> None:
+    """Data files for `dvc plots show`: confusion (actual, predicted), ROC, reliability and scarcity, one file per
+    variant in each folder."""
+    with atomic.atomic_dir(folder) as tmp:
+        for name, r in results.items():
+            predicted = r.oof_probs.argmax(-1)
+            pd.DataFrame({"actual": np.array(classes)[np.tile(r.oof_targets, len(predicted))],
+                          "predicted": np.array(classes)[predicted.ravel()]}).to_csv(
+                _mkdir(tmp / "confusion") / f"{name}.csv", index=False)
+            fpr, tpr = diagrams[name].roc
+            pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(_mkdir(tmp / "roc") / f"{name}.csv", index=False)
+            pd.DataFrame(diagrams[name].reliability).to_csv(_mkdir(tmp / "calibration") / f"{name}.csv", index=False)
+        for name, points in curves.items():
+            rows = [p for p in points if "oof_accuracy" in p]
+            pd.DataFrame(rows, columns=["images_per_class", "oof_accuracy", "oof_accuracy_low", "oof_accuracy_high",
+                                        "test_accuracy_fold_mean"]).to_csv(
+                _mkdir(tmp / "scarcity") / f"{name}.csv", index=False)
+
+
+def _mkdir(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def make_figures(results: dict[str, VariantResult], diagrams: dict[str, Diagrams], stats: dict[str, dict],
+                 compared: list[dict], curves: dict[str, list[dict]], collected: Collected,
+                 params: EvaluateParams) -> dict[str, bytes]:
+    """Every figure of the report, by file name."""
+    from sklearn.metrics import confusion_matrix
+
+    names = list(results) + [n for n in curves if n not in results]  # a variant keeps its colour in every figure
+    level = f"{params.confidence:.0%}"
+    labels = range(len(collected.classes))
+    out = {}
+    external = {n: s["external"]["accuracy"]["fold_mean"] for n, s in stats.items() if s["external"]}
+    out["accuracy.png"] = figures.intervals_png(
+        [(n, s["oof"]["accuracy"]["value"], s["oof"]["accuracy"]["low"], s["oof"]["accuracy"]["high"])
+         for n, s in stats.items()], names, f"out-of-fold accuracy ({level} bootstrap interval)", external or None)
+    if compared:
+        out["differences.png"] = figures.differences_png(
+            [(f"{c['b']} − {c['a']}", c["difference"], c["low"], c["high"], c["significant"]) for c in compared],
+            f"difference in accuracy ({level} interval; filled = significant after Holm)")
+    if any("oof_accuracy" in p for points in curves.values() for p in points):
+        out["scarcity.png"] = figures.scarcity_png(curves, names, level)
+    out["reliability.png"] = figures.reliability_png({n: d.reliability for n, d in diagrams.items()}, names)
+    out["roc.png"] = figures.roc_png({n: d.roc for n, d in diagrams.items()}, names)
+    losses = {n: r.loss_curve for n, r in results.items() if r.loss_curve is not None}
+    if losses:
+        out["training.png"] = figures.training_png(losses, names)
+    ext_targets = collected.external.target.to_numpy()
+    for n, r in results.items():
+        counts = sum(confusion_matrix(r.oof_targets, p.argmax(1), labels=labels) for p in r.oof_probs)
+        out[f"confusion_{n}.png"] = figures.confusion_png(counts, collected.classes, f"{n} (out-of-fold)")
+        if r.external_probs is not None:
+            counts = confusion_matrix(ext_targets, r.external_probs.argmax(1), labels=labels)
+            out[f"confusion_{n}_external.png"] = figures.confusion_png(
+                counts, collected.classes, f"{n} (external test, ensemble of folds)")
+    return out
+
+
+def jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"cannot write {type(value)} to JSON")

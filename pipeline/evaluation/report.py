@@ -1,0 +1,414 @@
+"""The report: one document model (headings, paragraphs, tables, figures) rendered twice, as Markdown
+(reports/report.md, figures linked) and as one self-contained HTML file (reports/report.html, figures embedded as
+data URIs, no scripts, no external requests), so the two always say the same thing."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.collected import Collected
+from pipeline.runtime import atomic
+from pipeline.runtime.params import Variant
+
+# --------------------------------------------------------------------------------------------------
+# The document model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str  # Markdown inline: **bold** only
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: list[str]
+
+
+@dataclass(frozen=True)
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass(frozen=True)
+class Figure:
+    path: Path  # a PNG file
+    caption: str
+
+
+@dataclass(frozen=True)
+class Figures:
+    items: list[Figure]  # shown side by side
+
+
+@dataclass(frozen=True)
+class Details:
+    summary: str
+    blocks: list = field(default_factory=list)  # folded away in HTML, a sub-section in Markdown
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs from other stages
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Assets:
+    """Pictures made by earlier stages that the report shows."""
+
+    data_card: list[Path]  # collect: image sizes and a grid per class
+    preview: Path | None  # augment: originals above their augmented versions
+    gan: list[tuple[str, Path, dict]]  # synthesize: (fold, sample grid, its FID/KID/CAS metrics)
+
+    @staticmethod
+    def gather(data_card: Path, preview: Path, synthesize_reports: Path) -> "Assets":
+        cards = sorted(data_card.glob("*.png"), key=lambda p: (p.stem != "sizes", _natural(p.stem)))
+        gan = []
+        for metrics in sorted(synthesize_reports.glob("*.json"), key=lambda p: _natural(p.stem)):
+            grid = metrics.with_name(f"{metrics.stem}-grid.png")
+            if grid.exists():
+                gan.append((metrics.stem, grid, json.loads(metrics.read_text())))
+        return Assets(cards, preview if preview.exists() else None, gan)
+
+
+def _natural(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def data_summary(collected: Collected) -> dict:
+    """What the report says about the data: counts per split and class, folds, repeats, groups."""
+    labelled = collected.labelled
+    return {"labelled": len(labelled), "external": len(collected.external), "classes": list(collected.classes),
+            "per_class": {c: int((labelled.target == i).sum()) for i, c in enumerate(collected.classes)},
+            "folds": len(collected.folds), "repeats": len(collected.repeats),
+            "groups": int(labelled.group.nunique())}
+
+
+def recipe(variant: Variant) -> str:
+    """A variant in a few words."""
+    parts = [variant.backbone, f"{variant.weights} weights", variant.strategy.replace("_", " "),
+             f"{variant.input_size} px" if variant.input_size else "its own input size"]
+    if variant.strategy == "full":
+        parts.append(f"{variant.epochs} epochs")
+    parts += [name for name, on in (("+augment", variant.augment), ("+GAN samples", variant.synthetic)) if on]
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the report says
+# --------------------------------------------------------------------------------------------------
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _ci(low: float, high: float) -> str:
+    return f"[{_f(low)}, {_f(high)}]"
+
+
+def _p(p: float, resamples: int | None = None) -> str:
+    """A p-value in words; a bootstrap's at its floor, 2 / (resamples + 1), is only known to be that small."""
+    if not np.isfinite(p):
+        return "–"
+    if resamples and p <= 2 / (resamples + 1) + 1e-12:
+        return f"≤ {p:.3f}"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def headline(ev: dict) -> list:
+    d, best = ev["data"], ev["best"]
+    s = ev["variants"][best]
+    level = f"{ev['params']['confidence']:.0%}"
+    oof = s["oof"]["accuracy"]
+    lines = [f"{d['labelled']} labelled images in {len(d['classes'])} classes, {d['folds']}-fold cross-validation"
+             + (f" repeated {d['repeats']} times" if d["repeats"] > 1 else "")
+             + (f"; {d['external']} external test images that no stage trained on." if d["external"] else "."),
+             f"**{best}** did best: out-of-fold accuracy **{_f(oof['value'])}** ({level} interval "
+             f"{_f(oof['low'])} to {_f(oof['high'])})."]
+    ext = s["external"]
+    if ext:
+        inside = "inside" if s["external_inside_cv_interval"] else "outside"
+        cv = s["cv"]["accuracy"]
+        lines.append(f"On the external test set its fold models score {_f(ext['accuracy']['fold_mean'])} on average "
+                     f"({inside} the cross-validation interval {_ci(cv['low'], cv['high'])} for a fold model), and "
+                     f"their ensemble {_f(ext['accuracy']['ensemble'])}.")
+    return [Text(" ".join(lines))]
+
+
+TEST_NAMES = {"corrected_t": "corrected resampled t-test", "bootstrap": "paired bootstrap"}
+
+
+def verdicts(ev: dict) -> list[str]:
+    """One sentence per comparison: what changed, by how much, and whether the test can tell."""
+    out, resamples = [], ev["params"]["bootstrap"]
+    for c in ev["comparisons"]:
+        test = TEST_NAMES[c["test"]]
+        move = "raised" if c["difference"] > 0 else "lowered" if c["difference"] < 0 else "left"
+        body = (f"{c['what']} ({c['a']} → {c['b']}) {move} accuracy by {abs(c['difference']):.3f} "
+                f"(interval {c['low']:+.3f} to {c['high']:+.3f}, Holm-corrected p {_p(c['p_holm'])}, {test})")
+        if c["significant"]:
+            words = ("Ahead", "Behind") if c["what"].startswith("best") else ("Helped", "Hurt")
+            text = f"**{words[0] if c['difference'] > 0 else words[1]}:** {body}."
+        else:
+            text = f"**Not significant:** {body}; this data cannot tell the two apart."
+        if "external" in c:
+            x = c["external"]
+            text += (f" On the external test set the fold ensembles differ by {x['difference']:+.3f} "
+                     f"({x['low']:+.3f} to {x['high']:+.3f}, p {_p(x['p_value'], resamples)}).")
+        out.append(text)
+    return out
+
+
+def comparison_summary(ev: dict) -> str:
+    """How many comparisons the test could decide, and what would give it more power."""
+    compared = ev["comparisons"]
+    decided = sum(c["significant"] for c in compared)
+    d = ev["data"]
+    text = (f"{decided} of {len(compared)} differences are significant at {ev['params']['alpha']} after Holm's "
+            "correction (the p-values are adjusted for the number of comparisons; the intervals are not).")
+    if d["repeats"] == 1 and ev["params"]["test"] == "corrected_t":
+        text += (f" The corrected t-test sees {d['folds']} folds, {d['folds'] - 1} degrees of freedom, so only "
+                 "large differences pass; more repeats of the split (`collect.repeats: [0, 1, 2, ...]`) give it "
+                 "more power.")
+    if any("external" in c for c in compared):
+        text += (" The external test set is far larger than the cross-validation, so its differences are "
+                 "measured much more tightly; they are shown beside each verdict, not used for it.")
+    return text
+
+
+def variants_table(ev: dict) -> Table:
+    level = f"{ev['params']['confidence']:.0%}"
+    has_ext = any(s["external"] for s in ev["variants"].values())
+    header = ["variant", "recipe", f"out-of-fold accuracy [{level}]", f"per-fold mean ± std [{level} corrected]",
+              "balanced accuracy", "macro-F1", "ROC AUC", "log loss", "ECE"]
+    if has_ext:
+        header += ["external, fold models", "external, ensemble", "external inside CV interval?"]
+    rows = []
+    for name, s in sorted(ev["variants"].items(), key=lambda kv: -kv[1]["cv"]["accuracy"]["mean"]):
+        o, cv = s["oof"], s["cv"]["accuracy"]
+        row = [f"**{name}**" if name == ev["best"] else name, s["recipe"],
+               f"{_f(o['accuracy']['value'])} {_ci(o['accuracy']['low'], o['accuracy']['high'])}",
+               f"{_f(cv['mean'])} ± {_f(cv['std'])} {_ci(cv['low'], cv['high'])}"]
+        row += [f"{_f(o[m]['value'])} {_ci(o[m]['low'], o[m]['high'])}"
+                for m in ("balanced_accuracy", "macro_f1", "roc_auc", "log_loss", "ece")]
+        if has_ext:
+            e = s["external"]
+            row += ([f"{_f(e['accuracy']['fold_mean'])} ± {_f(e['accuracy']['fold_std'])}",
+                     _f(e["accuracy"]["ensemble"]), "yes" if s["external_inside_cv_interval"] else "**no**"]
+                    if e else ["–", "–", "–"])
+        rows.append(row)
+    return Table(header, rows)
+
+
+def comparisons_table(ev: dict) -> Table:
+    has_ext = any("external" in c for c in ev["comparisons"])
+    rows, resamples = [], ev["params"]["bootstrap"]
+    for c in ev["comparisons"]:
+        row = [c["what"], f"{c['a']} → {c['b']}", f"{c['difference']:+.3f}", f"[{c['low']:+.3f}, {c['high']:+.3f}]",
+               _p(c["corrected_t"]["p_value"]), _p(c["bootstrap"]["p_value"], resamples), TEST_NAMES[c["test"]],
+               _p(c["p_holm"]), "**yes**" if c["significant"] else "no"]
+        if has_ext:
+            x = c.get("external")
+            row.append(f"{x['difference']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}], "
+                       f"p {_p(x['p_value'], resamples)}" if x else "–")
+        rows.append(row)
+    return Table(["change", "variants", "accuracy difference", "interval", "p, corrected t", "p, paired bootstrap",
+                  "test used", "its p, Holm-corrected", "significant"]
+                 + (["external test: ensemble difference"] if has_ext else []), rows)
+
+
+def scarcity_blocks(ev: dict, figures: Path) -> list:
+    curves = ev["scarcity"]
+    if not curves:
+        return []
+    blocks = [Heading("How it scales with labelled data"),
+              Text("The same cross-validation with fewer or more labelled images per class (nested draws, the same "
+                   "fixed test set at every point).")]
+    if (figures / "scarcity.png").exists():
+        blocks.append(Figure(figures / "scarcity.png", "Label-scarcity curve"))
+    sizes = sorted({p["images_per_class"] for points in curves.values() for p in points})
+    rows = []
+    for name, points in curves.items():
+        by_n = {p["images_per_class"]: p for p in points}
+        cells = []
+        for n in sizes:
+            p = by_n.get(n, {})
+            if "not_run" in p:
+                cells.append(f"not run: {p['not_run']}")
+            elif "oof_accuracy" in p:
+                test = f"; test {_f(p['test_accuracy_fold_mean'])}" if "test_accuracy_fold_mean" in p else ""
+                cells.append(f"{_f(p['oof_accuracy'])} {_ci(p['oof_accuracy_low'], p['oof_accuracy_high'])}{test}")
+            else:
+                cells.append("–")
+        rows.append([name] + cells)
+    blocks.append(Table(["variant"] + [f"{n} per class" for n in sizes], rows))
+    return blocks
+
+
+def per_class_table(classes: list[str], table: dict[str, list[float]]) -> Table:
+    rows = [[c, _f(table["precision"][i]), _f(table["recall"][i]), _f(table["f1"][i]), str(int(table["support"][i]))]
+            for i, c in enumerate(classes)]
+    return Table(["class", "precision", "recall", "F1", "images"], rows)
+
+
+def error_blocks(ev: dict, figures: Path) -> list:
+    classes = ev["data"]["classes"]
+    blocks = [Heading("Where the errors are"),
+              Text("Confusion matrices of the out-of-fold predictions (rows: true class), and of the ensemble on the "
+                   "external test set where there is one. Per-class tables below.")]
+    for name, s in ev["variants"].items():
+        pictures = [Figure(figures / f"confusion_{name}.png", f"{name}, out-of-fold")]
+        if (figures / f"confusion_{name}_external.png").exists():
+            pictures.append(Figure(figures / f"confusion_{name}_external.png", f"{name}, external test"))
+        inner = [Figures(pictures), Text("Out-of-fold:"), per_class_table(classes, s["oof_per_class"])]
+        if s.get("external_per_class"):
+            inner += [Text("External test, ensemble:"), per_class_table(classes, s["external_per_class"])]
+        blocks.append(Details(f"{name}" + (" (best)" if name == ev["best"] else ""), inner))
+    return blocks
+
+
+def data_blocks(ev: dict, assets: Assets) -> list:
+    d = ev["data"]
+    per_class = ", ".join(f"{c}: {n}" for c, n in d["per_class"].items())
+    blocks = [Heading("The data"),
+              Text(f"{d['labelled']} labelled images ({per_class}) in {d['groups']} near-duplicate groups, which "
+                   f"folds keep together; {d['external']} external test images.")]
+    blocks += [Figures([Figure(p, p.stem.replace("_", " ")) for p in assets.data_card])] if assets.data_card else []
+    if assets.preview is not None:
+        blocks += [Heading("Augmentation", 3), Text("Training images (top of each pair) and augmented versions."),
+                   Figure(assets.preview, "augmentation preview")]
+    if assets.gan:
+        blocks += [Heading("Synthetic samples", 3),
+                   Text("Each fold's GAN (trained on that fold's training images only): a row per class, best-scoring "
+                        "first. FID and KID compare the accepted samples' features with the real training images "
+                        "(lower is closer; biased upwards at these sample sizes); CAS is the accuracy on real "
+                        "validation images of a classifier trained on the samples alone, beside the same classifier "
+                        "trained on the real images."),
+                   Table(["fold", "accepted", "FID", "KID", "CAS (samples)", "CAS (real)"],
+                         [[fold, f"{m.get('accepted', '–')} of {m.get('candidates', '–')}", _f(m.get("fid_accepted"), 1),
+                           _f(m.get("kid_accepted"), 4), _f(m.get("cas_synthetic")), _f(m.get("cas_real"))]
+                          for fold, _, m in assets.gan]),
+                   Figures([Figure(grid, fold) for fold, grid, _ in assets.gan])]
+    return blocks
+
+
+def document(ev: dict, figures: Path, assets: Assets) -> list:
+    level = f"{ev['params']['confidence']:.0%}"
+    blocks = [Heading("Results", 1), *headline(ev), Figure(figures / "accuracy.png", "Accuracy of each variant"),
+              variants_table(ev),
+              Text(f"Out-of-fold intervals are {level} percentile bootstrap intervals over images; the per-fold "
+                   "interval is the Nadeau-Bengio corrected t interval, which widens the naive one because folds "
+                   "share training images. Neither includes the variation from collecting another dataset. ECE is "
+                   "the expected calibration error (0 = probabilities match accuracy).")]
+    if ev["comparisons"]:
+        blocks += [Heading("What each ingredient bought"), Text(comparison_summary(ev)), Bullets(verdicts(ev))]
+        if (figures / "differences.png").exists():
+            blocks.append(Figure(figures / "differences.png", "Paired differences in accuracy"))
+        blocks.append(comparisons_table(ev))
+    blocks += scarcity_blocks(ev, figures)
+    blocks += error_blocks(ev, figures)
+    blocks += [Heading("Calibration and ranking"),
+               Figures([Figure(figures / "reliability.png", "Reliability (out-of-fold)"),
+                        Figure(figures / "roc.png", "ROC, micro-averaged one-vs-rest (out-of-fold)")])]
+    if (figures / "training.png").exists():
+        blocks += [Heading("Training"), Figure(figures / "training.png", "Training loss per epoch")]
+    return blocks + data_blocks(ev, assets)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------
+
+
+def to_markdown(blocks: list, base: Path) -> str:
+    out = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            out += ["#" * b.level + " " + b.text, ""]
+        elif isinstance(b, Text):
+            out += [b.text, ""]
+        elif isinstance(b, Bullets):
+            out += [f"- {item}" for item in b.items] + [""]
+        elif isinstance(b, Table):
+            out += ["| " + " | ".join(b.header) + " |", "|" + "---|" * len(b.header)]
+            out += ["| " + " | ".join(row) + " |" for row in b.rows] + [""]
+        elif isinstance(b, (Figure, Figures)):
+            items = b.items if isinstance(b, Figures) else [b]
+            out += [" ".join(f"![{f.caption}]({Path(os.path.relpath(f.path, base)).as_posix()})" for f in items), ""]
+        elif isinstance(b, Details):
+            out += [f"### {b.summary}", "", to_markdown(b.blocks, base)]
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
+
+
+def _img(figure: Figure) -> str:
+    data = base64.b64encode(figure.path.read_bytes()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(figure.caption)}">'
+            f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>")
+
+
+def to_html_body(blocks: list) -> str:
+    out = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
+        elif isinstance(b, Text):
+            out.append(f"<p>{_inline(b.text)}</p>")
+        elif isinstance(b, Bullets):
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
+        elif isinstance(b, Table):
+            head = "".join(f"<th>{_inline(h)}</th>" for h in b.header)
+            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+            out.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
+        elif isinstance(b, Figure):
+            out.append(_img(b))
+        elif isinstance(b, Figures):
+            out.append('<div class="row">' + "".join(_img(f) for f in b.items) + "</div>")
+        elif isinstance(b, Details):
+            out.append(f"<details><summary>{html.escape(b.summary)}</summary>{to_html_body(b.blocks)}</details>")
+    return "\n".join(out)
+
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{border-bottom:2px solid #1f77b4}h2{margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.88em;margin:.8em 0}th,td{border:1px solid #ddd;padding:.3em .6em;
+text-align:left;vertical-align:top}th{background:#f3f6fa}tbody tr:nth-child(even){background:#fafafa}
+.scroll{overflow-x:auto}figure{margin:.8em 0;display:inline-block}figure img{max-width:100%;height:auto}
+figcaption{font-size:.85em;color:#555}.row{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
+.row figure{max-width:48%}details{margin:.5em 0;border:1px solid #e5e5e5;border-radius:4px;padding:.3em .8em}
+summary{cursor:pointer;font-weight:600}li{margin:.3em 0}
+"""
+
+
+def to_html(blocks: list, title: str) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}"
+            f"</title><style>{STYLE}</style></head><body>\n{to_html_body(blocks)}\n</body></html>\n")
+
+
+def write(ev: dict, figures: Path, assets: Assets, markdown: Path, html_path: Path) -> None:
+    blocks = document(ev, figures, assets)
+    atomic.write_text(markdown, to_markdown(blocks, markdown.parent))
+    atomic.write_text(html_path, to_html(blocks, f"Results: {ev['best']} did best"))
+

@@ -1,0 +1,131 @@
+"""Judging GAN samples without trusting them: filter them with a classifier that saw only the fold's real
+training images, and measure them (FID, KID, CAS) in the feature space of a pretrained backbone.
+
+- Features: the pooled penultimate layer of a packaged ImageNet backbone (EfficientNet-Lite0 by default), on
+  images resized to `feature_size`. The standard Inception features cannot be downloaded here; where a user can,
+  `fid_features: inception` switches FID and KID to them (torchmetrics + torch-fidelity).
+- Filter: logistic regression on those features, fitted on the fold's real training images; a sample is kept
+  when it gives the sample's conditioning class a probability of at least `min_confidence`.
+- FID and KID (torchmetrics' implementations, fed our features through an identity extractor) between samples
+  and the fold's real training images. With a few dozen images FID is strongly biased upwards (it estimates
+  1280-dimensional covariances); compare it only between runs with the same numbers of images. KID is unbiased.
+- CAS (Ravuri & Vinyals 2019): the same classifier trained on synthetic samples only, scored on the fold's real
+  validation images, beside it trained on the real training images.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.runtime.errors import PipelineError
+from pipeline.training.probe import fit_probe
+
+log = logging.getLogger(__name__)
+KID_SUBSETS = 50
+
+
+def class_probability(probe, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The probe's probability of each sample's own label (0 for a label the probe never saw)."""
+    probs = probe.predict_proba(features)
+    known = {c: i for i, c in enumerate(probe.classes_)}
+    column = np.array([known.get(int(label), -1) for label in labels])
+    return np.where(column >= 0, probs[np.arange(len(labels)), np.maximum(column, 0)], 0.0)
+
+
+@dataclass(frozen=True)
+class Selection:
+    keep: np.ndarray  # indices into the candidates, class-major, best score first within a class
+    scores: np.ndarray  # every candidate's score
+    acceptance: dict[int, float]  # class -> share of its candidates at or above the threshold
+
+
+def select_samples(scores: np.ndarray, labels: np.ndarray, num_classes: int, min_confidence: float,
+                   keep_per_class: int) -> Selection:
+    """Accept candidates scoring at least `min_confidence`; keep the best `keep_per_class` of each class."""
+    keep, acceptance = [], {}
+    for label in range(num_classes):
+        mine = np.flatnonzero(labels == label)
+        accepted = mine[scores[mine] >= min_confidence]
+        acceptance[label] = len(accepted) / max(1, len(mine))
+        keep.append(accepted[np.argsort(-scores[accepted], kind="stable")][:keep_per_class])
+    return Selection(np.concatenate(keep).astype(np.int64), scores, acceptance)
+
+
+class _GivenFeatures(nn.Module):
+    """An 'extractor' for torchmetrics that passes precomputed features through, so they are computed once."""
+
+    def __init__(self, dimensions: int):
+        super().__init__()
+        self.num_features = dimensions
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def fid_kid(real: np.ndarray, fake: np.ndarray, seed: int) -> dict[str, float | None]:
+    """FID and KID (mean, std over subsets) between two feature sets; None where there are too few samples."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if min(len(real), len(fake)) < 2:
+        return {"fid": None, "kid": None, "kid_std": None}
+    extractor = _GivenFeatures(real.shape[1])
+    real_t, fake_t = torch.from_numpy(real).double(), torch.from_numpy(fake).double()
+    fid = FrechetInceptionDistance(feature=extractor)
+    fid.update(real_t, real=True)
+    fid.update(fake_t, real=False)
+    torch.manual_seed(seed)  # KID draws its subsets from torch's global stream
+    with warnings.catch_warnings():  # "will save all extracted features": a few hundred vectors here
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=extractor, subsets=KID_SUBSETS, subset_size=_kid_subset(real, fake))
+    kid.update(real_t, real=True)
+    kid.update(fake_t, real=False)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def _kid_subset(real, fake) -> int:
+    """Half the smaller set: subsets of the whole set would all be the same, and KID's spread would read 0."""
+    return max(2, min(len(real), len(fake)) // 2)
+
+
+def inception_fid_kid(real_images: np.ndarray, fake_images: np.ndarray, seed: int) -> dict[str, float | None]:
+    """FID and KID with the standard Inception-v3 features (torch-fidelity's weights, downloaded on first use)."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        fid = FrechetInceptionDistance(feature=2048)
+        kid = KernelInceptionDistance(feature=2048, subsets=KID_SUBSETS, subset_size=_kid_subset(real_images,
+                                                                                                 fake_images))
+    except (ModuleNotFoundError, RuntimeError, OSError) as err:
+        raise PipelineError(f"synthesize.fid_features: inception needs the torch-fidelity package and internet "
+                            f"for its weights (pip install torch-fidelity); {type(err).__name__}: {err}. "
+                            "Use `fid_features: backbone` offline.") from None
+    if min(len(real_images), len(fake_images)) < 2:
+        return {"fid": None, "kid": None, "kid_std": None}
+
+    def as_rgb(images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    torch.manual_seed(seed)
+    for metric in (fid, kid):
+        metric.update(as_rgb(real_images), real=True)
+        metric.update(as_rgb(fake_images), real=False)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def classification_accuracy_score(train_features: np.ndarray, train_targets: np.ndarray, val_features: np.ndarray,
+                                  val_targets: np.ndarray, seed: int) -> float | None:
+    """Accuracy on real validation images of a probe trained on `train_*`; None when it has under two classes."""
+    if len(np.unique(train_targets)) < 2 or len(val_targets) == 0:
+        return None
+    probe = fit_probe(train_features, train_targets, seed)
+    return float((probe.predict(val_features) == val_targets).mean())

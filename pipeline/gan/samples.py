@@ -1,0 +1,105 @@
+"""GAN samples for a set of training images: train the class-conditional GAN, generate candidates, filter them
+with a classifier that saw only those images, and measure them (FID, KID, CAS). Shared by the synthesize stage
+(one fold's training images) and the final stage (every labelled image)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pipeline.data.collected import Collected
+from pipeline.gan.conditional import TrainedGan, generate, train_gan
+from pipeline.gan.quality import (
+    class_probability,
+    classification_accuracy_score,
+    fid_kid,
+    inception_fid_kid,
+    select_samples,
+)
+from pipeline.runtime.checkpoint import Checkpointing
+from pipeline.runtime.compute import World, leave_process_group
+from pipeline.runtime.errors import PipelineError
+from pipeline.runtime.params import SynthesizeParams
+from pipeline.training.probe import ImageFeatures, fit_probe
+
+CAS_EXTERNAL_IMAGES = 1000  # external test images CAS is also measured on, when the data has them
+
+
+@dataclass
+class Synthesis:
+    trained: TrainedGan  # the EMA generator, its history, the final augmentation strength p
+    fake: np.ndarray  # every candidate
+    labels: np.ndarray
+    kept: np.ndarray  # indices of the accepted candidates
+    scores: np.ndarray
+    quality: dict  # FID, KID, CAS, acceptance
+    seconds: float  # GAN training time
+
+
+def make_samples(params: SynthesizeParams, collected: Collected, rows: tuple[pd.DataFrame, pd.DataFrame], device,
+                 checkpoint: Checkpointing | None, world: World = World()) -> Synthesis | None:
+    """Train on rows[0], judge with rows[1] (validation images for CAS; may be empty); None on the non-main
+    processes of a torchrun."""
+    images, targets = collected.select(rows[0])
+    start = time.perf_counter()
+    trained = train_gan(images, targets, len(collected.classes), params, device, checkpoint, world)
+    seconds = time.perf_counter() - start
+    leave_process_group()  # the rest is the main process's alone
+    if not world.is_main:
+        return None
+    fake, labels = generate(trained.generator, per_class=params.candidates_per_class, z_dim=params.z_dim,
+                            seed=params.seed, device=device)
+    kept, scores, quality = judge(params, collected, fake, labels, rows, device)
+    return Synthesis(trained, fake, labels, kept, scores, quality, seconds)
+
+
+def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake_labels: np.ndarray,
+          rows: tuple[pd.DataFrame, pd.DataFrame], device) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Filter the candidates and measure them: (kept indices, every candidate's score, metrics)."""
+    (train_images, train_targets), (val_images, val_targets) = (collected.select(r) for r in rows)
+    extract = ImageFeatures(params.feature_backbone, params.feature_size, device)
+    real_f, fake_f = extract(train_images), extract(fake)
+    probe = fit_probe(real_f, train_targets, params.seed)
+    scores = class_probability(probe, fake_f, fake_labels)
+    chosen = select_samples(scores, fake_labels, len(collected.classes), params.min_confidence,
+                            params.keep_per_class)
+    kept = chosen.keep
+    if params.fid_features == "inception":
+        before, after = (inception_fid_kid(train_images, fake[i], params.seed) for i in (slice(None), kept))
+    else:
+        before, after = (fid_kid(real_f, fake_f[i], params.seed) for i in (slice(None), kept))
+    metrics = {
+        **{f"{k}_candidates": v for k, v in before.items()}, **{f"{k}_accepted": v for k, v in after.items()},
+        "acceptance": float(np.mean(list(chosen.acceptance.values()))),
+        "accepted": int(len(kept)), "candidates": int(len(fake)),
+        "acceptance_per_class": {collected.classes[c]: round(a, 4) for c, a in chosen.acceptance.items()},
+    }
+    tests = {"": (extract(val_images), val_targets)}
+    if len(collected.external):  # a fold's validation part is a handful of images; the external set is not
+        sample = collected.external.sample(min(CAS_EXTERNAL_IMAGES, len(collected.external)), random_state=0)
+        images, targets = collected.select(sample)
+        tests["_external"] = (extract(images), targets)
+    trained_on = {"cas_synthetic": (fake_f[kept], fake_labels[kept]), "cas_candidates": (fake_f, fake_labels),
+                  "cas_real": (real_f, train_targets)}
+    for suffix, (test_f, test_y) in tests.items():
+        for name, (train_f, train_y) in trained_on.items():
+            metrics[name + suffix] = classification_accuracy_score(train_f, train_y, test_f, test_y, params.seed)
+    return kept, scores, metrics
+
+
+def check_no_leak(collected: Collected, fold: int, repeat: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The fold's (training, validation) rows, refusing data whose training part holds a picture that is also
+    in the validation part or the external test set (a manifest edited by hand, or a collect bug). No row can
+    be in both parts: fold_split splits on one column."""
+    train_rows, val_rows = collected.fold_split(fold, repeat)
+    held_out = pd.concat([val_rows, collected.external])
+    shared = set(train_rows.sha256) & set(held_out.sha256)
+    if shared:
+        example = held_out[held_out.sha256.isin(shared)].path.iloc[0]
+        raise PipelineError(f"fold {fold} (repeat {repeat}): {len(shared)} picture(s) in its training part are also "
+                            f"held out for testing (e.g. {example}); the GAN would see test images. Re-run "
+                            "`dvc repro collect` and do not edit data/collected by hand")
+    return train_rows, val_rows

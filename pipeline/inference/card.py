@@ -1,0 +1,52 @@
+"""The final model's card: which variant it is, how it was trained, on what data, and what cross-validation says
+of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+
+from pipeline.data.decode import Normalise
+from pipeline.runtime.errors import PipelineError
+from pipeline.runtime.params import FinalParams, FinetuneParams, Variant
+
+
+def choose(params: FinalParams, variants: dict[str, Variant], evaluation: dict) -> str:
+    name = evaluation["best"] if params.variant == "best" else params.variant
+    if name not in variants:
+        raise PipelineError(f"final.variant: {name!r} is not in params `variants` ({', '.join(variants)})")
+    return name
+
+
+def manifest_hash(sha256: list[str]) -> str:
+    """One hash of the training data: the sorted sha256 of every labelled image's stored pixels."""
+    return hashlib.sha256("\n".join(sorted(sha256)).encode()).hexdigest()
+
+
+def model_card(name: str, variant: Variant, model, finetune: FinetuneParams, image: Normalise, classes: list[str],
+               evaluation: dict, data_hash: str, trained_on: int) -> dict:
+    cv = evaluation["variants"][name]
+    return {"variant": name, "recipe": cv["recipe"], "classes": classes, "backbone": variant.backbone,
+            "weights": variant.weights, "input_size": model.input_size,
+            "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
+            "image": {"size": image.size, "channels": image.channels, "fit": image.fit},
+            "trained_on_images": trained_on, "data_sha256": data_hash,
+            "params": {"variant": asdict(variant), "finetune": asdict(finetune)},
+            "cross_validation": {"oof": cv["oof"], "cv": cv["cv"], "external": cv["external"]}}
+
+
+def card_markdown(card: dict) -> str:
+    oof = card["cross_validation"]["oof"]["accuracy"]
+    lines = [f"# Model card: {card['variant']}", "", f"{card['recipe']}.", "",
+             f"- Classes ({len(card['classes'])}): {', '.join(card['classes'])}",
+             f"- Input: {card['image']['size']} x {card['image']['size']} pixels, {card['image']['channels']} "
+             f"channel(s), values in [0, 1], prepared as collect does (`fit: {card['image']['fit']}`); resized to "
+             f"{card['input_size']} px and normalised inside the model (mean {card['mean']}, std {card['std']})",
+             f"- Trained on {card['trained_on_images']} labelled images (data sha256 {card['data_sha256'][:16]}…)",
+             f"- Cross-validated accuracy of this recipe: {oof['value']:.3f} ({oof['low']:.3f} to {oof['high']:.3f})"]
+    if "final_external_accuracy" in card:
+        lines.append(f"- This model on the external test set: {card['final_external_accuracy']:.3f}")
+    lines += ["", "Files: `model.safetensors` (weights), `model.torchscript.pt` and `model.onnx` (logits from float "
+              "images N x C x H x W), this card as `model_card.json`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,325 @@
+"""Read `params.yaml` once, into typed frozen dataclasses, and refuse anything unknown or impossible.
+
+Every stage gets only its own section. Defaults live in `params.yaml`; nothing here repeats them, so a
+missing key is an error too (it usually means a typo elsewhere in the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from pipeline.augmentation.policy import TransformSpec, parse_transforms
+from pipeline.runtime.errors import PipelineError
+
+
+def check_weights(weights: str, key: str) -> None:
+    """A weights spec is a source name or `file:PATH` (pipeline/training/backbones.py loads them)."""
+    ok = weights in ("packaged", "hub", "none") or (weights.startswith("file:") and len(weights) > len("file:"))
+    _require(ok, key, "packaged, hub, none or file:PATH", weights)
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise PipelineError(f"params: `{key}` must be {allowed}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    cache: str
+    timeout: float
+    retries: int
+    backoff: float
+    max_mb: float
+    workers: int
+
+    def __post_init__(self) -> None:
+        _require(self.timeout > 0, "collect.download.timeout", "> 0 seconds", self.timeout)
+        _require(0 <= self.retries <= 10, "collect.download.retries", "from 0 to 10", self.retries)
+        _require(self.backoff >= 0, "collect.download.backoff", ">= 0 seconds", self.backoff)
+        _require(self.max_mb > 0, "collect.download.max_mb", "> 0", self.max_mb)
+        _require(1 <= self.workers <= 64, "collect.download.workers", "from 1 to 64", self.workers)
+
+
+def _ids(key: str, ids: tuple[int, ...], least: int, example: str) -> None:
+    _require(len(ids) >= least and list(ids) == list(range(len(ids))), key,
+             f"the ids 0..n-1 with n >= {least}, e.g. {example}", list(ids))
+
+
+@dataclass(frozen=True)
+class CollectParams:
+    source: Literal["mnist", "digits", "lfw", "folder", "csv"]
+    folder: str
+    csv: str
+    images_per_class: int
+    external_limit: int
+    folds: tuple[int, ...]
+    repeats: tuple[int, ...]
+    image_size: int
+    channels: Literal[1, 3]
+    fit: Literal["crop", "pad"]
+    min_side: int
+    max_pixels: int
+    near_duplicate_bits: int
+    label_conflicts: Literal["drop", "error"]
+    workers: int
+    seed: int
+    download: DownloadParams
+
+    def __post_init__(self) -> None:
+        k = len(self.folds)
+        _ids("collect.folds", self.folds, 2, "[0, 1, 2, 3, 4] for 5-fold CV")
+        _ids("collect.repeats", self.repeats, 1, "[0, 1] to repeat the k-fold split twice with other shuffles")
+        _require(self.images_per_class >= k, "collect.images_per_class",
+                 f"at least the number of folds ({k}) so every fold has an image of every class",
+                 self.images_per_class)
+        _require(self.external_limit >= 0, "collect.external_limit", ">= 0 (0 keeps them all)",
+                 self.external_limit)
+        size = self.image_size
+        _require(16 <= size <= 128 and size & (size - 1) == 0, "collect.image_size",
+                 "a power of two from 16 to 128", size)
+        _require(self.min_side >= 1, "collect.min_side", ">= 1 pixel", self.min_side)
+        _require(self.max_pixels >= self.min_side ** 2, "collect.max_pixels", "at least min_side squared",
+                 self.max_pixels)
+        _require(0 <= self.near_duplicate_bits <= 64, "collect.near_duplicate_bits",
+                 "from 0 (exact perceptual-hash matches only) to 64 of the hash's 256 bits", self.near_duplicate_bits)
+        _require(self.workers >= 0, "collect.workers", ">= 0 (0 = every core)", self.workers)
+        _require(not Path(self.csv).is_absolute() and ".." not in Path(self.csv).parts, "collect.csv",
+                 "a path inside collect.folder (so DVC, which tracks that folder, sees edits to it)", self.csv)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    seed: int
+    preview_images: int
+    transforms: tuple[TransformSpec, ...]
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.preview_images <= 256, "augment.preview_images", "from 1 to 256", self.preview_images)
+
+
+@dataclass(frozen=True)
+class SynthesizeParams:
+    seed: int
+    steps: int
+    batch_size: int
+    z_dim: int
+    base_channels: int
+    lr_g: float
+    lr_d: float
+    diffaugment: str
+    ada_target: float
+    ada_images: int
+    ada_interval: int
+    ema_decay: float
+    log_every: int
+    checkpoint_every: int
+    candidates_per_class: int
+    keep_per_class: int
+    min_confidence: float
+    feature_backbone: str
+    feature_size: int
+    fid_features: Literal["backbone", "inception"]
+    device: Literal["auto", "cpu", "cuda"]
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "z_dim", "base_channels", "log_every", "checkpoint_every", "ada_images",
+                    "ada_interval", "candidates_per_class", "keep_per_class"):
+            _require(getattr(self, key) >= 1, f"synthesize.{key}", ">= 1", getattr(self, key))
+        _require(self.batch_size >= 2, "synthesize.batch_size", ">= 2 (batch norm and the mode-seeking pairs)",
+                 self.batch_size)
+        for key in ("lr_g", "lr_d"):
+            _require(0 < getattr(self, key) < 1, f"synthesize.{key}", "between 0 and 1", getattr(self, key))
+        _require(0 <= self.ema_decay < 1, "synthesize.ema_decay", "in [0, 1)", self.ema_decay)
+        _require(0 <= self.ada_target < 1, "synthesize.ada_target", "in [0, 1) (0 = fixed p = 1)", self.ada_target)
+        _require(0 <= self.min_confidence < 1, "synthesize.min_confidence", "in [0, 1)", self.min_confidence)
+        _require(self.keep_per_class <= self.candidates_per_class, "synthesize.keep_per_class",
+                 f"at most candidates_per_class ({self.candidates_per_class})", self.keep_per_class)
+        _require(16 <= self.feature_size <= 512, "synthesize.feature_size", "from 16 to 512", self.feature_size)
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    seed: int
+    batch_size: int  # images per optimiser step, summed over processes under torchrun
+    lr_head: float
+    lr_body: float
+    weight_decay: float
+    warmup_epochs: int
+    label_smoothing: float
+    mixup: float  # mixup's Beta(alpha, alpha); 0 = off
+    cutmix: float  # cutmix's Beta(alpha, alpha); 0 = off
+    ema_decay: float  # 0 = off
+    inner_val: float  # early stopping: share of the fold's training images held out; 0 = off
+    patience: int  # epochs without a better inner-validation loss before stopping
+    synthetic_share: float  # share of each batch drawn from the GAN's samples (synthetic variants)
+    probe_views: int  # linear_probe + augment: augmented copies of each training image
+    probe_c: float  # linear_probe: inverse L2 strength of the logistic regression
+    workers: int  # DataLoader worker processes (0 = augment in the training process)
+    compile: bool  # torch.compile the model
+    checkpoint_every: int  # epochs between resumable checkpoints
+    device: Literal["auto", "cpu", "cuda"]
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 2, "finetune.batch_size", ">= 2 (batch norm needs two images)",
+                 self.batch_size)
+        _require(self.warmup_epochs >= 0, "finetune.warmup_epochs", ">= 0", self.warmup_epochs)
+        for key in ("lr_head", "lr_body"):
+            _require(0 < getattr(self, key) < 1, f"finetune.{key}", "between 0 and 1", getattr(self, key))
+        _require(self.weight_decay >= 0, "finetune.weight_decay", ">= 0", self.weight_decay)
+        _require(0 <= self.label_smoothing < 1, "finetune.label_smoothing", "in [0, 1)", self.label_smoothing)
+        for key in ("mixup", "cutmix"):
+            _require(getattr(self, key) >= 0, f"finetune.{key}", ">= 0 (a Beta alpha; 0 = off)", getattr(self, key))
+        _require(0 <= self.ema_decay < 1, "finetune.ema_decay", "in [0, 1) (0 = off)", self.ema_decay)
+        _require(0 <= self.inner_val <= 0.5, "finetune.inner_val", "from 0 (off) to 0.5", self.inner_val)
+        _require(self.patience >= 1, "finetune.patience", ">= 1 epoch", self.patience)
+        _require(0 <= self.synthetic_share < 1, "finetune.synthetic_share", "in [0, 1)", self.synthetic_share)
+        _require(self.probe_views >= 1, "finetune.probe_views", ">= 1", self.probe_views)
+        _require(self.probe_c > 0, "finetune.probe_c", "> 0", self.probe_c)
+        _require(self.workers >= 0, "finetune.workers", ">= 0", self.workers)
+        _require(self.checkpoint_every >= 1, "finetune.checkpoint_every", ">= 1 epoch", self.checkpoint_every)
+
+
+@dataclass(frozen=True)
+class Variant:
+    backbone: str  # any timm model name, or compact_cnn
+    weights: str  # packaged | hub | none | file:PATH
+    strategy: Literal["full", "linear_probe"]
+    input_size: int  # side the images are resized to for the backbone; 0 = the model's own
+    epochs: int  # full fine-tuning only
+    augment: bool
+    synthetic: bool
+
+
+@dataclass(frozen=True)
+class ScarcityParams:
+    images_per_class: tuple[int, ...]  # points of the label-scarcity curve
+    variants: tuple[str, ...]  # names from `variants` trained at every point
+    holdout: int  # external images drawn as the curve's fixed test set (0 = all); bundled sources train on the rest too
+    seed: int  # the nested draws and their folds
+
+    def __post_init__(self) -> None:
+        sizes = list(self.images_per_class)
+        _require(sizes == sorted(set(sizes)) and all(n >= 1 for n in sizes), "scarcity.images_per_class",
+                 "increasing positive numbers of images per class, e.g. [5, 10, 20, 50]", sizes)
+        _require(len(set(self.variants)) == len(self.variants), "scarcity.variants", "names without repeats",
+                 list(self.variants))
+        _require(self.holdout >= 0, "scarcity.holdout", ">= 0 (0 = the whole external set)", self.holdout)
+
+
+@dataclass(frozen=True)
+class FinalParams:
+    variant: str  # `best` (the evaluation's first) or a name from `variants`
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    confidence: float  # level of every interval
+    bootstrap: int  # resamples of the bootstrap intervals and of the paired bootstrap test
+    test: Literal["corrected_t", "bootstrap"]  # the test that decides "significant" in the report's words
+    alpha: float  # significance level, after Holm's correction over the report's comparisons
+
+    def __post_init__(self) -> None:
+        _require(0.5 <= self.confidence < 1, "evaluate.confidence", "in [0.5, 1)", self.confidence)
+        _require(100 <= self.bootstrap <= 100_000, "evaluate.bootstrap", "from 100 to 100000 resamples", self.bootstrap)
+        _require(0 < self.alpha < 0.5, "evaluate.alpha", "in (0, 0.5)", self.alpha)
+
+
+@dataclass(frozen=True)
+class Params:
+    collect: CollectParams
+    augment: AugmentParams
+    synthesize: SynthesizeParams
+    finetune: FinetuneParams
+    variants: dict[str, Variant]
+    scarcity: ScarcityParams
+    evaluate: EvaluateParams
+    final: FinalParams
+
+    def __post_init__(self) -> None:
+        _require(len(self.variants) >= 1, "variants", "at least one variant", self.variants)
+        for name, variant in self.variants.items():
+            _require(name.replace("_", "").isalnum(), f"variants.{name}",
+                     "named with letters, digits and underscores only (the name becomes a folder and a DVC stage)",
+                     name)
+            check_weights(variant.weights, f"variants.{name}.weights")
+            _require(variant.input_size == 0 or 16 <= variant.input_size <= 1024, f"variants.{name}.input_size",
+                     "from 16 to 1024, or 0 for the model's own (from its timm config)", variant.input_size)
+            _require(variant.epochs >= 1, f"variants.{name}.epochs", ">= 1", variant.epochs)
+        self._check_scarcity()
+        _require(self.final.variant == "best" or self.final.variant in self.variants, "final.variant",
+                 f"best or a name from `variants` ({', '.join(self.variants)})", self.final.variant)
+
+    def _check_scarcity(self) -> None:
+        for name in self.scarcity.variants:
+            _require(name in self.variants, "scarcity.variants", f"names from `variants` ({', '.join(self.variants)})",
+                     name)
+            _require(not self.variants[name].synthetic, f"scarcity.variants ({name})",
+                     "variants without synthetic data: each fold's GAN is trained on the whole fold, so its samples "
+                     "would carry more real images into training than the curve's point allows", name)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the type `hint` and convert it (lists to tuples, mappings to dataclasses)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if hint == tuple[TransformSpec, ...]:
+        _require(isinstance(value, Mapping), key, "a mapping of transform name to options", value)
+        return parse_transforms(value, key)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        _require(value in allowed and type(value) is type(allowed[0]), key,
+                 "one of " + ", ".join(repr(a) for a in allowed), value)
+        return value
+    if origin is tuple:
+        (item_hint, _) = typing.get_args(hint)
+        _require(isinstance(value, list), key, "a list", value)
+        return tuple(_convert(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        _, item_hint = typing.get_args(hint)
+        _require(isinstance(value, Mapping), key, "a mapping", value)
+        return {str(k): _convert(v, item_hint, f"{key}.{k}") for k, v in value.items()}
+    if hint is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        return float(value)
+    if hint in (int, str, bool):
+        _require(type(value) is hint, key, f"of type {hint.__name__}", value)
+        return value
+    raise TypeError(f"params.py cannot check type {hint!r} of `{key}`")  # a bug here, not the user's mistake
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    where = f"`{key}`" if key else "the top level"
+    if not isinstance(raw, Mapping):
+        raise PipelineError(f"params: {where} must be a mapping of keys to values; got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{key}." if key else ""
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise PipelineError(f"params: unknown key `{prefix}{unknown[0]}`; allowed keys here: {', '.join(names)}")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise PipelineError(f"params: missing key `{prefix}{missing[0]}` (see README for what it does)")
+    return cls(**{n: _convert(raw[n], hints[n], prefix + n) for n in names})
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a params mapping (as read from YAML) and return it typed."""
+    return _build(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"params: {path} not found; run from the repository root") from None
+    except yaml.YAMLError as err:
+        raise PipelineError(f"params: {path} is not valid YAML: {err}") from None
+    return parse_params(raw)

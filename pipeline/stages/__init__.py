@@ -1,0 +1,1 @@
+"""Entry points: one thin module per DVC stage (`python -m pipeline.stages.<name>`), and predict."""

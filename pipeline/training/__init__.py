@@ -1,0 +1,1 @@
+"""Learning: backbones, the compact CNN, the training loop, the linear probe and the strategies that use them."""

@@ -1,0 +1,508 @@
+"""The fine-tuning engine: batches planned ahead, augmentation in DataLoader workers, discriminative learning
+rates with warm-up and cosine decay, label smoothing, optional mixup/cutmix and EMA, early stopping on an inner
+split, safetensors checkpoints with exact resume, and data-parallel training under torchrun.
+
+Reproducibility rests on one idea: every batch, and every augmentation of every image in it, is a pure function
+of (seed, epoch, position). So the same params give the same model whatever the number of DataLoader workers,
+a run resumed from a checkpoint continues exactly as if it had never stopped, and under torchrun each process
+takes its slice of the very batch one process would have used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, safe_open, save
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from pipeline.augmentation.policy import augment_seeded
+from pipeline.runtime import atomic
+from pipeline.runtime.checkpoint import Checkpointing
+from pipeline.runtime.compute import World, autocast, random_states, recalibrating_batch_norm
+from pipeline.runtime.errors import PipelineError
+from pipeline.runtime.params import FinetuneParams
+from pipeline.training.backbones import Classifier
+
+log = logging.getLogger(__name__)
+EVAL_BATCH = 256
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: what each step's batch holds, and the images themselves
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    images: np.ndarray  # real training images, uint8 N x H x W x C
+    targets: np.ndarray  # their class ids
+    synthetic: np.ndarray  # GAN samples (0 rows when the variant uses none)
+    synthetic_targets: np.ndarray
+    inner: np.ndarray  # held out from `images` for early stopping (0 rows: no early stopping)
+    inner_targets: np.ndarray
+
+    @property
+    def all_images(self) -> np.ndarray:
+        return np.concatenate([self.images, self.synthetic]) if len(self.synthetic) else self.images
+
+    @property
+    def all_targets(self) -> np.ndarray:
+        return np.concatenate([self.targets, self.synthetic_targets]).astype(np.int64)
+
+
+class BatchPlan:
+    """Which images make up every step's batch: real images cycle in random order, GAN samples (if any) fill
+    `synthetic_share` of each batch, positions are shuffled, and each position gets its own augmentation seed.
+    An epoch is ceil(real images / batch) steps whatever the synthetic share, so variants with and without GAN
+    samples take the same number of optimiser steps."""
+
+    def __init__(self, *, real: int, synthetic: int, batch: int, synthetic_share: float, seed: int, world: World):
+        if batch % world.size:
+            raise PipelineError(f"finetune.batch_size ({batch}) must divide evenly over the {world.size} "
+                                "processes of this torchrun")
+        self.real, self.synthetic, self.batch, self.seed, self.world = real, synthetic, batch, seed, world
+        self.fake_per_batch = min(batch - 1, round(synthetic_share * batch)) if synthetic else 0
+        self.steps_per_epoch = math.ceil(real / batch)
+
+    def _stream(self, n: int, length: int, generator: torch.Generator) -> torch.Tensor:
+        """`length` indices below n: whole random permutations one after another, so every image comes up."""
+        rounds = math.ceil(length / n) if length else 0
+        parts = [torch.randperm(n, generator=generator) for _ in range(rounds)]
+        return torch.cat(parts)[:length] if parts else torch.zeros(0, dtype=torch.long)
+
+    def epoch(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """This process's (image index, augmentation seed) pairs for every step of `epoch`; synthetic images are
+        indexed after the real ones."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        steps, fake = self.steps_per_epoch, self.fake_per_batch
+        reals = self._stream(self.real, steps * (self.batch - fake), generator)
+        fakes = self._stream(self.synthetic, steps * fake, generator) + self.real
+        local = self.batch // self.world.size
+        mine = slice(self.world.rank * local, (self.world.rank + 1) * local)
+        out = []
+        for step in range(steps):
+            ids = torch.cat([reals[step * (self.batch - fake):(step + 1) * (self.batch - fake)],
+                             fakes[step * fake:(step + 1) * fake]])
+            ids = ids[torch.randperm(self.batch, generator=generator)]
+            first = ((self.seed * 7919 + epoch) * steps + step) * self.batch
+            seeds = range(first, first + self.batch)
+            out.append(list(zip(ids[mine].tolist(), list(seeds)[mine])))
+        return out
+
+
+class PlannedBatches(Sampler):
+    """The plan's batches for epochs [start, end), for a DataLoader's batch_sampler."""
+
+    def __init__(self, plan: BatchPlan, start: int, end: int):
+        self.plan, self.start, self.end = plan, start, end
+
+    def __iter__(self):
+        for epoch in range(self.start, self.end):
+            yield from self.plan.epoch(epoch)
+
+    def __len__(self) -> int:
+        return (self.end - self.start) * self.plan.steps_per_epoch
+
+
+class AugmentedImages(Dataset):
+    """Items are (index, seed): the image, augmented by the policy re-seeded with `seed` (albumentations has its
+    own random streams, which global seeds and DataLoader worker seeding do not reach). The DataLoader fetches a
+    whole batch at once through __getitems__: one gather and one tensor, not a collate over per-image tensors."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, policy: Any | None):
+        self.images, self.targets, self.policy = images, targets, policy
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = np.fromiter((index for index, _ in items), dtype=np.int64, count=len(items))
+        if self.policy is None:
+            images = self.images[indices]
+        else:
+            images = np.stack([augment_seeded(self.policy, self.images[index], seed) for index, seed in items])
+        return torch.from_numpy(images), torch.from_numpy(self.targets[indices])
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = self.__getitems__([item])
+        return images[0], targets[0]
+
+
+def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DataLoader's collate_fn: __getitems__ already made the batch."""
+    return batch
+
+
+def seed_worker(worker_id: int) -> None:
+    """Give each DataLoader worker distinct numpy and python streams derived from torch's per-worker seed, for
+    any third-party code that draws from them (our augmentations are seeded per image)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def to_batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 N x H x W x C (moved as bytes: 4x less traffic) -> float N x C x H x W in [0, 1] on `device`,
+    channels-last on CUDA (what its convolution kernels prefer)."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Regularisers: mixup / cutmix, learning-rate schedule
+# --------------------------------------------------------------------------------------------------
+
+
+class MixupCutmix:
+    """Batch mixup (Zhang et al. 2018) and cutmix (Yun et al. 2019) with soft targets; when both are on, each
+    batch uses one, chosen by a coin. Draws come from its own numpy stream, whose state checkpoints keep."""
+
+    def __init__(self, mixup: float, cutmix: float, seed: int):
+        self.mixup, self.cutmix = mixup, cutmix
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+    def __call__(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        use_cutmix = self.cutmix > 0 and (self.mixup == 0 or self.rng.random() < 0.5)
+        lam = float(self.rng.beta(*(2 * [self.cutmix if use_cutmix else self.mixup])))
+        perm = torch.from_numpy(self.rng.permutation(len(x))).to(x.device)
+        if use_cutmix:
+            h, w = x.shape[-2:]
+            cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+            cy, cx = int(self.rng.integers(h)), int(self.rng.integers(w))
+            top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+            left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+            x = x.clone()
+            x[..., top:bottom, left:right] = x[perm][..., top:bottom, left:right]
+            lam = 1 - (bottom - top) * (right - left) / (h * w)  # the share actually kept
+        else:
+            x = lam * x + (1 - lam) * x[perm]
+        return x, lam * targets + (1 - lam) * targets[perm]
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the base rate, then cosine decay to zero."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def make_optimizer(model: Classifier, params: FinetuneParams, pretrained: bool) -> torch.optim.Optimizer:
+    body, head = model.param_groups()
+    # A randomly initialised body has nothing to preserve, so it learns at the head's rate.
+    body_lr = params.lr_body if pretrained else params.lr_head
+    return torch.optim.AdamW([{"params": body, "lr": body_lr}, {"params": head, "lr": params.lr_head}],
+                             weight_decay=params.weight_decay)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, images: np.ndarray, device: torch.device) -> None:
+    """Re-estimate batch-norm statistics on un-augmented training images. After a few hundred steps the running
+    averages still mix in ImageNet's statistics (momentum 0.1), which are far from small grayscale images; exact
+    averages over the training set make eval-mode predictions match what training saw."""
+    if len(images) < 2:
+        return  # batch norm cannot estimate a variance from one image
+    with recalibrating_batch_norm(model):
+        for start in range(0, len(images), EVAL_BATCH):
+            chunk = images[start:start + EVAL_BATCH]
+            if len(chunk) > 1:
+                with autocast(device):
+                    model(to_batch(torch.from_numpy(np.ascontiguousarray(chunk)), device))
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: np.ndarray, device: torch.device, num_classes: int,
+            batch: int = EVAL_BATCH) -> np.ndarray:
+    """Class probabilities (float32, N x classes) for uint8 NHWC images, `batch` at a time."""
+    model.eval()
+    out = [np.zeros((0, num_classes), np.float32)]
+    for start in range(0, len(images), batch):
+        x = to_batch(torch.from_numpy(np.ascontiguousarray(images[start:start + batch])), device)
+        with autocast(device):
+            logits = model(x)
+        out.append(logits.float().softmax(1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def inner_scores(model: nn.Module, data: TrainingSet, device: torch.device) -> tuple[float, float]:
+    """(cross-entropy, accuracy) on the inner split, after recalibrating batch norm on the real training images."""
+    recalibrate_batch_norm(model, data.images, device)
+    probs = predict(model, data.inner, device, int(model.backbone.num_classes))
+    rows = np.arange(len(probs))
+    loss = float(-np.log(np.clip(probs[rows, data.inner_targets], 1e-12, None)).mean())
+    return loss, float((probs.argmax(1) == data.inner_targets).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Training state, checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    model: Classifier
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    mix: MixupCutmix
+    ema: nn.Module | None  # torch.optim.swa_utils.AveragedModel of `model`
+    epoch: int = 0  # epochs done
+    history: list[dict] = field(default_factory=list)
+    best: dict[str, torch.Tensor] | None = None  # weights at the best inner-validation loss (early stopping)
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are evaluated and kept: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def _flat(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _unflat(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def save_checkpoint(path: Path, state: TrainState, randoms: list[dict[str, torch.Tensor]], fingerprint: str) -> None:
+    """Everything needed to continue exactly, as one safetensors file: tensors by name, the rest as JSON in the
+    file's metadata. Nothing in it is pickled, so loading it cannot run code."""
+    optimizer = state.optimizer.state_dict()
+    tensors = _flat("model", state.model.state_dict())
+    for index, slots in optimizer["state"].items():
+        tensors.update(_flat(f"optim.{index}", slots))
+    if state.ema is not None:
+        tensors.update(_flat("ema", state.ema.state_dict()))
+    if state.best is not None:
+        tensors.update(_flat("best", state.best))
+    for rank, streams in enumerate(randoms):
+        tensors.update(_flat(f"rng.{rank}", streams))
+    info = {"epoch": state.epoch, "history": state.history, "param_groups": optimizer["param_groups"],
+            "optim_slots": sorted(optimizer["state"]), "scheduler": state.scheduler.state_dict() | {"lr_lambdas": None},
+            "mix": state.mix.rng.bit_generator.state, "best_loss": state.best_loss, "best_epoch": state.best_epoch,
+            "bad_epochs": state.bad_epochs, "processes": len(randoms)}
+    blob = save(tensors, metadata={"fingerprint": fingerprint, "state": json.dumps(info)})
+    atomic.write_bytes(path, blob)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: Path, state: TrainState, fingerprint: str, device: torch.device, world: World) -> bool:
+    """Load a matching checkpoint into `state`; False (and nothing changed) when there is none or it does not match."""
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    if meta.get("fingerprint") != fingerprint:
+        log.warning("ignoring %s: it was made for other data or settings; training from scratch", path)
+        return False
+    tensors, info = load_file(str(path), device="cpu"), json.loads(meta["state"])
+    state.model.load_state_dict(_unflat("model", tensors))
+    optimizer = {"state": {i: _unflat(f"optim.{i}", tensors) for i in info["optim_slots"]},
+                 "param_groups": info["param_groups"]}
+    state.optimizer.load_state_dict(optimizer)
+    scheduler = info["scheduler"] | {"lr_lambdas": [None] * len(info["param_groups"])}
+    state.scheduler.load_state_dict(scheduler)
+    if state.ema is not None:
+        state.ema.load_state_dict(_unflat("ema", tensors))
+    best = _unflat("best", tensors)
+    state.best = best or None
+    state.mix.rng.bit_generator.state = info["mix"]
+    state.epoch, state.history = info["epoch"], info["history"]
+    state.best_loss, state.best_epoch, state.bad_epochs = info["best_loss"], info["best_epoch"], info["bad_epochs"]
+    if info["processes"] == world.size:
+        mine = _unflat(f"rng.{world.rank}", tensors)
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], device)
+    log.info("resuming fine-tuning after epoch %d", state.epoch)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FitSetup:
+    params: FinetuneParams
+    epochs: int
+    pretrained: bool  # the body starts from pretrained weights (and so learns at the lower lr_body)
+    policy: Any | None  # a built albumentations policy, or None
+    device: torch.device
+    world: World = World()
+    checkpoint: Checkpointing | None = None
+    on_epoch: Callable[[dict], None] | None = None  # called on the main process with each epoch's record
+
+
+@dataclass
+class FitResult:
+    model: Classifier  # the kept weights (best inner epoch, or the EMA, or the last), eval mode, batch norm recalibrated
+    history: list[dict]
+    resumed_from: int  # epochs a checkpoint had already done (0: none)
+    stopped_early: bool
+    best_epoch: int  # the epoch whose weights were kept
+    steps_per_epoch: int
+    step_seconds: float  # wall time spent in optimiser steps (data loading included), this run's epochs only
+
+
+def _build_state(model: Classifier, setup: FitSetup, steps_per_epoch: int) -> TrainState:
+    params = setup.params
+    optimizer = make_optimizer(model, params, setup.pretrained)
+    total = setup.epochs * steps_per_epoch
+    warmup = min(params.warmup_epochs, setup.epochs - 1) * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup))
+    ema = None
+    if params.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(params.ema_decay), use_buffers=True)
+    return TrainState(model, optimizer, scheduler, MixupCutmix(params.mixup, params.cutmix, params.seed), ema)
+
+
+def _wrap(model: Classifier, setup: FitSetup) -> nn.Module:
+    """What the training step calls: the model, under DDP when there are several processes, compiled if asked."""
+    trained: nn.Module = model
+    if setup.world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [setup.device.index] if setup.device.type == "cuda" else None
+        trained = DistributedDataParallel(model, device_ids=ids)
+    if setup.params.compile:
+        trained = torch.compile(trained)
+    return trained
+
+
+def _loader(data: TrainingSet, setup: FitSetup, plan: BatchPlan, start: int) -> DataLoader:
+    workers = setup.params.workers
+    return DataLoader(AugmentedImages(data.all_images, data.all_targets, setup.policy),
+                      batch_sampler=PlannedBatches(plan, start, setup.epochs), collate_fn=whole_batch,
+                      num_workers=workers,
+                      worker_init_fn=seed_worker, persistent_workers=False, prefetch_factor=4 if workers else None,
+                      pin_memory=setup.device.type == "cuda",
+                      generator=torch.Generator().manual_seed(setup.params.seed))  # keeps torch's global stream untouched
+
+
+def _train_epoch(state: TrainState, trained: nn.Module, batches, steps: int, setup: FitSetup,
+                 num_classes: int) -> dict:
+    """One epoch of optimiser steps; the epoch's mean loss and training accuracy (over every process)."""
+    device, smoothing = setup.device, setup.params.label_smoothing
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    state.model.train()
+    for _ in range(steps):
+        images, y = next(batches)
+        x, y = to_batch(images, device), y.to(device, non_blocking=True)
+        target = y
+        if state.mix.enabled:
+            x, target = state.mix(x, F.one_hot(y, num_classes).float())
+        with autocast(device):
+            logits = trained(x)
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update_parameters(state.model)
+        # summed on the device: reading a number back every step would stall a GPU's queue
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64).to(device)])
+    if setup.world.size > 1:
+        torch.distributed.all_reduce(totals)
+    loss_sum, correct, seen = totals.tolist()
+    lrs = state.scheduler.get_last_lr()
+    return {"epoch": state.epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen,
+            "lr_body": lrs[0], "lr_head": lrs[1]}
+
+
+def _early_stopping(state: TrainState, record: dict, data: TrainingSet, setup: FitSetup) -> bool:
+    """Score the inner split, keep the best weights; True when patience has run out."""
+    loss, accuracy = inner_scores(state.evaluated, data, setup.device)
+    record.update(inner_loss=loss, inner_accuracy=accuracy)
+    if loss < state.best_loss:
+        state.best_loss, state.best_epoch, state.bad_epochs = loss, record["epoch"], 0
+        state.best = {k: v.detach().clone() for k, v in state.evaluated.state_dict().items()}
+    else:
+        state.bad_epochs += 1
+    return state.bad_epochs >= setup.params.patience
+
+
+def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
+    """Train `model` (already on the device) on `data`; see the module docstring for what is guaranteed."""
+    num_classes = int(model.backbone.num_classes)
+    plan = BatchPlan(real=len(data.images), synthetic=len(data.synthetic), batch=setup.params.batch_size,
+                     synthetic_share=setup.params.synthetic_share, seed=setup.params.seed, world=setup.world)
+    state = _build_state(model, setup, plan.steps_per_epoch)
+    path = setup.checkpoint.folder / CHECKPOINT_FILE if setup.checkpoint else None
+    resumed = path is not None and load_checkpoint(path, state, setup.checkpoint.fingerprint, setup.device,
+                                                   setup.world)
+    resumed_from = state.epoch
+    if setup.on_epoch is not None and setup.world.is_main:
+        for record in state.history:  # the curves so far, so the log is whole after a resume
+            setup.on_epoch(record)
+    trained = _wrap(model, setup)
+    batches = iter(_loader(data, setup, plan, state.epoch))
+    stopped, step_seconds = False, 0.0
+    progress = tqdm(range(state.epoch, setup.epochs), desc="finetune", unit="epoch",
+                    disable=None if setup.world.is_main else True)
+    for _ in progress:
+        started = time.perf_counter()
+        record = _train_epoch(state, trained, batches, plan.steps_per_epoch, setup, num_classes)
+        step_seconds += time.perf_counter() - started
+        state.epoch += 1
+        if len(data.inner):
+            stopped = _early_stopping(state, record, data, setup)
+        state.history.append(record)
+        progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.2f}")
+        if setup.on_epoch is not None and setup.world.is_main:
+            setup.on_epoch(record)
+        if stopped:
+            log.info("early stopping after epoch %d: no better inner-validation loss for %d epochs (best: epoch %d)",
+                     state.epoch, setup.params.patience, state.best_epoch)
+            break
+        if setup.checkpoint and state.epoch % setup.checkpoint.every == 0 and state.epoch < setup.epochs:
+            randoms = random_states(setup.device, setup.world)
+            if setup.world.is_main:
+                save_checkpoint(path, state, randoms, setup.checkpoint.fingerprint)
+    progress.close()
+    del batches  # stops DataLoader workers at once, also after early stopping
+    kept = state.evaluated
+    if state.best is not None:
+        kept.load_state_dict(state.best)
+    recalibrate_batch_norm(kept, data.images, setup.device)
+    if path is not None and setup.world.is_main:
+        path.unlink(missing_ok=True)  # the stage's outputs now hold the result
+    best_epoch = state.best_epoch if state.best is not None else state.epoch
+    log.info("trained %d epochs%s", state.epoch, f" (resumed after epoch {resumed_from})" if resumed else "")
+    return FitResult(kept.eval(), state.history, resumed_from, stopped, best_epoch, plan.steps_per_epoch,
+                     step_seconds)

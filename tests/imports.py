@@ -68,6 +68,13 @@ def declared_sections(path: Path) -> tuple[str, ...]:
     raise AssertionError(f"{path} declares no PARAMS")
 
 
+def stage_module(stage: dict) -> str:
+    """A dvc.yaml stage's entry module: `python -m pipeline.stages.finetune --fold ...` -> pipeline.stages.finetune"""
+    words = stage["cmd"].split()
+    assert words[:2] == ["python", "-m"], stage["cmd"]
+    return words[2]
+
+
 def covered(path: Path, deps: list[str]) -> bool:
     """A file is covered by a dependency on itself or on a folder above it."""
     return any(path == Path(dep) or Path(dep) in path.parents for dep in deps)

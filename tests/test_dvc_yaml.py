@@ -10,7 +10,7 @@ import yaml
 from pipeline.runtime import paths
 
 from conftest import ROOT
-from imports import closure, covered, declared_sections, module_file
+from imports import closure, covered, declared_sections, module_file, stage_module
 
 
 def stages():
@@ -44,13 +44,6 @@ def test_stage_outputs_are_the_paths_the_code_writes():
     assert s["finetune"]["plots"] == [{str(paths.FINETUNE_REPORTS / run / "plots" / "metrics"): {"cache": False,
                                                                                                   "x": "step"}}]
     assert str(paths.FINETUNE) in s["evaluate"]["deps"]
-
-
-def stage_module(stage: dict) -> str:
-    """`python -m pipeline.stages.finetune --fold ...` -> pipeline.stages.finetune"""
-    words = stage["cmd"].split()
-    assert words[:2] == ["python", "-m"], stage["cmd"]
-    return words[2]
 
 
 def uncovered_modules(name: str, stage: dict) -> list[str]:

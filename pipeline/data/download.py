@@ -20,7 +20,6 @@ import http.client
 import logging
 import re
 import socket
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -30,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tqdm import tqdm
-
 from pipeline.runtime import atomic
 from pipeline.runtime.errors import PipelineError
+from pipeline.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +233,10 @@ def fetch_all(urls: Sequence[str], settings: DownloadSettings) -> dict[str, Path
     opener = urllib.request.build_opener(_HttpOnlyRedirects)  # per call: proxies are read from the environment
     results: dict[str, Path | str] = {}
     outcomes = {"fetched": 0, "cached": 0, "failed": 0}
-    quiet = len(unique) < 20 or not sys.stderr.isatty()
+    # a bar for many URLs on a terminal; the periodic log line always, as a few slow servers can take minutes
     with ThreadPoolExecutor(max_workers=settings.workers) as pool, \
-            tqdm(total=len(unique), desc="download", unit="url", disable=quiet) as bar:
+            Progress(total=len(unique), desc="download", unit="url", logger=log,
+                     disable=True if len(unique) < 20 else None, log=True) as bar:
         futures = {pool.submit(_fetch_one, url, settings, opener): url for url in unique}
         for future in as_completed(futures):
             results[futures[future]], outcome = future.result()

@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 VENV="${VENV:-.venv}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac   # relative to this folder; absolute from here on, for PATH
 PYTHON="${PYTHON:-python3}"
 
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
@@ -22,7 +23,7 @@ if [ ! -f "$stamp" ]; then
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi
-export PATH="$PWD/$VENV/bin:$PATH"   # dvc runs `python -m pipeline.<stage>`: this environment's python
+export PATH="$VENV/bin:$PATH"   # dvc runs `python -m pipeline.<stage>`: this environment's python
 
 cmd="${1:-}"; shift || true
 case "$cmd" in

@@ -14,6 +14,8 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,15 @@ def truncated(handler, n, query):
     handler.wfile.write(PNG[: len(PNG) // 2])  # then the connection closes
 
 
+def slow_down(handler, n, query):
+    if n > 1:
+        return send(handler, 200, PNG)
+    handler.send_response(429)
+    handler.send_header("Retry-After", query["after"][0])
+    handler.send_header("Content-Length", "0")
+    handler.end_headers()
+
+
 def redirect(target):
     def route(handler, n, query):
         handler.send_response(302)
@@ -90,6 +101,7 @@ ROUTES = {
     "/octet.png": lambda h, n, q: send(h, 200, PNG, "application/octet-stream"),
     "/flaky.png": lambda h, n, q: h.send_error(503) if n <= 2 else send(h, 200, PNG),
     "/busy.png": lambda h, n, q: h.send_error(429) if n <= 1 else send(h, 200, PNG),
+    "/slow-down.png": slow_down,
     "/down.png": lambda h, n, q: h.send_error(500),
     "/missing.png": lambda h, n, q: h.send_error(404),
     "/garbage.png": lambda h, n, q: send(h, 200, b"<html><body>Sign in</body></html>", "text/html; charset=utf-8"),
@@ -224,6 +236,24 @@ def test_5xx_and_429_are_retried_with_doubling_backoff(server, tmp_path):
     busy = server.url("/busy.png")
     assert fetch_all([busy], settings(tmp_path, retries=1))[busy].read_bytes() == PNG
     assert server.requests["/busy.png"] == 2
+
+
+def test_a_429_waits_as_long_as_its_retry_after_asks_when_that_is_longer_than_the_backoff(server, tmp_path):
+    url = server.url("/slow-down.png?after=1")
+    start = time.monotonic()
+    assert fetch_all([url], settings(tmp_path, retries=1, backoff=0.01))[url].read_bytes() == PNG
+    assert time.monotonic() - start >= 1.0
+    assert server.requests["/slow-down.png?after=1"] == 2
+
+
+def test_retry_after_is_read_as_seconds_or_a_date_and_capped():
+    soon = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert download.retry_after("7") == 7.0 and download.retry_after(" 0 ") == 0.0
+    assert 27 <= download.retry_after(soon) <= 30
+    assert download.retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # already past
+    assert download.retry_after("86400") == download.RETRY_AFTER_MAX_S
+    assert download.retry_after(None) is None and download.retry_after("soon") is None
+    assert download.retry_after("-5") is None
 
 
 def test_giving_up_names_the_last_error_and_the_attempts_and_caches_nothing(server, tmp_path):

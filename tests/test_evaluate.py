@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.evaluation import analysis
+from pipeline.evaluation import analysis, report
 from pipeline.runtime.errors import PipelineError
 from pipeline.stages import evaluate
 
@@ -112,6 +112,25 @@ def test_html_report_is_self_contained_and_says_what_the_markdown_says(known_ans
                     "The data", "Augmentation", "Synthetic samples"):
         assert f">{section}</h" in page and f"# {section}" in markdown
     assert "FID" in page and "CAS (samples)" in page  # the GAN fold's sample quality beside its grid
+
+
+def test_html_report_escapes_names_from_users_folders(tmp_path):
+    # class names are folder names: a folder may be called "<script>..." or "cats & dogs"
+    classes = ["<script>alert(1)</script>", "cats & dogs"]
+    figure = tmp_path / "confusion.png"
+    figure.write_bytes(b"\x89PNG not decoded here")
+    scores = {"precision": [1.0, 0.5], "recall": [1.0, 0.5], "f1": [1.0, 0.5], "support": [3, 4]}
+    blocks = [report.Heading("Where <the> errors are"), report.Text("**<b>best</b>** & co"),
+              report.Details("<img src=x onerror=alert(1)> (best)",
+                             [report.Figure(figure, 'a "quoted" <caption>'), report.per_class_table(classes, scores)])]
+    page = report.to_html(blocks, "Results: <i>x</i> did best")
+    assert "<script" not in page and "<img src=x" not in page and "<i>" not in page and "<b>" not in page
+    assert "<td>&lt;script&gt;alert(1)&lt;/script&gt;</td>" in page and "<td>cats &amp; dogs</td>" in page
+    assert "<h2>Where &lt;the&gt; errors are</h2>" in page
+    assert "<title>Results: &lt;i&gt;x&lt;/i&gt; did best</title>" in page
+    assert "<summary>&lt;img src=x onerror=alert(1)&gt; (best)</summary>" in page
+    assert 'alt="a &#34;quoted&#34; &lt;caption&gt;"' in page  # an attribute value cannot be closed early
+    assert "<p><strong>&lt;b&gt;best&lt;/b&gt;</strong> &amp; co</p>" in page  # **bold** stays markup
 
 
 def test_missing_predictions_say_what_to_run(tmp_path, known_answers):

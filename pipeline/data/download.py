@@ -7,7 +7,8 @@ rejects.csv, never as a crash halfway through a run, and a re-run must not downl
 - only http and https are fetched (a manifest must not make the pipeline read file:// or ftp:// addresses);
 - a URL's cached file is `cache/<sha256 of the URL>`, written through a temporary file and a rename, so a file
   under that name is always complete and a re-run makes no request for it; failures are not cached;
-- connection errors, timeouts, 5xx and 429 are retried with exponential backoff; other answers are final;
+- connection errors, timeouts, 5xx and 429 are retried with exponential backoff, or after the wait a 429 or 503
+  asks for in Retry-After when that is longer (at most RETRY_AFTER_MAX_S); other answers are final;
 - bodies that are not declared as images, or larger than `max_bytes`, are refused without being stored.
 
 Standard library only: urllib, a thread pool, hashlib.
@@ -15,25 +16,25 @@ Standard library only: urllib, a thread pool, hashlib.
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import http.client
 import logging
 import re
 import socket
-import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-from tqdm import tqdm
-
 from pipeline.runtime import atomic
 from pipeline.runtime.errors import PipelineError
+from pipeline.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ CHUNK_BYTES = 64 * 1024
 # Object stores often serve images as a generic binary; decoding validates them later.
 GENERIC_TYPES = ("application/octet-stream",)
 _URL_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+RETRY_AFTER_MAX_S = 60.0  # a server asking for hours would stall the whole collect stage; we retry sooner
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,12 @@ class DownloadSettings:
 
 
 class _Failed(Exception):
-    """One attempt failed; `retry` says whether another attempt could succeed."""
+    """One attempt failed; `retry` says whether another attempt could succeed, `wait` how long the server asked
+    us to wait first (seconds, from Retry-After), if it did."""
 
-    def __init__(self, reason: str, retry: bool):
+    def __init__(self, reason: str, retry: bool, wait: float | None = None):
         super().__init__(reason)
-        self.retry = retry
+        self.retry, self.wait = retry, wait
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
@@ -105,6 +108,20 @@ def _request_url(url: str) -> str:
     path = urllib.parse.quote(parts.path, safe="/:@!$&'()*+,;=%~")
     query = urllib.parse.quote(parts.query, safe="/?:@!$&'()*+,;=%~")
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, ""))
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds a Retry-After header asks for (a number of seconds or an HTTP date), within [0, RETRY_AFTER_MAX_S];
+    None when absent or unreadable, so the usual backoff applies."""
+    value = (value or "").strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            seconds = (email.utils.parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds()
+        except (TypeError, ValueError):  # garbage, or a date without a time zone
+            return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)
 
 
 def _check_headers(response: http.client.HTTPResponse, max_bytes: int) -> int | None:
@@ -159,7 +176,8 @@ def _attempt(url: str, settings: DownloadSettings, opener: urllib.request.Opener
             return _read_body(response, settings.max_bytes, length)
     except urllib.error.HTTPError as err:  # before URLError, its parent
         err.close()
-        raise _Failed(f"HTTP {err.code} {err.reason}", retry=err.code >= 500 or err.code == 429) from None
+        wait = retry_after(err.headers.get("Retry-After")) if err.code in (429, 503) else None
+        raise _Failed(f"HTTP {err.code} {err.reason}", retry=err.code >= 500 or err.code == 429, wait=wait) from None
     except urllib.error.URLError as err:
         raise _connection_failure(err, settings.timeout) from None
     except TimeoutError:  # a read stalled after the headers arrived
@@ -177,16 +195,15 @@ def _attempt(url: str, settings: DownloadSettings, opener: urllib.request.Opener
 def _download(url: str, settings: DownloadSettings, opener: urllib.request.OpenerDirector) -> bytes | str:
     """The body, or the reason it could not be had after all attempts."""
     attempts = settings.retries + 1
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(settings.backoff * 2 ** (attempt - 1))
+    for attempt in range(1, attempts + 1):
         try:
             return _attempt(url, settings, opener)
         except _Failed as failure:
             if not failure.retry:
                 return str(failure)
-            last = failure
-    return f"{last} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"
+            if attempt == attempts:
+                return f"{failure} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"
+            time.sleep(max(settings.backoff * 2 ** (attempt - 1), failure.wait or 0.0))
 
 
 def _refusal(url: str) -> str | None:
@@ -235,9 +252,10 @@ def fetch_all(urls: Sequence[str], settings: DownloadSettings) -> dict[str, Path
     opener = urllib.request.build_opener(_HttpOnlyRedirects)  # per call: proxies are read from the environment
     results: dict[str, Path | str] = {}
     outcomes = {"fetched": 0, "cached": 0, "failed": 0}
-    quiet = len(unique) < 20 or not sys.stderr.isatty()
+    # a bar for many URLs on a terminal; the periodic log line always, as a few slow servers can take minutes
     with ThreadPoolExecutor(max_workers=settings.workers) as pool, \
-            tqdm(total=len(unique), desc="download", unit="url", disable=quiet) as bar:
+            Progress(total=len(unique), desc="download", unit="url", logger=log,
+                     disable=True if len(unique) < 20 else None, log=True) as bar:
         futures = {pool.submit(_fetch_one, url, settings, opener): url for url in unique}
         for future in as_completed(futures):
             results[futures[future]], outcome = future.result()

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from pipeline.data.collected import EXTERNAL, LABELLED
 from pipeline.data.decode import Decoded, Normalise, Unusable, decode_file, decode_image
 from pipeline.data.download import DownloadSettings, fetch_all, is_url
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import CollectParams
+from pipeline.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def worker_count(requested: int) -> int:
 def decode_files(tasks: list[FileTask], how: Normalise, workers: int, intake: Intake) -> None:
     """Decode every task into `intake` (pictures or rejects), in `workers` processes when it pays."""
     chunks = [tasks[i:i + PARALLEL_FROM] for i in range(0, len(tasks), PARALLEL_FROM)]
-    bar = tqdm(total=len(tasks), desc="decode", unit="img", disable=len(tasks) < 500)
+    bar = Progress(total=len(tasks), desc="decode", unit="img", logger=log, disable=len(tasks) < 500)
     if workers > 1 and len(tasks) >= PARALLEL_FROM:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = pool.map(_decode_chunk, chunks, [how] * len(chunks))

@@ -5,14 +5,16 @@ data URIs, no scripts, no external requests), so the two always say the same thi
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import numpy as np
+from markupsafe import Markup, escape
 
 from pipeline.data.collected import Collected
 from pipeline.runtime import atomic
@@ -356,55 +358,28 @@ def to_markdown(blocks: list, base: Path) -> str:
     return "\n".join(out)
 
 
-def _inline(text: str) -> str:
-    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
+def _inline(text: str) -> Markup:
+    """Escape, then turn **bold** into <strong>: the only markup a Text, bullet or table cell carries."""
+    return Markup(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", str(escape(text))))
 
 
-def _img(figure: Figure) -> str:
-    data = base64.b64encode(figure.path.read_bytes()).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(figure.caption)}">'
-            f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>")
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def to_html_body(blocks: list) -> str:
-    out = []
-    for b in blocks:
-        if isinstance(b, Heading):
-            out.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
-        elif isinstance(b, Text):
-            out.append(f"<p>{_inline(b.text)}</p>")
-        elif isinstance(b, Bullets):
-            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
-        elif isinstance(b, Table):
-            head = "".join(f"<th>{_inline(h)}</th>" for h in b.header)
-            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in b.rows)
-            out.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
-        elif isinstance(b, Figure):
-            out.append(_img(b))
-        elif isinstance(b, Figures):
-            out.append('<div class="row">' + "".join(_img(f) for f in b.items) + "</div>")
-        elif isinstance(b, Details):
-            out.append(f"<details><summary>{html.escape(b.summary)}</summary>{to_html_body(b.blocks)}</details>")
-    return "\n".join(out)
-
-
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-color:#222;line-height:1.45}
-h1{border-bottom:2px solid #1f77b4}h2{margin-top:2em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:.88em;margin:.8em 0}th,td{border:1px solid #ddd;padding:.3em .6em;
-text-align:left;vertical-align:top}th{background:#f3f6fa}tbody tr:nth-child(even){background:#fafafa}
-.scroll{overflow-x:auto}figure{margin:.8em 0;display:inline-block}figure img{max-width:100%;height:auto}
-figcaption{font-size:.85em;color:#555}.row{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
-.row figure{max-width:48%}details{margin:.5em 0;border:1px solid #e5e5e5;border-radius:4px;padding:.3em .8em}
-summary{cursor:pointer;font-weight:600}li{margin:.3em 0}
-"""
+@functools.cache
+def _environment() -> jinja2.Environment:
+    # autoescape: class names and captions come from users' folder names and may hold < or &.
+    # StrictUndefined: a misspelt name in the template fails the stage instead of leaving a hole in the page.
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline.evaluation", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters.update(kind=lambda block: type(block).__name__, inline=_inline, data_uri=_data_uri)
+    return env
 
 
 def to_html(blocks: list, title: str) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}"
-            f"</title><style>{STYLE}</style></head><body>\n{to_html_body(blocks)}\n</body></html>\n")
+    """One self-contained page (templates/report.html.j2): figures embedded, no scripts, no external requests."""
+    return _environment().get_template("report.html.j2").render(blocks=blocks, title=title)
 
 
 def write(ev: dict, figures: Path, assets: Assets, markdown: Path, html_path: Path) -> None:

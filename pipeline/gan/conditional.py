@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
-from tqdm import tqdm
 
 from pipeline.runtime import atomic
 from pipeline.runtime.checkpoint import Checkpointing
 from pipeline.runtime.compute import World, autocast, random_states, recalibrating_batch_norm
+from pipeline.runtime.progress import Progress
 
 if TYPE_CHECKING:  # the attributes train_gan reads; any object with them will do (tests use their own)
     from pipeline.runtime.params import SynthesizeParams as GanConfig
@@ -585,7 +585,8 @@ def train_gan(
         f" x {world.size} processes" if world.size > 1 else "",
     )
     started = time.perf_counter()
-    progress = tqdm(range(done + 1, cfg.steps + 1), desc="gan", unit="step", disable=None if world.is_main else True)
+    progress = Progress(range(done + 1, cfg.steps + 1), desc="gan", unit="step", logger=log,
+                        disable=None if world.is_main else True)
     for step in progress:
         batch = _sample_batch(data, cfg, rng)
         with autocast(device):

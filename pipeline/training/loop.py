@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open, save
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
 from pipeline.augmentation.policy import augment_seeded
 from pipeline.runtime import atomic
@@ -33,6 +32,7 @@ from pipeline.runtime.checkpoint import Checkpointing
 from pipeline.runtime.compute import World, autocast, random_states, recalibrating_batch_norm
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import FinetuneParams
+from pipeline.runtime.progress import Progress
 from pipeline.training.backbones import Classifier
 
 log = logging.getLogger(__name__)
@@ -473,8 +473,8 @@ def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
     trained = _wrap(model, setup)
     batches = iter(_loader(data, setup, plan, state.epoch))
     stopped, step_seconds = False, 0.0
-    progress = tqdm(range(state.epoch, setup.epochs), desc="finetune", unit="epoch",
-                    disable=None if setup.world.is_main else True)
+    progress = Progress(range(state.epoch, setup.epochs), desc="finetune", unit="epoch", logger=log,
+                        disable=None if setup.world.is_main else True)
     for _ in progress:
         started = time.perf_counter()
         record = _train_epoch(state, trained, batches, plan.steps_per_epoch, setup, num_classes)

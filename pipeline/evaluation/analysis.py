@@ -40,6 +40,7 @@ class VariantResult:
     fold_scores: list[dict[str, float]]  # validation metrics per fold of every repeat, in (repeat, fold) order
     test_train_ratio: float  # validation images / training images, averaged over folds (the t-test's correction)
     oof_targets: np.ndarray  # every labelled image once, in manifest order
+    oof_groups: np.ndarray  # their groups (near-duplicates, a CSV's groups): what the bootstrap resamples
     oof_probs: np.ndarray  # repeats x images x classes: each image predicted by the fold that did not train on it
     external_fold_scores: list[dict[str, float]]
     external_probs: np.ndarray | None  # mean of all fold models' probabilities (the ensemble); None without a test set
@@ -86,8 +87,9 @@ def load_variant(name: str, collected: Collected, finetune_dir: FoldDir) -> Vari
                 ext_scores.append(score(targets[pred["test_index"]], pred["test_probs"]))
                 ext_probs.append(pred["test_probs"])
     ensemble = np.mean(ext_probs, axis=0) if ext_probs else None
-    return VariantResult(name, fold_scores, float(np.mean(ratios)), targets[labelled], oof, ext_scores, ensemble,
-                         _loss_curve(folders))
+    groups = collected.manifest.group.to_numpy()[labelled]
+    return VariantResult(name, fold_scores, float(np.mean(ratios)), targets[labelled], groups, oof, ext_scores,
+                         ensemble, _loss_curve(folders))
 
 
 def _interval(value: float, bounds: tuple[float, float]) -> dict[str, float]:
@@ -120,7 +122,8 @@ def variant_statistics(result: VariantResult, external_targets: np.ndarray, para
         low, high = _clip(metric, low, high)
         out["cv"][metric] = {"mean": float(mean), "std": _sample_std([s[metric] for s in result.fold_scores]),
                              "low": low, "high": high}
-    bounds = bootstrap_intervals(result.oof_targets, result.oof_probs, params.confidence, params.bootstrap)
+    bounds = bootstrap_intervals(result.oof_targets, result.oof_probs, params.confidence, params.bootstrap,
+                                 groups=result.oof_groups)
     per_repeat = [score(result.oof_targets, probs) for probs in result.oof_probs]
     for metric in METRICS:
         out["oof"][metric] = _interval(np.mean([s[metric] for s in per_repeat]), bounds[metric])
@@ -161,10 +164,11 @@ def single_changes(variants: dict[str, Variant]) -> list[tuple[str, str, str]]:
 
 
 def comparisons(results: dict[str, VariantResult], variants: dict[str, Variant], best: str,
-                external_targets: np.ndarray, params: EvaluateParams) -> list[dict]:
+                external_targets: np.ndarray, params: EvaluateParams,
+                external_groups: np.ndarray | None = None) -> list[dict]:
     """Paired comparisons of accuracy on the same folds and images: every single-setting change, then the best
     variant against each other one. p-values are Holm-corrected over all of them. Where there is an external test
-    set, the fold ensembles are also compared there (paired bootstrap over its images)."""
+    set, the fold ensembles are also compared there (paired bootstrap over its groups of images)."""
     pairs = [(f"{SETTING_WORDS.get(s, s)}: {_setting(asdict(variants[a])[s])} → {_setting(asdict(variants[b])[s])}",
               a, b)
              for s, a, b in single_changes(variants)]
@@ -177,12 +181,13 @@ def comparisons(results: dict[str, VariantResult], variants: dict[str, Variant],
         diffs = [sb["accuracy"] - sa["accuracy"] for sa, sb in zip(ra.fold_scores, rb.fold_scores)]
         t_test = corrected_t_test(diffs, ra.test_train_ratio, params.confidence)
         boot = paired_bootstrap(ra.oof_targets, ra.oof_probs, rb.oof_probs, "accuracy", params.confidence,
-                                params.bootstrap)
+                                params.bootstrap, groups=ra.oof_groups)
         record = {"what": what, "a": a, "b": b, "corrected_t": asdict(t_test), "bootstrap": asdict(boot)}
         if ra.external_probs is not None and rb.external_probs is not None:
             # beside the CV test, not instead of it: the external set says whether the CV verdict held on new data
             record["external"] = asdict(paired_bootstrap(external_targets, ra.external_probs, rb.external_probs,
-                                                         "accuracy", params.confidence, params.bootstrap))
+                                                         "accuracy", params.confidence, params.bootstrap,
+                                                         groups=external_groups))
         out.append(record)
     for c in out:
         c["test"] = params.test
@@ -221,7 +226,8 @@ def scarcity_curves(collected: Collected, scarcity: ScarcityParams, point_dir: P
             pred = load_predictions(folder / paths.PREDICTIONS_FILE, f"{name} at {n} images per class")
             train_targets = targets[pred["train_index"]]
             acc = float(np.mean(pred["oof_probs"].argmax(-1) == train_targets))
-            low_high = bootstrap_intervals(train_targets, pred["oof_probs"], params.confidence, params.bootstrap)
+            low_high = bootstrap_intervals(train_targets, pred["oof_probs"], params.confidence, params.bootstrap,
+                                           groups=collected.manifest.group.to_numpy()[pred["train_index"]])
             record.update({"oof_accuracy": acc, "oof_accuracy_low": low_high["accuracy"][0],
                            "oof_accuracy_high": low_high["accuracy"][1], "train_images": int(meta["train_images"])})
             if len(pred["test_index"]):

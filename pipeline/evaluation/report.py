@@ -314,7 +314,9 @@ def document(ev: dict, figures: Path, assets: Assets) -> list:
     level = f"{ev['params']['confidence']:.0%}"
     blocks = [Heading("Results", 1), *headline(ev), Figure(figures / "accuracy.png", "Accuracy of each variant"),
               variants_table(ev),
-              Text(f"Out-of-fold intervals are {level} percentile bootstrap intervals over images; the per-fold "
+              Text(f"Out-of-fold intervals are {level} percentile bootstrap intervals that resample groups of images "
+                   "(near-duplicates and a CSV's groups count as one, so pictures of one object cannot narrow them); "
+                   "the per-fold "
                    "interval is the Nadeau-Bengio corrected t interval, which widens the naive one because folds "
                    "share training images. Neither includes the variation from collecting another dataset. ECE is "
                    "the expected calibration error (0 = probabilities match accuracy).")]

@@ -1,5 +1,6 @@
 """The project's statistics: metrics by name (a dict, not branches), bootstrap intervals over images, the
-corrected resampled t interval and test across folds, paired comparisons of two variants, Holm's correction,
+corrected resampled t interval and test across folds, paired comparisons (bootstraps resample groups of images
+when pictures come in groups) of two variants, Holm's correction,
 and the numbers behind the reliability diagram and ROC curve (pipeline/evaluation/figures.py draws them).
 
 `probs` is always images x classes of class probabilities (rows sum to 1), `targets` the integer class ids
@@ -203,15 +204,32 @@ def _as_repeats(targets: np.ndarray, probs: np.ndarray) -> list[_Predictions]:
     return [_predictions(targets, r) for r in (probs if probs.ndim == 3 else probs[None])]
 
 
-def _draw_indices(images: int, resamples: int, seed: int) -> np.ndarray:
-    """resamples x images indices drawn with replacement; one draw per call, so a seed fixes every resample."""
-    return np.random.default_rng(seed).integers(0, images, (resamples, images))
+def _draw_indices(units: int, resamples: int, seed: int) -> np.ndarray:
+    """resamples x units indices drawn with replacement; one draw per call, so a seed fixes every resample."""
+    return np.random.default_rng(seed).integers(0, units, (resamples, units))
 
 
-def _counts(indices: np.ndarray, images: int) -> np.ndarray:
-    """How often each image was drawn in each resample (rows of indices -> rows of weights)."""
-    offsets = np.arange(len(indices))[:, None] * images
-    return np.bincount((indices + offsets).ravel(), minlength=indices.size).reshape(len(indices), images)
+def _counts(indices: np.ndarray, units: int) -> np.ndarray:
+    """How often each unit was drawn in each resample (rows of indices -> rows of weights)."""
+    offsets = np.arange(len(indices))[:, None] * units
+    return np.bincount((indices + offsets).ravel(), minlength=indices.size).reshape(len(indices), units)
+
+
+def _units(groups: np.ndarray | None, images: int) -> np.ndarray:
+    """The resampled unit of each image: its group's number (in order of first appearance), or the image itself.
+
+    Pictures of one patient, one object or one session are not independent: resampling them one by one treats
+    them as if they were and gives intervals that are too narrow. Drawing whole groups keeps what a group shares
+    inside every resample (the cluster bootstrap). When every group holds one image, the units are 0..n-1 in
+    order and the draws are exactly those of the image bootstrap."""
+    if groups is None:
+        return np.arange(images)
+    groups = np.asarray(groups)
+    if groups.shape != (images,):
+        raise PipelineError(f"groups must give one group per image ({images}); got shape {groups.shape}")
+    _, first, codes = np.unique(groups, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))  # renumber groups by first appearance
+    return order[codes.reshape(-1)]
 
 
 def _over_repeats(repeats: list[_Predictions], name: str, weights: np.ndarray) -> np.ndarray:
@@ -219,13 +237,15 @@ def _over_repeats(repeats: list[_Predictions], name: str, weights: np.ndarray) -
     return np.mean([_BATCHED[name](p, weights) for p in repeats], axis=0)
 
 
-def _bootstrap_draws(repeats: list[_Predictions], names: list[str], indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Each metric on each resample: the mean over repeats of the metric on the drawn images."""
-    images = len(repeats[0].targets)
+def _bootstrap_draws(repeats: list[_Predictions], names: list[str], indices: np.ndarray,
+                     units: np.ndarray) -> dict[str, np.ndarray]:
+    """Each metric on each resample: the mean over repeats of the metric on the drawn units' images (an image
+    weighs as often as its unit was drawn)."""
+    count = int(units.max()) + 1 if len(units) else 0
     draws = {name: np.empty(len(indices)) for name in names}
-    chunk = max(1, RESAMPLE_CHUNK // max(images, 1))
+    chunk = max(1, RESAMPLE_CHUNK // max(len(units), 1))
     for start in range(0, len(indices), chunk):
-        weights = _counts(indices[start:start + chunk], images).astype(np.float64)
+        weights = _counts(indices[start:start + chunk], count)[:, units].astype(np.float64)
         for name in names:
             draws[name][start:start + chunk] = _over_repeats(repeats, name, weights)
     return draws
@@ -247,15 +267,16 @@ def _check_confidence(confidence: float) -> None:
 
 
 def bootstrap_intervals(targets: np.ndarray, probs: np.ndarray, confidence: float = 0.95, resamples: int = 1000,
-                        seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap interval of every metric, resampling images with replacement (seeded, so a report is
-    reproducible). `probs` is images x C, or repeats x images x C for the same images predicted in several CV
-    repeats: a resample draws the images once and scores each repeat on them, so repeats narrow the interval only
-    as far as they agree."""
+                        seed: int = 0, groups: np.ndarray | None = None) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of every metric, resampling groups of images (or images, without `groups`)
+    with replacement (seeded, so a report is reproducible). `probs` is images x C, or repeats x images x C for the
+    same images predicted in several CV repeats: a resample draws the groups once and scores each repeat on their
+    images, so repeats narrow the interval only as far as they agree."""
     _check_confidence(confidence)
     repeats = _as_repeats(targets, probs)
-    indices = _draw_indices(len(repeats[0].targets), resamples, seed)
-    draws = _bootstrap_draws(repeats, list(METRICS), indices)
+    units = _units(groups, len(repeats[0].targets))
+    indices = _draw_indices(int(units.max()) + 1 if len(units) else 0, resamples, seed)
+    draws = _bootstrap_draws(repeats, list(METRICS), indices, units)
     return {name: _percentile_interval(values, confidence) for name, values in draws.items()}
 
 
@@ -334,10 +355,12 @@ def _bootstrap_p_value(differences: np.ndarray) -> float:
 
 
 def paired_bootstrap(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, metric: str = "accuracy",
-                     confidence: float = 0.95, resamples: int = 1000, seed: int = 0) -> Comparison:
+                     confidence: float = 0.95, resamples: int = 1000, seed: int = 0,
+                     groups: np.ndarray | None = None) -> Comparison:
     """metric(B) - metric(A) on the same images, with its percentile bootstrap interval and two-sided p-value.
-    Both variants are scored on the same resampled images, so what the images have in common (easy and hard
-    ones) cancels and only their disagreements count. probs may carry a leading repeats axis."""
+    Both variants are scored on the same resampled groups of images (or images, without `groups`), so what the
+    images have in common (easy and hard ones) cancels and only their disagreements count. probs may carry a
+    leading repeats axis."""
     _check_metric(metric)
     _check_confidence(confidence)
     a, b = _as_repeats(targets, probs_a), _as_repeats(targets, probs_b)
@@ -346,8 +369,10 @@ def paired_bootstrap(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarr
                             f"and {b[0].probs.shape}")
     ones = np.ones((1, len(a[0].targets)))
     difference = float(_over_repeats(b, metric, ones)[0] - _over_repeats(a, metric, ones)[0])
-    indices = _draw_indices(len(a[0].targets), resamples, seed)
-    draws = _bootstrap_draws(b, [metric], indices)[metric] - _bootstrap_draws(a, [metric], indices)[metric]
+    units = _units(groups, len(a[0].targets))
+    indices = _draw_indices(int(units.max()) + 1 if len(units) else 0, resamples, seed)
+    draws = (_bootstrap_draws(b, [metric], indices, units)[metric]
+             - _bootstrap_draws(a, [metric], indices, units)[metric])
     low, high = _percentile_interval(draws, confidence)
     return Comparison(difference, low, high, _bootstrap_p_value(draws))
 

@@ -2,13 +2,14 @@
 
 - Every variant: accuracy, balanced accuracy, macro-F1, macro one-vs-rest ROC AUC, log loss and expected
   calibration error on the pooled out-of-fold predictions (every labelled image predicted by the fold model that
-  did not train on it; averaged over repeats), with bootstrap intervals over images; the mean over folds with the
+  did not train on it; averaged over repeats), with bootstrap intervals over groups of images (a group of
+  near-duplicates or a CSV's group is drawn whole); the mean over folds with the
   Nadeau-Bengio corrected t interval (which accounts for folds sharing training images); per-class precision and
   recall; on the external test set, each fold model and the ensemble of fold models, and whether the CV interval
   contains the fold models' external accuracy.
 - Comparisons on the same folds: every pair of variants that differs in one setting (what that ingredient bought)
   and the best variant against each other one, by the corrected resampled t-test and by a paired bootstrap over
-  images, Holm-corrected over the comparisons; `evaluate.test` picks the one the report's words follow.
+  groups of images, Holm-corrected over the comparisons; `evaluate.test` picks the one the report's words follow.
 - The label-scarcity curve from the scarcity stage.
 
 Writes reports/metrics.json (flat DVC metrics), reports/evaluation.json (everything), reports/plots/ and
@@ -90,7 +91,7 @@ def run(params: EvaluateParams, variants: dict[str, Variant], scarcity: Scarcity
     results = {name: load_variant(name, collected, inputs.finetune) for name in variants}
     stats = {name: variant_statistics(r, ext_targets, params) for name, r in results.items()}
     best = max(stats, key=lambda v: stats[v]["cv"]["accuracy"]["mean"])
-    compared = comparisons(results, variants, best, ext_targets, params)
+    compared = comparisons(results, variants, best, ext_targets, params, collected.external.group.to_numpy())
     curves = scarcity_curves(collected, scarcity, inputs.scarcity, params)
     evaluation = {"data": report.data_summary(collected), "params": asdict(params), "best": best,
                   "variants": {n: {"recipe": report.recipe(variants[n]), **s} for n, s in stats.items()},

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from pipeline.data.collected import load_collected
 from pipeline.data.decode import pixel_sha256
@@ -22,7 +23,7 @@ from pipeline.gan.quality import (
     inception_fid_kid,
     select_samples,
 )
-from pipeline.runtime.checkpoint import Checkpointing
+from pipeline.runtime.checkpoint import Checkpointing, load_checkpoint
 from pipeline.runtime.errors import PipelineError
 from pipeline.stages import synthesize
 from pipeline.stages.synthesize import SynthesizeOutputs
@@ -161,8 +162,8 @@ def test_a_killed_run_resumes_exactly_where_its_checkpoint_left_off(tmp_path, mo
         patch.setattr(gan, "_recalibrate_batch_norm", die)
         with pytest.raises(KeyboardInterrupt):
             gan.train_gan(images, labels, 2, cfg, torch.device("cpu"), checkpoint)
-    saved = torch.load(tmp_path / gan.CHECKPOINT_FILE, weights_only=True)
-    assert saved["step"] == 8 and float(saved["augment"]["p"]) > 0
+    saved = load_checkpoint(tmp_path / gan.CHECKPOINT_FILE, "data+settings")  # plain tensors and JSON
+    assert saved.meta["step"] == 8 and float(saved.tensors["augment"]["p"]) > 0
     resumed = gan.train_gan(images, labels, 2, cfg, torch.device("cpu"), checkpoint)
     assert resumed.resumed_from == 8 and resumed.augment_p == straight.augment_p
     assert resumed.history == straight.history
@@ -184,7 +185,8 @@ def test_the_stage_command_resumes_after_sigkill(tmp_path, collected_dir):
     command = [sys.executable, "-m", "pipeline.stages.synthesize", "--fold", "0"]
     checkpoint = work / "data" / "checkpoints" / "synthesize" / "r0-fold0" / gan.CHECKPOINT_FILE
     kill_once_checkpointed(command, work, checkpoint)
-    step = torch.load(checkpoint, weights_only=True)["step"]
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        step = json.loads(handle.metadata()["meta"])["step"]
     assert 100 <= step < 1500
     done = subprocess.run(command, cwd=work, env=stage_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

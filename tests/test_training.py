@@ -127,7 +127,7 @@ def test_a_killed_run_resumes_exactly_where_its_checkpoint_left_off(digits, tmp_
     from safetensors import safe_open
 
     with safe_open(str(saved), framework="pt") as handle:  # plain tensors and JSON, nothing pickled
-        assert handle.metadata()["fingerprint"] == "data+settings" and "ema.n_averaged" in handle.keys()
+        assert handle.metadata()["fingerprint"] == "data+settings" and "ema/n_averaged" in handle.keys()
     torch.manual_seed(1234)  # whatever the global stream holds now, the checkpoint's is restored
     resumed = fit(small_cnn(), training_set(images, targets),
                   setup_for(epochs=5, mixup=0.2, ema_decay=0.9, checkpoint=checkpoint))

@@ -12,7 +12,6 @@ train a few hundred steps on a 2-core CPU in about half a minute.
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import math
 import time
@@ -27,8 +26,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from pipeline.runtime import atomic
-from pipeline.runtime.checkpoint import Checkpointing
+from pipeline.runtime.checkpoint import (
+    Checkpointing,
+    Saved,
+    load_checkpoint,
+    module_state,
+    optimizer_parts,
+    optimizer_state,
+    random_parts,
+    random_state,
+    restore_random,
+    save_checkpoint,
+)
 from pipeline.runtime.compute import World, autocast, random_states, recalibrating_batch_norm
 from pipeline.runtime.progress import Progress
 
@@ -514,46 +523,51 @@ def _log_entry(step: int, losses: tuple[Tensor, ...], p: float, r: float | None)
 
 # --- checkpoints: everything a resumed run needs to continue exactly where the killed one stopped ---------------
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+OPTIMIZERS = ("opt_g", "opt_d")  # _Models' optimizer attributes, each saved as a part of that name
+
+
+def _stateful(models: _Models) -> dict[str, nn.Module]:
+    """The modules a checkpoint holds, by part name (the plain ones: a checkpoint never depends on DDP)."""
+    return {"generator": models.plain_generator, "discriminator": models.plain_discriminator, "ema": models.ema,
+            "augment": models.augment}
 
 
 def _save_checkpoint(path: Path, models: _Models, step: int, history: list[dict], states: list[dict],
                      fingerprint: str) -> None:
-    state = {
-        "fingerprint": fingerprint, "step": step, "history": history, "random": states,
-        "generator": models.plain_generator.state_dict(), "discriminator": models.plain_discriminator.state_dict(),
-        "ema": models.ema.state_dict(), "augment": models.augment.state_dict(),
-        "opt_g": models.opt_g.state_dict(), "opt_d": models.opt_d.state_dict(),
-    }
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic.write_bytes(path, buffer.getvalue())  # a kill mid-write leaves the previous checkpoint intact
+    tensors = {name: module.state_dict() for name, module in _stateful(models).items()} | random_parts(states)
+    meta = {"step": step, "history": history}
+    for name in OPTIMIZERS:
+        slots, meta[name] = optimizer_parts(name, getattr(models, name))
+        tensors |= slots
+    save_checkpoint(path, tensors, meta, fingerprint)
+
+
+def _checked_state(saved: Saved, models: _Models, world: World) -> dict:
+    """The checkpoint's parts, each checked to fit the models before anything is loaded into them."""
+    return {"modules": {name: module_state(saved, name, module) for name, module in _stateful(models).items()},
+            "optimizers": {name: optimizer_state(saved, name, getattr(models, name)) for name in OPTIMIZERS},
+            "random": random_state(saved, world, "batches"),
+            "step": int(saved.meta["step"]), "history": list(saved.meta["history"])}
 
 
 def _resume(checkpoint: Checkpointing | None, models: _Models, rng: torch.Generator, device: torch.device,
             world: World) -> tuple[int, list[dict]]:
-    """Load a matching checkpoint into the models; (steps already done, history so far), or (0, [])."""
-    path = checkpoint.folder / CHECKPOINT_FILE if checkpoint else None
-    if path is None or not path.is_file():
+    """Load a matching, whole checkpoint into the models; (steps already done, history so far), or (0, [])."""
+    if checkpoint is None:
         return 0, []
-    state = torch.load(path, map_location=device, weights_only=True)
-    if state["fingerprint"] != checkpoint.fingerprint:
-        log.warning("ignoring %s: it was made for other data or settings; training from scratch", path)
+    loaded = load_checkpoint(checkpoint.folder / CHECKPOINT_FILE, checkpoint.fingerprint,
+                             lambda saved: _checked_state(saved, models, world))
+    if loaded is None:
         return 0, []
-    models.plain_generator.load_state_dict(state["generator"])
-    models.plain_discriminator.load_state_dict(state["discriminator"])
-    models.ema.load_state_dict(state["ema"])
-    models.augment.load_state_dict(state["augment"])
-    models.opt_g.load_state_dict(state["opt_g"])
-    models.opt_d.load_state_dict(state["opt_d"])
-    mine = state["random"][world.rank] if len(state["random"]) == world.size else None
-    if mine is not None:
-        rng.set_state(mine["batches"])
-        torch.set_rng_state(mine["torch"])
-        if "cuda" in mine and device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda"], device)
-    log.info("resuming GAN training from step %d (augmentation p = %.3f)", state["step"], float(models.augment.p))
-    return int(state["step"]), list(state["history"])
+    for name, module in _stateful(models).items():
+        module.load_state_dict(loaded["modules"][name])
+    for name, state in loaded["optimizers"].items():
+        getattr(models, name).load_state_dict(state)
+    if loaded["random"] is not None:
+        restore_random(loaded["random"], device, batches=rng)
+    log.info("resuming GAN training from step %d (augmentation p = %.3f)", loaded["step"], float(models.augment.p))
+    return loaded["step"], loaded["history"]
 
 
 def train_gan(

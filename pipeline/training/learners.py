@@ -12,8 +12,6 @@ stages that train variants (finetune: one fold of the ablation; scarcity: the la
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,8 +24,9 @@ from pipeline.augmentation.policy import augment_seeded, load_policy
 from pipeline.runtime.checkpoint import Checkpointing
 from pipeline.runtime.compute import World
 from pipeline.runtime.errors import PipelineError
+from pipeline.runtime.fingerprint import fingerprint
 from pipeline.runtime.params import FinetuneParams, Variant
-from pipeline.training.backbones import Classifier, create_backbone
+from pipeline.training.backbones import Classifier, create_backbone, weights_source
 from pipeline.training.loop import FitSetup, TrainingSet, fit, predict
 from pipeline.training.probe import FeatureCache, ImageFeatures, LinearProbe
 
@@ -89,15 +88,16 @@ def real_training_set(images: np.ndarray, targets: np.ndarray, groups: np.ndarra
     return TrainingSet(images, targets, images[:0], targets[:0], images[:0], targets[:0])
 
 
-def fingerprint(params: FinetuneParams, variant: Variant, data: TrainingSet, world: World, device: torch.device) -> str:
-    """What a checkpoint must match to be resumed: the data, every setting that shapes training (not the number of
-    DataLoader workers, which changes nothing, nor `checkpoint_every`), the processes and the device type."""
-    digest = hashlib.sha256()
+def checkpoint_fingerprint(params: FinetuneParams, variant: Variant, data: TrainingSet, policy: Path, world: World,
+                           device: torch.device) -> str:
+    """What a checkpoint must match to be resumed (pipeline/runtime/fingerprint.py): the data, every setting that
+    shapes training (not the number of DataLoader workers, which changes nothing, nor `checkpoint_every`), the
+    augmentation policy's contents when the variant augments (a resumed run must not mix two policies), the
+    starting weights' contents, the processes, the device and its precision, and the library versions."""
     shaping = {k: v for k, v in asdict(params).items() if k not in ("workers", "checkpoint_every", "compile")}
-    digest.update(json.dumps([shaping, asdict(variant), world.size, device.type], sort_keys=True).encode())
-    for array in (data.images, data.targets, data.synthetic, data.synthetic_targets, data.inner, data.inner_targets):
-        digest.update(np.ascontiguousarray(array).data)
-    return digest.hexdigest()
+    arrays = (data.images, data.targets, data.synthetic, data.synthetic_targets, data.inner, data.inner_targets)
+    return fingerprint(data=arrays, params=[shaping, variant, world.size], policy=policy if variant.augment else None,
+                       weights=weights_source(variant.backbone, variant.weights), device=device)
 
 
 LIVE_NAMES = {"loss": "train/loss", "train_accuracy": "train/accuracy", "inner_loss": "inner/loss",
@@ -140,7 +140,7 @@ def full(job: Job) -> Outcome | None:
     checkpoint = None
     if job.workspace.checkpoints is not None:
         checkpoint = Checkpointing(job.workspace.checkpoints, params.checkpoint_every,
-                                   fingerprint(params, variant, job.data, world, device))
+                                   checkpoint_fingerprint(params, variant, job.data, job.policy, world, device))
     start = time.perf_counter()
     with live_log(job.workspace.live, world.is_main) as on_epoch:
         result = fit(model, job.data, FitSetup(params, variant.epochs, variant.weights != "none", policy, device,

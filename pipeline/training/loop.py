@@ -10,7 +10,6 @@ takes its slice of the very batch one process would have used.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -22,13 +21,22 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, safe_open, save
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.augmentation.policy import augment_seeded
-from pipeline.runtime import atomic
-from pipeline.runtime.checkpoint import Checkpointing
+from pipeline.runtime.checkpoint import (
+    Checkpointing,
+    Saved,
+    load_checkpoint,
+    module_state,
+    optimizer_parts,
+    optimizer_state,
+    random_parts,
+    random_state,
+    restore_random,
+    save_checkpoint,
+)
 from pipeline.runtime.compute import World, autocast, random_states, recalibrating_batch_norm
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import FinetuneParams
@@ -282,64 +290,50 @@ class TrainState:
         return self.ema.module if self.ema is not None else self.model
 
 
-def _flat(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
-
-
-def _unflat(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
-def save_checkpoint(path: Path, state: TrainState, randoms: list[dict[str, torch.Tensor]], fingerprint: str) -> None:
-    """Everything needed to continue exactly, as one safetensors file: tensors by name, the rest as JSON in the
-    file's metadata. Nothing in it is pickled, so loading it cannot run code."""
-    optimizer = state.optimizer.state_dict()
-    tensors = _flat("model", state.model.state_dict())
-    for index, slots in optimizer["state"].items():
-        tensors.update(_flat(f"optim.{index}", slots))
+def save_state(path: Path, state: TrainState, randoms: list[dict[str, torch.Tensor]], fingerprint: str) -> None:
+    """Everything needed to continue exactly, in pipeline/runtime/checkpoint.py's one format."""
+    tensors, optimizer = optimizer_parts("optim", state.optimizer)
+    tensors |= {"model": state.model.state_dict()} | random_parts(randoms)
     if state.ema is not None:
-        tensors.update(_flat("ema", state.ema.state_dict()))
+        tensors["ema"] = state.ema.state_dict()
     if state.best is not None:
-        tensors.update(_flat("best", state.best))
-    for rank, streams in enumerate(randoms):
-        tensors.update(_flat(f"rng.{rank}", streams))
-    info = {"epoch": state.epoch, "history": state.history, "param_groups": optimizer["param_groups"],
-            "optim_slots": sorted(optimizer["state"]), "scheduler": state.scheduler.state_dict() | {"lr_lambdas": None},
-            "mix": state.mix.rng.bit_generator.state, "best_loss": state.best_loss, "best_epoch": state.best_epoch,
-            "bad_epochs": state.bad_epochs, "processes": len(randoms)}
-    blob = save(tensors, metadata={"fingerprint": fingerprint, "state": json.dumps(info)})
-    atomic.write_bytes(path, blob)  # a kill mid-write leaves the previous checkpoint intact
+        tensors["best"] = state.best
+    meta = {"epoch": state.epoch, "history": state.history, "optim": optimizer,
+            "scheduler": state.scheduler.state_dict() | {"lr_lambdas": None}, "mix": state.mix.rng.bit_generator.state,
+            "best_loss": state.best_loss, "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs}
+    save_checkpoint(path, tensors, meta, fingerprint)
 
 
-def load_checkpoint(path: Path, state: TrainState, fingerprint: str, device: torch.device, world: World) -> bool:
-    """Load a matching checkpoint into `state`; False (and nothing changed) when there is none or it does not match."""
-    if not path.is_file():
+def _checked_state(saved: Saved, state: TrainState, world: World) -> dict:
+    """The checkpoint's parts, each checked to fit `state` before anything is loaded into it."""
+    meta = saved.meta
+    optimizer = optimizer_state(saved, "optim", state.optimizer)
+    return {"model": module_state(saved, "model", state.model), "optim": optimizer,
+            "scheduler": meta["scheduler"] | {"lr_lambdas": [None] * len(optimizer["param_groups"])},
+            "ema": module_state(saved, "ema", state.ema) if state.ema is not None else None,
+            "best": module_state(saved, "best", state.evaluated) if "best" in saved.tensors else None,
+            "random": random_state(saved, world),
+            **{key: meta[key] for key in ("epoch", "history", "mix", "best_loss", "best_epoch", "bad_epochs")}}
+
+
+def load_state(path: Path, state: TrainState, fingerprint: str, device: torch.device, world: World) -> bool:
+    """Load a matching, whole checkpoint into `state`; False (and nothing changed) when there is none, it does
+    not match or it is damaged."""
+    loaded = load_checkpoint(path, fingerprint, lambda saved: _checked_state(saved, state, world))
+    if loaded is None:
         return False
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-    if meta.get("fingerprint") != fingerprint:
-        log.warning("ignoring %s: it was made for other data or settings; training from scratch", path)
-        return False
-    tensors, info = load_file(str(path), device="cpu"), json.loads(meta["state"])
-    state.model.load_state_dict(_unflat("model", tensors))
-    optimizer = {"state": {i: _unflat(f"optim.{i}", tensors) for i in info["optim_slots"]},
-                 "param_groups": info["param_groups"]}
-    state.optimizer.load_state_dict(optimizer)
-    scheduler = info["scheduler"] | {"lr_lambdas": [None] * len(info["param_groups"])}
-    state.scheduler.load_state_dict(scheduler)
+    state.model.load_state_dict(loaded["model"])
+    state.optimizer.load_state_dict(loaded["optim"])
+    state.scheduler.load_state_dict(loaded["scheduler"])
     if state.ema is not None:
-        state.ema.load_state_dict(_unflat("ema", tensors))
-    best = _unflat("best", tensors)
-    state.best = best or None
-    state.mix.rng.bit_generator.state = info["mix"]
-    state.epoch, state.history = info["epoch"], info["history"]
-    state.best_loss, state.best_epoch, state.bad_epochs = info["best_loss"], info["best_epoch"], info["bad_epochs"]
-    if info["processes"] == world.size:
-        mine = _unflat(f"rng.{world.rank}", tensors)
-        torch.set_rng_state(mine["torch"])
-        if "cuda" in mine and device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda"], device)
+        state.ema.load_state_dict(loaded["ema"])
+    state.best = loaded["best"]
+    state.mix.rng.bit_generator.state = loaded["mix"]
+    state.epoch, state.history = loaded["epoch"], loaded["history"]
+    state.best_loss, state.best_epoch = loaded["best_loss"], loaded["best_epoch"]
+    state.bad_epochs = loaded["bad_epochs"]
+    if loaded["random"] is not None:
+        restore_random(loaded["random"], device)
     log.info("resuming fine-tuning after epoch %d", state.epoch)
     return True
 
@@ -464,8 +458,7 @@ def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
                      synthetic_share=setup.params.synthetic_share, seed=setup.params.seed, world=setup.world)
     state = _build_state(model, setup, plan.steps_per_epoch)
     path = setup.checkpoint.folder / CHECKPOINT_FILE if setup.checkpoint else None
-    resumed = path is not None and load_checkpoint(path, state, setup.checkpoint.fingerprint, setup.device,
-                                                   setup.world)
+    resumed = path is not None and load_state(path, state, setup.checkpoint.fingerprint, setup.device, setup.world)
     resumed_from = state.epoch
     if setup.on_epoch is not None and setup.world.is_main:
         for record in state.history:  # the curves so far, so the log is whole after a resume
@@ -493,7 +486,7 @@ def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
         if setup.checkpoint and state.epoch % setup.checkpoint.every == 0 and state.epoch < setup.epochs:
             randoms = random_states(setup.device, setup.world)
             if setup.world.is_main:
-                save_checkpoint(path, state, randoms, setup.checkpoint.fingerprint)
+                save_state(path, state, randoms, setup.checkpoint.fingerprint)
     progress.close()
     del batches  # stops DataLoader workers at once, also after early stopping
     kept = state.evaluated

@@ -9,7 +9,6 @@ computes them once.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from pathlib import Path
@@ -23,7 +22,8 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.runtime import atomic
 from pipeline.runtime.compute import autocast
-from pipeline.training.backbones import Classifier, create_backbone
+from pipeline.runtime.fingerprint import fingerprint
+from pipeline.training.backbones import Classifier, create_backbone, weights_source
 
 log = logging.getLogger(__name__)
 FEATURE_BATCH = 256
@@ -40,7 +40,9 @@ class ImageFeatures:
             self.model.to(memory_format=torch.channels_last)
         self.device = device
         self.dimensions = self.model.backbone.num_features
-        self.key = f"{backbone}|{weights}|{input_size}"  # what, besides the pixels, the features depend on
+        # what, besides the pixels, the features depend on: the weights' contents, and bf16 on CUDA is not fp32
+        self.key = fingerprint(params=[backbone, weights, input_size], weights=weights_source(backbone, weights),
+                               device=device)
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -54,7 +56,8 @@ class ImageFeatures:
 
 
 class FeatureCache:
-    """Features on disk, one .npy file per (model, weights, input size, exact pixels); a miss computes them."""
+    """Features on disk, one .npy file per (model, weights, input size, device and precision, library versions,
+    exact pixels); a miss computes them."""
 
     def __init__(self, extract: ImageFeatures, folder: Path | None):
         self.extract, self.folder = extract, folder
@@ -63,10 +66,7 @@ class FeatureCache:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if self.folder is None:
             return self.extract(images)
-        digest = hashlib.sha256(self.extract.key.encode())
-        digest.update(repr(images.shape).encode())
-        digest.update(np.ascontiguousarray(images).data)
-        path = self.folder / f"{digest.hexdigest()[:32]}.npy"
+        path = self.folder / f"{fingerprint(data=[images], params=self.extract.key)[:32]}.npy"
         if path.is_file():
             self.hits += 1
             return np.load(path)

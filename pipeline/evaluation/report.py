@@ -140,7 +140,8 @@ def headline(ev: dict) -> list:
     oof = s["oof"]["accuracy"]
     lines = [f"{d['labelled']} labelled images in {len(d['classes'])} classes, {d['folds']}-fold cross-validation"
              + (f" repeated {d['repeats']} times" if d["repeats"] > 1 else "")
-             + (f"; {d['external']} external test images that no stage trained on." if d["external"] else "."),
+             + (f"; {d['external']} external test images that no variant or fold model trained on." if d["external"]
+                else "."),
              f"**{best}** did best: out-of-fold accuracy **{_f(oof['value'])}** ({level} interval "
              f"{_f(oof['low'])} to {_f(oof['high'])})."]
     ext = s["external"]
@@ -241,7 +242,9 @@ def scarcity_blocks(ev: dict, figures: Path) -> list:
         return []
     blocks = [Heading("How it scales with labelled data"),
               Text("The same cross-validation with fewer or more labelled images per class (nested draws, the same "
-                   "fixed test set at every point).")]
+                   "fixed test set at every point). For a bundled dataset the points beyond its labelled images draw "
+                   "from its external images, except the curve's own fixed test set: those images are no external "
+                   "test images for the curve.")]
     if (figures / "scarcity.png").exists():
         blocks.append(Figure(figures / "scarcity.png", "Label-scarcity curve"))
     sizes = sorted({p["images_per_class"] for points in curves.values() for p in points})

@@ -18,6 +18,10 @@ def repo(tmp_path_factory):
     return make_repo(tmp_path_factory.mktemp("repo"), yaml.safe_dump(params, sort_keys=False))
 
 
+def refuse(constant: str):
+    raise AssertionError(f"{constant} is not JSON")
+
+
 @pytest.mark.slow
 def test_dvc_repro_runs_every_stage_then_nothing(repo):
     first = dvc(repo, "repro")
@@ -58,6 +62,9 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
         assert f"reports/plots/{plot}" in page, plot
     assert "reports/figures/scarcity.png" in page and "reports/figures/differences.png" in page
     assert "reports/finetune/r0-fold0-baseline/metrics.json" in shown.replace("\\", "/") or "train.loss" in shown
+
+    for written in [*(repo / "reports").rglob("*.json"), *(repo / "data").rglob("*.json")]:
+        json.loads(written.read_text(), parse_constant=refuse)  # strict JSON: no NaN or Infinity anywhere
 
     second = dvc(repo, "repro")
     assert "Running stage" not in second, second

@@ -339,9 +339,3 @@ def make_figures(results: dict[str, VariantResult], diagrams: dict[str, Diagrams
             out[f"confusion_{n}_external.png"] = figures.confusion_png(
                 counts, collected.classes, f"{n} (external test, ensemble of folds)")
     return out
-
-
-def jsonable(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"cannot write {type(value)} to JSON")

@@ -36,9 +36,9 @@ def save_model(folder: Path, model: Classifier, card: dict) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE), metadata={"card": json.dumps(card)})
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"card": json.dumps(atomic.strict(card), allow_nan=False)})
     (folder / WEIGHTS_FILE).chmod(0o644)  # safetensors creates it readable by its owner only
-    atomic.write_text(folder / CARD_FILE, json.dumps(card, indent=2) + "\n")
+    atomic.write_json(folder / CARD_FILE, card)
 
 
 def load_model(folder: Path, device: torch.device) -> tuple[Classifier, dict]:

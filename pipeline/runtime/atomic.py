@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -54,3 +56,22 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
+
+
+def strict(value):
+    """`value` with every NaN and infinity replaced by None, recursively, and numpy scalars as Python numbers:
+    JSON has no NaN, and strict parsers (browsers' JSON.parse, jq, most other languages) refuse Python's."""
+    if isinstance(value, dict):
+        return {key: strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(item) for item in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: Path, value, indent: int | None = 2) -> None:
+    """Write `value` as strict JSON (NaN and infinity become null), atomically."""
+    write_text(path, json.dumps(strict(value), indent=indent, allow_nan=False) + "\n")

@@ -12,7 +12,6 @@ image that near-duplicates a training image is taken out of the test set.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -36,7 +35,7 @@ def write(outcome: Outcome, output: Path, reports: Path) -> None:
     with atomic.atomic_dir(output) as tmp:
         save_collected(tmp, outcome.images, outcome.manifest, outcome.classes)
         atomic.write_text(tmp / paths.DUPLICATES_FILE, outcome.duplicates.to_csv(index=False))
-        atomic.write_text(tmp / "summary.json", json.dumps(outcome.summary, indent=2) + "\n")
+        atomic.write_json(tmp / "summary.json", outcome.summary)
     atomic.write_text(reports / paths.REJECTS_FILE, outcome.rejects.to_csv(index=False))
     write_data_card(reports, outcome.images, outcome.manifest, outcome.classes, outcome.summary,
                     outcome.duplicates, outcome.rejects)

@@ -18,7 +18,6 @@ reports/figures/ (DVC plots), and the report as reports/report.md and the self-c
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,6 @@ from pipeline.evaluation.analysis import (
     PointDir,
     comparisons,
     flat_metrics,
-    jsonable,
     load_variant,
     make_figures,
     scarcity_curves,
@@ -104,8 +102,8 @@ def run(params: EvaluateParams, variants: dict[str, Variant], scarcity: Scarcity
     write_plots(outputs.plots, results, diagrams, collected.classes, curves)
     assets = report.Assets.gather(inputs.data_card, inputs.preview, inputs.synthesize_reports)
     report.write(evaluation, outputs.figures, assets, outputs.report_md, outputs.report_html)
-    atomic.write_text(outputs.evaluation, json.dumps(evaluation, indent=1, default=jsonable) + "\n")
-    atomic.write_text(outputs.metrics, json.dumps(flat_metrics(stats, compared, curves), indent=1) + "\n")
+    atomic.write_json(outputs.evaluation, evaluation, indent=1)
+    atomic.write_json(outputs.metrics, flat_metrics(stats, compared, curves), indent=1)
     log.info("evaluate: best variant %s (CV accuracy %.3f); report in %s", best,
              stats[best]["cv"]["accuracy"]["mean"], outputs.report_html)
     return evaluation

@@ -99,7 +99,7 @@ def run(settings: FinalSettings, inputs: FinalInputs, outputs: FinalOutputs) -> 
         inference.save_model(tmp, outcome.model, card)
         inference.export(outcome.model, card, tmp)
         atomic.write_text(tmp / inference.CARD_MD_FILE, card_markdown(card))
-    atomic.write_text(outputs.metrics, json.dumps(metrics, indent=2) + "\n")
+    atomic.write_json(outputs.metrics, metrics)
     log.info("final: %s trained on %d images%s", name, len(images),
              f"; external accuracy {card['final_external_accuracy']:.3f}" if len(external_targets) else "")
     return card

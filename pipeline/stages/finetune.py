@@ -12,7 +12,6 @@ command: `torchrun --nproc_per_node N -m pipeline.stages.finetune --fold K --var
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,8 +118,8 @@ def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInp
         np.savez_compressed(tmp / paths.PREDICTIONS_FILE, val_index=val_rows["index"].to_numpy(),
                             val_probs=outcome.probs[0], test_index=external_rows["index"].to_numpy(),
                             test_probs=outcome.probs[1])
-        atomic.write_text(tmp / "history.json", json.dumps(outcome.history, indent=1) + "\n")
-        atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
+        atomic.write_json(tmp / "history.json", outcome.history, indent=1)
+        atomic.write_json(tmp / "meta.json", meta)
     if variant.strategy != "full":  # one point, so DVC finds the declared curves for every variant
         with live_log(out.live, True) as on_epoch:
             for record in outcome.history:

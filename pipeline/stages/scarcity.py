@@ -14,7 +14,6 @@ data/checkpoints/scarcity/ until the point is done, so a killed run picks up whe
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass
@@ -103,7 +102,7 @@ def _write(folder: Path, meta: dict, arrays: dict[str, np.ndarray] | None) -> No
     with atomic.atomic_dir(folder) as tmp:
         if arrays is not None:
             np.savez_compressed(tmp / paths.PREDICTIONS_FILE, **arrays)
-        atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
+        atomic.write_json(tmp / "meta.json", meta)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,6 @@ Runs data-parallel under torchrun with the same command: `torchrun --nproc_per_n
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +81,11 @@ def write_outputs(out: SynthesizeOutputs, trained, candidates: tuple[np.ndarray,
         save_png(tmp / "grid.png", grid, scale=scale)
         state = {k: v.detach().cpu().contiguous() for k, v in trained.generator.state_dict().items()}
         save_file(state, str(tmp / "generator.safetensors"))
-        atomic.write_text(tmp / "history.json", json.dumps(trained.history, indent=1) + "\n")
-        atomic.write_text(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
+        atomic.write_json(tmp / "history.json", trained.history, indent=1)
+        atomic.write_json(tmp / "meta.json", meta, indent=1)
     reports = out.reports
     metrics = {k: v for k, v in meta.items() if k in METRIC_KEYS}
-    atomic.write_text(reports / f"{out.name}.json", json.dumps(metrics, indent=2) + "\n")
+    atomic.write_json(reports / f"{out.name}.json", metrics)
     save_png(reports / f"{out.name}-grid.png", grid, scale=scale)
     atomic.write_bytes(reports / f"{out.name}-curves.png", curves_png(trained.history))
     atomic.write_text(reports / f"{out.name}-history.csv", pd.DataFrame(trained.history).to_csv(index=False))

@@ -40,7 +40,10 @@ def test_stage_outputs_are_the_paths_the_code_writes():
         str(paths.SYNTHESIZE_REPORTS / f"{name}-{suffix}") for suffix in ("history.csv", "curves.png", "grid.png")]
     assert str(paths.AUGMENT / paths.POLICY_FILE) in s["finetune"]["deps"]
     run = f"{paths.split_name('${item.repeat}', '${item.fold}')}-${{item.variant}}"
-    assert s["finetune"]["metrics"] == [{str(paths.FINETUNE_REPORTS / run / "metrics.json"): {"cache": False}}]
+    assert s["finetune"]["metrics"] == [{str(paths.FINETUNE_REPORTS / run / "metrics.json"): {"cache": False}},
+                                        {str(paths.run_facts(paths.FINETUNE_REPORTS, run)): {"cache": False}}]
+    point = "n${item.n}-${item.variant}"
+    assert s["scarcity"]["metrics"] == [{str(paths.run_facts(paths.SCARCITY_REPORTS, point)): {"cache": False}}]
     assert s["finetune"]["plots"] == [{str(paths.FINETUNE_REPORTS / run / "plots" / "metrics"): {"cache": False,
                                                                                                   "x": "step"}}]
     assert str(paths.FINETUNE) in s["evaluate"]["deps"]

@@ -220,8 +220,10 @@ def test_the_stage_command_resumes_after_sigkill(tmp_path, inputs):
     done = subprocess.run(command, cwd=work, env=stage_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     meta = json.loads((work / "data" / "finetune" / "r0-fold0-cnn" / "meta.json").read_text())
-    assert 20 <= meta["resumed_from_epoch"] < 400 and meta["epochs_run"] == 400
-    assert f"resuming fine-tuning after epoch {meta['resumed_from_epoch']}" in done.stderr
+    run = json.loads((work / "reports" / "finetune" / "r0-fold0-cnn-run.json").read_text())
+    assert 20 <= run["resumed_from_epoch"] < 400 and meta["epochs_run"] == 400
+    assert f"resuming fine-tuning after epoch {run['resumed_from_epoch']}" in done.stderr
+    assert "resumed_from_epoch" not in meta and "train_seconds" not in meta  # the cached output: only what is the same
     assert not checkpoint.exists()
     curve = (work / "reports" / "finetune" / "r0-fold0-cnn" / "plots" / "metrics" / "train" / "loss.tsv")
     assert len(curve.read_text().splitlines()) == 1 + 400  # the resumed run logs the whole curve

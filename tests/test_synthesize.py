@@ -192,7 +192,9 @@ def test_the_stage_command_resumes_after_sigkill(tmp_path, collected_dir):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resuming GAN training from step {step}" in done.stderr
     meta = json.loads((work / "data" / "synthetic" / "r0-fold0" / "meta.json").read_text())
-    assert meta["resumed_from_step"] == step and not checkpoint.exists()
+    metrics = json.loads((work / "reports" / "synthesize" / "r0-fold0.json").read_text())
+    assert metrics["resumed_from_step"] == step and not checkpoint.exists()
+    assert "resumed_from_step" not in meta and "train_seconds" not in meta  # the cached output: only what is the same
 
 
 @pytest.mark.slow

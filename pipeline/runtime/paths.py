@@ -15,6 +15,7 @@ CHECKPOINTS = DATA / "checkpoints"  # training state of killed runs, outside DVC
 SYNTHESIZE_REPORTS = REPORTS / "synthesize"  # synthesize: per-fold DVC metrics and plots
 FINETUNE_REPORTS = REPORTS / "finetune"  # finetune: per fold x variant dvclive curves (DVC plots) and metrics
 SCARCITY = DATA / "scarcity"  # scarcity: one folder per point of the curve and variant
+SCARCITY_REPORTS = REPORTS / "scarcity"  # scarcity: per point x variant DVC metrics (how long it took)
 MODEL = DATA / "model"  # final: the model trained on every labelled image, its card and exports
 FEATURE_CACHE = DATA / "cache" / "features"  # frozen-backbone features, shared by every fold and variant
 
@@ -28,6 +29,7 @@ POLICY_FILE = "policy.json"
 SAMPLES_FILE = "samples.npz"
 PREDICTIONS_FILE = "predictions.npz"
 PREVIEW_FILE = "preview.png"
+
 
 METRICS = REPORTS / "metrics.json"  # evaluate: flat DVC metrics
 EVALUATION = REPORTS / "evaluation.json"  # evaluate: every number of the report
@@ -52,3 +54,9 @@ def finetune_dir(repeat: int, fold: int, variant: str) -> Path:
 
 def scarcity_dir(images_per_class: int, variant: str) -> Path:
     return SCARCITY / f"n{images_per_class}-{variant}"
+
+
+def run_facts(reports: Path, name: str) -> Path:
+    """How one run went (seconds, speed, where it resumed): uncached DVC metrics beside the stage's reports, kept
+    out of its cached outputs, which must be the same bytes whenever the same inputs are trained again."""
+    return reports / f"{name}-run.json"

@@ -119,7 +119,8 @@ def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInp
                             val_probs=outcome.probs[0], test_index=external_rows["index"].to_numpy(),
                             test_probs=outcome.probs[1])
         atomic.write_json(tmp / "history.json", outcome.history, indent=1)
-        atomic.write_json(tmp / "meta.json", meta)
+        atomic.write_json(tmp / "meta.json", atomic.split_run_facts(meta)[0])
+    atomic.write_json(paths.run_facts(out.live.parent, out.live.name), atomic.split_run_facts(meta)[1])
     if variant.strategy != "full":  # one point, so DVC finds the declared curves for every variant
         with live_log(out.live, True) as on_epoch:
             for record in outcome.history:

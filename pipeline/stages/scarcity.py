@@ -46,11 +46,13 @@ class ScarcityOutputs:
     folder: Path  # predictions.npz, meta.json
     checkpoints: Path | None = None  # finished folds (and a killed fold's training state) until the point is done
     features: Path | None = None  # the frozen-feature cache of linear probes
+    run: Path | None = None  # how the run went (seconds): uncached DVC metrics
 
 
 def outputs_for(n: int, variant: str) -> ScarcityOutputs:
-    return ScarcityOutputs(paths.scarcity_dir(n, variant), paths.CHECKPOINTS / "scarcity" / f"n{n}-{variant}",
-                           paths.FEATURE_CACHE)
+    name = f"n{n}-{variant}"
+    return ScarcityOutputs(paths.scarcity_dir(n, variant), paths.CHECKPOINTS / "scarcity" / name,
+                           paths.FEATURE_CACHE, paths.run_facts(paths.SCARCITY_REPORTS, name))
 
 
 
@@ -70,7 +72,7 @@ def run(params: ScarcityParams, finetune: FinetuneParams, variant: Variant, n: i
     except NotEnoughImages as why:
         meta["not_run"] = str(why)
         log.warning("scarcity: %d images per class not run: %s", n, why)
-        _write(outputs.folder, meta, None)
+        _write(outputs, meta, None)
         return meta
     point = Point(finetune, variant, collected, drawn, inputs.policy, outputs.checkpoints, outputs.features,
                   pick_device(finetune.device))
@@ -89,7 +91,7 @@ def run(params: ScarcityParams, finetune: FinetuneParams, variant: Variant, n: i
                  "from_pool": int((collected.manifest.split.to_numpy()[drawn.train] != LABELLED).sum()),
                  "train_seconds": round(sum(seconds), 2), "device": str(point.device),
                  "oof_accuracy": float(np.mean(oof.argmax(-1) == targets[drawn.train]))})
-    _write(outputs.folder, meta, {"train_index": drawn.train, "folds": drawn.folds, "oof_probs": oof,
+    _write(outputs, meta, {"train_index": drawn.train, "folds": drawn.folds, "oof_probs": oof,
                                   "test_index": drawn.test, "test_probs": test_probs})
     if outputs.checkpoints is not None and outputs.checkpoints.exists():
         shutil.rmtree(outputs.checkpoints)
@@ -98,11 +100,14 @@ def run(params: ScarcityParams, finetune: FinetuneParams, variant: Variant, n: i
     return meta
 
 
-def _write(folder: Path, meta: dict, arrays: dict[str, np.ndarray] | None) -> None:
-    with atomic.atomic_dir(folder) as tmp:
+def _write(outputs: ScarcityOutputs, meta: dict, arrays: dict[str, np.ndarray] | None) -> None:
+    same, run = atomic.split_run_facts(meta)
+    if outputs.run is not None:
+        atomic.write_json(outputs.run, run)
+    with atomic.atomic_dir(outputs.folder) as tmp:
         if arrays is not None:
             np.savez_compressed(tmp / paths.PREDICTIONS_FILE, **arrays)
-        atomic.write_json(tmp / "meta.json", meta)
+        atomic.write_json(tmp / "meta.json", same)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,7 +41,7 @@ METRIC_KEYS = (  # what goes into reports/synthesize/rR-foldK.json
     "fid_candidates", "kid_candidates", "kid_std_candidates", "fid_accepted", "kid_accepted",
     "kid_std_accepted", "cas_synthetic", "cas_candidates", "cas_real", "cas_synthetic_external",
     "cas_candidates_external", "cas_real_external", "acceptance", "accepted", "candidates",
-    "acceptance_per_class", "augment_p", "train_seconds", "steps_per_second",
+    "acceptance_per_class", "augment_p", "train_seconds", "steps_per_second", "resumed_from_step",
 )
 
 
@@ -82,7 +82,7 @@ def write_outputs(out: SynthesizeOutputs, trained, candidates: tuple[np.ndarray,
         state = {k: v.detach().cpu().contiguous() for k, v in trained.generator.state_dict().items()}
         save_file(state, str(tmp / "generator.safetensors"))
         atomic.write_json(tmp / "history.json", trained.history, indent=1)
-        atomic.write_json(tmp / "meta.json", meta, indent=1)
+        atomic.write_json(tmp / "meta.json", atomic.split_run_facts(meta)[0], indent=1)
     reports = out.reports
     metrics = {k: v for k, v in meta.items() if k in METRIC_KEYS}
     atomic.write_json(reports / f"{out.name}.json", metrics)

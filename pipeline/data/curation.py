@@ -136,8 +136,9 @@ def build_manifest(table: pd.DataFrame, params: CollectParams) -> tuple[pd.DataF
         raise PipelineError(f"collect: found {len(classes)} class(es) with usable training images; a classifier "
                             "needs at least two (see reports/rejects.csv for what was refused)")
     check_group_counts(labelled, len(params.folds))
-    for repeat in params.repeats:
-        labelled[fold_column(repeat)] = assign_folds(labelled, len(params.folds), params.seed + 1000 * repeat)
+    folds = assign_folds(labelled.label, labelled.group, len(params.folds), params.seed, params.repeats)
+    for repeat, repeat_folds in zip(params.repeats, folds):
+        labelled[fold_column(repeat)] = repeat_folds
     external = table[table.split == EXTERNAL].assign(**{fold_column(r): -1 for r in params.repeats})
     manifest = pd.concat([labelled, external], ignore_index=True)
     manifest["target"] = manifest.label.map({c: i for i, c in enumerate(classes)})

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.data.collected import fold_column, load_collected
+from pipeline.data.collected import fold_column, load_collected, natural_key
 from pipeline.data.decode import Normalise, decode_file, pixel_sha256
 from pipeline.runtime.errors import PipelineError
 from pipeline.stages import collect
@@ -71,6 +71,26 @@ def test_other_bundled_datasets(tmp_path, source, classes, labelled, external):
     assert len(data.labelled) == labelled and len(data.external) == external
     assert_accounted(summary)
     assert data.images.std() > 20  # real pictures, not blank arrays
+
+
+def test_natural_key_orders_class_names_and_report_files():
+    # class names: numbers by value, before words; their order gives the targets 0..n-1
+    assert sorted(["10", "cat", "2", "1", "Ant"], key=natural_key) == ["1", "2", "10", "Ant", "cat"]
+    # the report's files: fold 2 before fold 10, repeat 0 before repeat 1, class_2 before class_10
+    stems = ["r1-fold0", "r0-fold10", "r0-fold2", "class_10", "class_2"]
+    assert sorted(stems, key=natural_key) == ["class_2", "class_10", "r0-fold2", "r0-fold10", "r1-fold0"]
+
+
+def test_natural_key_keeps_the_class_order_of_all_numbers_or_no_digits():
+    """Classes named by numbers only, or without digits (every bundled source, most folders), keep the order the
+    old class-only key gave them, so their targets are unchanged."""
+    def old_key(label):
+        return (0, int(label), "") if label.isdigit() else (1, 0, label)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        labels = [str(n) for n in rng.integers(0, 200, 5)] + ["".join(rng.choice(list("aB_- é"), 4)) for _ in range(5)]
+        labels = list(dict.fromkeys(labels))
+        assert sorted(labels, key=natural_key) == sorted(labels, key=old_key)
 
 
 @pytest.fixture(scope="module")

@@ -266,7 +266,11 @@ def test_torchrun_with_two_processes_matches_one_process(tmp_path, inputs, colle
 def test_linear_probe_fits_the_same_objective_as_scikit_learn(collected_dir):
     """Our torch L-BFGS probe and scikit-learn's LogisticRegression minimise the same objective; on real digit
     features they reach it to within 1e-3 and predict the same class for nearly every unseen digit."""
-    from pipeline.training.probe import ImageFeatures, LinearProbe, fit_probe
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pipeline.training.probe import ImageFeatures, LinearProbe
 
     data = load_collected(collected_dir)
     extract = ImageFeatures("efficientnet_lite0", 32, torch.device("cpu"))
@@ -274,7 +278,8 @@ def test_linear_probe_fits_the_same_objective_as_scikit_learn(collected_dir):
     test, _ = data.select(data.external)
     train_f, test_f = extract(train), extract(test)
     ours = LinearProbe(0.5, 10, torch.device("cpu")).fit(train_f, train_y)
-    theirs = fit_probe(train_f, train_y, seed=0, c=0.5)
+    # the reference only: the pipeline fits every logistic regression (probe strategy, GAN filter, CAS) with ours
+    theirs = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000)).fit(train_f, train_y)
 
     def objective(probs_train: np.ndarray, weight_norm: float) -> float:  # sklearn's, divided by C x n
         return float(-np.log(probs_train[np.arange(len(train_y)), train_y]).mean() + weight_norm / (2 * 0.5 * len(train_y)))

@@ -345,3 +345,4 @@ def test_sample_grid_shape_and_row_placement():
     cell = lambda row, col: grid[pad + row * (size + pad), pad + col * (size + pad), 0]  # noqa: E731
     assert [cell(0, c) for c in range(3)] == [20, 30, 50]  # class 0: first three of its images, in order
     assert cell(1, 0) == 40 and cell(2, 0) == 10  # classes 1 and 2 each on their own row
+    assert grid[0, 0, 0] == 255 and cell(1, 1) == 255  # white padding, and a short row's empty cells white too

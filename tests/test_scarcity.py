@@ -70,6 +70,16 @@ def test_user_data_draws_only_labelled_images(collected_dir):
         draws.draw(collected, make_params().scarcity, 6)
 
 
+def test_a_draw_whose_groups_cannot_make_folds_is_a_point_not_run(collected_dir):
+    """The curve draws its folds with collect's function: a fold that would train on no picture of a class (groups
+    mixing labels) makes the point impossible, not a model that never saw the class."""
+    collected = load_collected(collected_dir)
+    labelled = collected.manifest.split == LABELLED
+    collected.manifest.loc[labelled & collected.manifest.target.isin([0, 1]), "group"] = -1
+    with pytest.raises(draws.NotEnoughImages, match=r"would train on no picture of \[0, 1\]"):
+        draws.draw(collected, make_params().scarcity, 2)
+
+
 def test_out_of_fold_predictions_cover_every_drawn_image_and_finished_folds_are_reused(tmp_path, inputs):
     params = make_params()
     out = ScarcityOutputs(tmp_path / "n6", tmp_path / "checkpoints", tmp_path / "features")

@@ -17,6 +17,7 @@ from pipeline.data.collected import load_collected
 from pipeline.data.decode import pixel_sha256
 from pipeline.gan import conditional as gan
 from pipeline.gan.quality import (
+    SeenClassesProbe,
     class_probability,
     classification_accuracy_score,
     fid_kid,
@@ -27,9 +28,11 @@ from pipeline.runtime.checkpoint import Checkpointing, load_checkpoint
 from pipeline.runtime.errors import PipelineError
 from pipeline.stages import synthesize
 from pipeline.stages.synthesize import SynthesizeOutputs
-from pipeline.training.probe import ImageFeatures, fit_probe
+from pipeline.training.probe import ImageFeatures
 
 from conftest import kill_once_checkpointed, make_params, stage_env, stage_workspace
+
+CPU = torch.device("cpu")
 
 
 def outputs(root, name="r0-fold0", checkpoints=True):
@@ -225,7 +228,7 @@ def digit_features(collected_dir):
 
 def test_the_filter_accepts_real_digits_under_their_own_label_more_than_under_a_wrong_one(digit_features):
     _, train_f, train_y, test_f, test_y, _ = digit_features
-    probe = fit_probe(train_f, train_y, seed=0)
+    probe = SeenClassesProbe.fit(train_f, train_y, CPU)
     right = class_probability(probe, test_f, test_y)
     wrong = class_probability(probe, test_f, (test_y + 1) % 10)
     assert right.mean() > 2 * wrong.mean()
@@ -233,6 +236,16 @@ def test_the_filter_accepts_real_digits_under_their_own_label_more_than_under_a_
                             min_confidence=0.3, keep_per_class=1000)
     kept_right = (chosen.keep < len(right)).mean()
     assert kept_right > 0.8  # most accepted samples are the correctly labelled ones
+
+
+def test_a_probe_of_some_classes_never_predicts_the_others(digit_features):
+    """CAS trains on the accepted samples, which may hold a few classes only."""
+    _, train_f, train_y, test_f, test_y, _ = digit_features
+    few, seen = train_y < 3, test_y < 3
+    probe = SeenClassesProbe.fit(train_f[few], train_y[few], CPU)
+    assert set(probe.predict(test_f)) <= {0, 1, 2}
+    assert (probe.predict(test_f[seen]) == test_y[seen]).mean() > 0.5  # chance: 1/3; it scores 0.62
+    assert (class_probability(probe, test_f, np.full(len(test_y), 7)) == 0).all()
 
 
 def test_select_samples_known_answer():
@@ -249,11 +262,11 @@ def test_fid_kid_and_cas_order_real_against_noise(digit_features):
     different = fid_kid(test_f[0::2], extract(noise[1::2]), seed=0)
     assert same["fid"] < different["fid"] and same["kid"] < different["kid"]
     assert abs(same["kid"]) < 3 * same["kid_std"] + 1e-3  # KID is unbiased: about 0 for one distribution
-    real = classification_accuracy_score(train_f, train_y, test_f, test_y, seed=0)
+    real = classification_accuracy_score(train_f, train_y, test_f, test_y, CPU)
     shuffled = classification_accuracy_score(train_f, np.random.default_rng(0).permutation(train_y), test_f, test_y,
-                                             seed=0)
+                                             CPU)
     assert real > 0.3 > shuffled  # 40 real digits teach the probe; shuffled labels teach it nothing
-    assert classification_accuracy_score(train_f[:3], np.zeros(3, int), test_f, test_y, seed=0) is None
+    assert classification_accuracy_score(train_f[:3], np.zeros(3, int), test_f, test_y, CPU) is None
 
 
 def test_inception_features_without_torch_fidelity_say_what_to_install():

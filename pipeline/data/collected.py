@@ -7,6 +7,7 @@ instead of thousands on every `dvc repro`.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,13 @@ MANIFEST_COLUMNS = ["index", "path", "label", "target", "group", "sha256", "widt
 FOLD_PREFIX = "fold_r"
 # external: a fixed test set (the rest of a bundled dataset, a folder's test/) that no stage trains on
 LABELLED, EXTERNAL = "labelled", "external"
+
+
+def natural_key(text: str) -> list:
+    """Sort key comparing runs of digits as numbers: class "2" before "10", "r0-fold2" before "r0-fold10".
+    Class names sorted with it give the targets 0..n-1, so a change here renumbers every dataset's classes."""
+    parts = re.split(r"(\d+)", text)  # the captured digit runs land at the odd places
+    return [int(part) if i % 2 else part for i, part in enumerate(parts)]
 
 
 def fold_column(repeat: int) -> str:

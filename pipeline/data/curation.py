@@ -11,7 +11,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipeline.data.collected import EXTERNAL, LABELLED, fold_column
+from pipeline.data.collected import EXTERNAL, LABELLED, fold_column, natural_key
 from pipeline.data.decode import hamming_pairs, pixel_sha256
 from pipeline.data.folds import assign_folds, check_group_counts
 from pipeline.data.sources import POOL, Intake
@@ -131,23 +131,19 @@ def limit_external(table: pd.DataFrame, params: CollectParams) -> pd.DataFrame:
 def build_manifest(table: pd.DataFrame, params: CollectParams) -> tuple[pd.DataFrame, list[str]]:
     """Labelled rows first, then external ones; targets in natural class order; one fold column per repeat."""
     labelled = table[table.split == LABELLED].copy()
-    classes = sorted(labelled.label.unique(), key=_natural)
+    classes = sorted(labelled.label.unique(), key=natural_key)
     if len(classes) < 2:
         raise PipelineError(f"collect: found {len(classes)} class(es) with usable training images; a classifier "
                             "needs at least two (see reports/rejects.csv for what was refused)")
     check_group_counts(labelled, len(params.folds))
-    for repeat in params.repeats:
-        labelled[fold_column(repeat)] = assign_folds(labelled, len(params.folds), params.seed + 1000 * repeat)
+    folds = assign_folds(labelled.label, labelled.group, len(params.folds), params.seed, params.repeats)
+    for repeat, repeat_folds in zip(params.repeats, folds):
+        labelled[fold_column(repeat)] = repeat_folds
     external = table[table.split == EXTERNAL].assign(**{fold_column(r): -1 for r in params.repeats})
     manifest = pd.concat([labelled, external], ignore_index=True)
     manifest["target"] = manifest.label.map({c: i for i, c in enumerate(classes)})
     manifest["index"] = range(len(manifest))
     return manifest, classes
-
-
-def _natural(label: str) -> tuple:
-    """Sort "2" before "10" but keep words alphabetical."""
-    return (0, int(label), "") if label.isdigit() else (1, 0, label)
 
 
 def decide(params: CollectParams, intake: Intake) -> Outcome:

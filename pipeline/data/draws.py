@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.collected import Collected
+from pipeline.data.folds import ImpossibleFolds, assign_folds
 from pipeline.data.sources import BUNDLED
 from pipeline.runtime.params import ScarcityParams
 
@@ -48,21 +49,13 @@ def class_orders(collected: Collected, pool: pd.DataFrame, seed: int) -> dict[in
             for target in range(len(collected.classes))}
 
 
-def assign_folds(collected: Collected, train: np.ndarray, seed: int) -> np.ndarray:
-    """repeats x images: stratified, group-aware k-fold with collect's k and repeats (repeat r shuffles with
-    seed + 1000 r, as collect does)."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
+def draw_folds(collected: Collected, train: np.ndarray, seed: int) -> np.ndarray:
+    """repeats x drawn images: collect's k and repeats, drawn as collect draws them (pipeline/data/folds.py)."""
     rows = collected.manifest.iloc[train]
-    k = len(collected.folds)
-    folds = np.full((len(collected.repeats), len(train)), -1, dtype=np.int64)
-    for r in collected.repeats:
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + 1000 * r)
-        for fold, (_, val) in enumerate(splitter.split(np.zeros(len(rows)), rows.target, rows.group)):
-            folds[r, val] = fold
-    if (folds < 0).any() or any(len(np.unique(f)) < k for f in folds):
-        raise NotEnoughImages(f"near-duplicate groups leave fewer than {k} folds with images")
-    return folds
+    try:
+        return assign_folds(rows.target, rows.group, len(collected.folds), seed, collected.repeats)
+    except ImpossibleFolds as why:  # this point cannot be cross-validated; the curve records it as not run
+        raise NotEnoughImages(str(why)) from None
 
 
 def draw(collected: Collected, params: ScarcityParams, n: int) -> Draw:
@@ -75,4 +68,4 @@ def draw(collected: Collected, params: ScarcityParams, n: int) -> Draw:
         name, have = min(short.items(), key=lambda kv: kv[1])
         raise NotEnoughImages(f"class {name!r} has {have} images to draw from, fewer than {n}")
     train = np.sort(np.concatenate([order[:n] for order in orders.values()]))
-    return Draw(train, assign_folds(collected, train, params.seed), test["index"].to_numpy())
+    return Draw(train, draw_folds(collected, train, params.seed), test["index"].to_numpy())

@@ -1,5 +1,6 @@
 """Cross-validation folds: stratified by class and grouped, so near-duplicates and a CSV's groups never span two
-folds.
+folds. The one place folds are drawn: collect's folds over the labelled images and the label-scarcity curve's
+folds over each draw both come from `assign_folds`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,13 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline.runtime.errors import PipelineError
+
+REPEAT_SEED_STRIDE = 1000  # repeat r shuffles with seed + 1000 r: repeats differ, and each is reproducible alone
+
+
+class ImpossibleFolds(PipelineError):
+    """The groups cannot be spread over k folds so that every fold validates on something and trains on every
+    class."""
 
 
 def check_group_counts(labelled: pd.DataFrame, k: int) -> None:
@@ -23,15 +31,29 @@ def check_group_counts(labelled: pd.DataFrame, k: int) -> None:
                                 f"(collect.folds: {list(range(max(count, 2)))})")
 
 
-def assign_folds(labelled: pd.DataFrame, k: int, seed: int) -> np.ndarray:
-    """Stratified by label, grouped by `group`: a group never spans two folds."""
-    folds = np.empty(len(labelled), dtype=np.int64)
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    for fold, (_, val) in enumerate(splitter.split(np.zeros(len(labelled)), labelled.label, labelled.group)):
-        folds[val] = fold
-    for fold in range(k):
-        missing = set(labelled.label) - set(labelled.label[folds != fold])
-        if missing:  # only possible with groups mixing labels; a model could not learn the class
-            raise PipelineError(f"fold {fold} would train on no picture of {sorted(missing)}: its groups are too "
-                                "large; use fewer folds, or split the CSV groups")
+def assign_folds(labels: pd.Series, groups: pd.Series, k: int, seed: int, repeats: list[int]) -> np.ndarray:
+    """repeats x images: each image's validation fold in each repeat, stratified by label and grouped by `groups`
+    (a group never spans two folds). Raises ImpossibleFolds when a fold would be empty or train on no picture of
+    some class."""
+    if groups.nunique() < k:  # StratifiedGroupKFold's own ValueError would not say what to do
+        raise ImpossibleFolds(f"the {len(labels)} images form {groups.nunique()} near-duplicate groups, too few for "
+                              f"{k} folds; use fewer folds")
+    folds = np.full((len(repeats), len(labels)), -1, dtype=np.int64)
+    for row, repeat in enumerate(repeats):
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + REPEAT_SEED_STRIDE * repeat)
+        for fold, (_, val) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            folds[row, val] = fold
+        _check_folds(np.asarray(labels), folds[row], k)
     return folds
+
+
+def _check_folds(labels: np.ndarray, folds: np.ndarray, k: int) -> None:
+    """Every fold validates on something and trains on every class, or ImpossibleFolds."""
+    for fold in range(k):
+        if not (folds == fold).any():  # a few large groups that cannot be spread evenly
+            raise ImpossibleFolds(f"fold {fold} would validate on no image: the groups cannot be spread over {k} "
+                                  "folds; use fewer folds")
+        missing = set(labels.tolist()) - set(labels[folds != fold].tolist())  # plain ints and strs, for the message
+        if missing:  # only possible with groups mixing labels; a model could not learn the class
+            raise ImpossibleFolds(f"fold {fold} would train on no picture of {sorted(missing)}: its groups are too "
+                                  "large; use fewer folds, or split the CSV groups")

@@ -11,11 +11,12 @@ from PIL import Image
 from pipeline.runtime import atomic
 
 
-def grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
-    """Tile N x H x W x C uint8 images into one image, `columns` per row, on a grey ground."""
+def grid(images: np.ndarray, columns: int, pad: int = 2, ground: int = 128) -> np.ndarray:
+    """Tile N x H x W x C uint8 images into one image, `columns` per row, `pad` pixels apart on a `ground` of that
+    grey level (mid-grey by default: it frames both dark and light pictures)."""
     n, h, w, c = images.shape
     rows = max(1, -(-n // columns))
-    out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 128, dtype=np.uint8)
+    out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), ground, dtype=np.uint8)
     for i, image in enumerate(images):
         r, col = divmod(i, columns)
         out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = image

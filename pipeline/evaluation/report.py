@@ -16,7 +16,7 @@ import jinja2
 import numpy as np
 from markupsafe import Markup, escape
 
-from pipeline.data.collected import Collected
+from pipeline.data.collected import Collected, natural_key
 from pipeline.runtime import atomic
 from pipeline.runtime.params import Variant
 
@@ -79,17 +79,13 @@ class Assets:
 
     @staticmethod
     def gather(data_card: Path, preview: Path, synthesize_reports: Path) -> "Assets":
-        cards = sorted(data_card.glob("*.png"), key=lambda p: (p.stem != "sizes", _natural(p.stem)))
+        cards = sorted(data_card.glob("*.png"), key=lambda p: (p.stem != "sizes", natural_key(p.stem)))
         gan = []
-        for metrics in sorted(synthesize_reports.glob("*.json"), key=lambda p: _natural(p.stem)):
+        for metrics in sorted(synthesize_reports.glob("*.json"), key=lambda p: natural_key(p.stem)):
             grid = metrics.with_name(f"{metrics.stem}-grid.png")
             if grid.exists():
                 gan.append((metrics.stem, grid, json.loads(metrics.read_text())))
         return Assets(cards, preview if preview.exists() else None, gan)
-
-
-def _natural(text: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
 def data_summary(collected: Collected) -> dict:

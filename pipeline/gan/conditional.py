@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from pipeline.data.pictures import grid
 from pipeline.runtime.checkpoint import (
     Checkpointing,
     Saved,
@@ -665,13 +666,8 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_cl
     _validate_labels(labels, images.shape[0], num_classes)
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}")
-    _, h, w, c = images.shape
-    pad = GRID_PADDING
-    grid = np.full(
-        (num_classes * (h + pad) + pad, per_class * (w + pad) + pad, c), GRID_PAD_VALUE, dtype=np.uint8
-    )
+    cells = np.full((num_classes, per_class, *images.shape[1:]), GRID_PAD_VALUE, dtype=np.uint8)  # short rows: blank
     for row in range(num_classes):
-        for col, image in enumerate(images[labels == row][:per_class]):
-            top, left = pad + row * (h + pad), pad + col * (w + pad)
-            grid[top:top + h, left:left + w] = image
-    return grid
+        mine = images[labels == row][:per_class]
+        cells[row, :len(mine)] = mine
+    return grid(cells.reshape(-1, *images.shape[1:]), per_class, pad=GRID_PADDING, ground=GRID_PAD_VALUE)

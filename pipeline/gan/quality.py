@@ -4,8 +4,9 @@ training images, and measure them (FID, KID, CAS) in the feature space of a pret
 - Features: the pooled penultimate layer of a packaged ImageNet backbone (EfficientNet-Lite0 by default), on
   images resized to `feature_size`. The standard Inception features cannot be downloaded here; where a user can,
   `fid_features: inception` switches FID and KID to them (torchmetrics + torch-fidelity).
-- Filter: logistic regression on those features, fitted on the fold's real training images; a sample is kept
-  when it gives the sample's conditioning class a probability of at least `min_confidence`.
+- Filter: logistic regression on those features (the linear probe of pipeline/training/probe.py), fitted on the
+  fold's real training images; a sample is kept when it gives the sample's conditioning class a probability of at
+  least `min_confidence`.
 - FID and KID (torchmetrics' implementations, fed our features through an identity extractor) between samples
   and the fold's real training images. With a few dozen images FID is strongly biased upwards (it estimates
   1280-dimensional covariances); compare it only between runs with the same numbers of images. KID is unbiased.
@@ -24,16 +25,36 @@ import torch
 from torch import nn
 
 from pipeline.runtime.errors import PipelineError
-from pipeline.training.probe import fit_probe
+from pipeline.training.probe import LinearProbe
 
 log = logging.getLogger(__name__)
 KID_SUBSETS = 50
+PROBE_C = 0.5  # inverse L2 strength of the filter's and CAS's probe: a few dozen images, ~1000 features
 
 
-def class_probability(probe, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class SeenClassesProbe:
+    """A linear probe over the classes its training rows hold: CAS may train on samples of a few classes only, and
+    a column for a class without rows would chase an unpenalised bias towards minus infinity. A class it never
+    saw is never predicted and has probability 0."""
+
+    probe: LinearProbe
+    classes: np.ndarray  # the targets seen in training, sorted; probe column j is classes[j]
+
+    @classmethod
+    def fit(cls, features: np.ndarray, targets: np.ndarray, device: torch.device) -> "SeenClassesProbe":
+        classes = np.unique(targets)
+        probe = LinearProbe(PROBE_C, len(classes), device).fit(features, np.searchsorted(classes, targets))
+        return cls(probe, classes)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.classes[self.probe.predict_proba(features).argmax(1)]
+
+
+def class_probability(probe: SeenClassesProbe, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The probe's probability of each sample's own label (0 for a label the probe never saw)."""
-    probs = probe.predict_proba(features)
-    known = {c: i for i, c in enumerate(probe.classes_)}
+    probs = probe.probe.predict_proba(features)
+    known = {c: i for i, c in enumerate(probe.classes)}
     column = np.array([known.get(int(label), -1) for label in labels])
     return np.where(column >= 0, probs[np.arange(len(labels)), np.maximum(column, 0)], 0.0)
 
@@ -123,9 +144,9 @@ def inception_fid_kid(real_images: np.ndarray, fake_images: np.ndarray, seed: in
 
 
 def classification_accuracy_score(train_features: np.ndarray, train_targets: np.ndarray, val_features: np.ndarray,
-                                  val_targets: np.ndarray, seed: int) -> float | None:
+                                  val_targets: np.ndarray, device: torch.device) -> float | None:
     """Accuracy on real validation images of a probe trained on `train_*`; None when it has under two classes."""
     if len(np.unique(train_targets)) < 2 or len(val_targets) == 0:
         return None
-    probe = fit_probe(train_features, train_targets, seed)
+    probe = SeenClassesProbe.fit(train_features, train_targets, device)
     return float((probe.predict(val_features) == val_targets).mean())

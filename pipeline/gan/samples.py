@@ -13,6 +13,7 @@ import pandas as pd
 from pipeline.data.collected import Collected
 from pipeline.gan.conditional import TrainedGan, generate, train_gan
 from pipeline.gan.quality import (
+    SeenClassesProbe,
     class_probability,
     classification_accuracy_score,
     fid_kid,
@@ -23,7 +24,7 @@ from pipeline.runtime.checkpoint import Checkpointing
 from pipeline.runtime.compute import World, leave_process_group
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import SynthesizeParams
-from pipeline.training.probe import ImageFeatures, fit_probe
+from pipeline.training.probe import ImageFeatures
 
 CAS_EXTERNAL_IMAGES = 1000  # external test images CAS is also measured on, when the data has them
 
@@ -62,7 +63,7 @@ def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake
     (train_images, train_targets), (val_images, val_targets) = (collected.select(r) for r in rows)
     extract = ImageFeatures(params.feature_backbone, params.feature_size, device)
     real_f, fake_f = extract(train_images), extract(fake)
-    probe = fit_probe(real_f, train_targets, params.seed)
+    probe = SeenClassesProbe.fit(real_f, train_targets, device)
     scores = class_probability(probe, fake_f, fake_labels)
     chosen = select_samples(scores, fake_labels, len(collected.classes), params.min_confidence,
                             params.keep_per_class)
@@ -86,7 +87,7 @@ def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake
                   "cas_real": (real_f, train_targets)}
     for suffix, (test_f, test_y) in tests.items():
         for name, (train_f, train_y) in trained_on.items():
-            metrics[name + suffix] = classification_accuracy_score(train_f, train_y, test_f, test_y, params.seed)
+            metrics[name + suffix] = classification_accuracy_score(train_f, train_y, test_f, test_y, device)
     return kept, scores, metrics
 
 

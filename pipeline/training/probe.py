@@ -16,9 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from pipeline.runtime import atomic
 from pipeline.runtime.compute import autocast
@@ -76,13 +73,6 @@ class FeatureCache:
         np.save(buffer, features)
         atomic.write_bytes(path, buffer.getvalue())  # concurrent stages may race: each rename is whole
         return features
-
-
-def fit_probe(features: np.ndarray, targets: np.ndarray, seed: int, c: float = 0.5):
-    """A standardised logistic regression on backbone features (needs two classes or more). `c` is the inverse
-    L2 strength: few images, ~1000 features, so it is regularised by default."""
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000, random_state=seed))
-    return probe.fit(features, targets)
 
 
 class LinearProbe:

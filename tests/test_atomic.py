@@ -66,3 +66,17 @@ def test_a_write_that_fails_part_way_leaves_the_previous_outputs(tmp_path):
     assert [p.name for p in (tmp_path / "stage").iterdir()] == ["small.txt"]
     assert (tmp_path / "stage" / "small.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "stage"]
+
+
+def test_what_a_killed_write_left_behind_is_cleared_by_the_next_write(tmp_path):
+    """SIGKILL runs no cleanup: the temporary folder, the old folder being replaced and a temporary file stay
+    beside the output until the next write of the same output removes them (and only them)."""
+    (tmp_path / ".stage.k1ll3d.tmp").mkdir()
+    (tmp_path / ".stage.k1ll3d.tmp" / "half.npz").write_bytes(b"half")
+    (tmp_path / ".stage.0ld.old").mkdir()
+    (tmp_path / ".out.json.x7.tmp").write_text("{")
+    (tmp_path / ".other.x7.tmp").write_text("not ours")
+    with atomic.atomic_dir(tmp_path / "stage") as tmp:
+        (tmp / "done.txt").write_text("done")
+    atomic.write_json(tmp_path / "out.json", {"done": True})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.x7.tmp", "out.json", "stage"]

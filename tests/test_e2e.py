@@ -1,12 +1,18 @@
 """The whole pipeline through DVC, in a temporary git repository made from this one, at smoke-test size."""
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from benchmarks.workspace import dvc, make_repo
+from benchmarks.workspace import ENV, dvc, make_repo
 from conftest import TINY, raw_params, with_overrides
 from imports import closure, stage_module
 
@@ -69,6 +75,72 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
     second = dvc(repo, "repro")
     assert "Running stage" not in second, second
     assert "Data and pipelines are up to date" in second
+
+
+STAGE_KINDS = ("collect", "augment", "synthesize", "finetune", "scarcity", "evaluate", "final")
+
+
+def kill_inside(repo: Path, stage: str, cpu_seconds: float) -> None:
+    """Force `stage` to run again under `dvc repro`, and SIGKILL the whole process group once the stage's own
+    process has done `cpu_seconds` of work: inside the stage, not before or after it. A stage that ends sooner is
+    tried again with half the work."""
+    import psutil
+
+    kind = stage.split("@")[0]
+    for _ in range(4):
+        dvc_run = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", stage], cwd=repo,
+                                   env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        deadline = time.monotonic() + 300
+        while dvc_run.poll() is None and time.monotonic() < deadline:
+            workers = [p for p in psutil.Process(dvc_run.pid).children(recursive=True)
+                       if f"pipeline.stages.{kind}" in " ".join(_cmdline(p))]
+            if any(sum(_cpu(p)) >= cpu_seconds for p in workers):
+                os.killpg(dvc_run.pid, signal.SIGKILL)
+                dvc_run.wait()
+                return
+            time.sleep(0.05)
+        dvc_run.wait()
+        cpu_seconds /= 2
+    raise AssertionError(f"{stage} always finished before it had done the work to be killed at")
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _cpu(process) -> tuple[float, float]:
+    import psutil
+
+    try:
+        times = process.cpu_times()
+        return times.user, times.system
+    except psutil.Error:
+        return 0.0, 0.0
+
+
+@pytest.mark.slow
+def test_a_run_killed_inside_any_stage_resumes_to_the_same_metrics(repo):
+    """SIGKILL inside each kind of stage in turn (a seeded random moment of its work), then a plain `dvc repro`
+    must finish unaided, leave `dvc status` clean and no half-written or temporary output, and give a
+    reports/metrics.json byte-identical to the uninterrupted run's."""
+    dvc(repo, "repro")  # no-op when the first test ran
+    reference = (repo / "reports" / "metrics.json").read_bytes()
+    names = dvc(repo, "stage", "list", "--name-only").split()
+    draw = random.Random(0)
+    for kind in STAGE_KINDS:
+        stage = next(name for name in names if name.split("@")[0] == kind)
+        kill_inside(repo, stage, cpu_seconds=draw.uniform(1.5, 3.0))
+        dvc(repo, "repro")
+        assert json.loads(dvc(repo, "status", "--json")) == {}, kind
+        leftovers = [p for top in ("data", "reports") for p in (repo / top).rglob(".*") if p.suffix in (".tmp", ".old")]
+        assert not leftovers, (kind, leftovers)
+        assert (repo / "reports" / "metrics.json").read_bytes() == reference, kind
 
 
 @pytest.mark.slow

@@ -242,10 +242,12 @@ def _bootstrap_draws(repeats: list[_Predictions], names: list[str], indices: np.
     """Each metric on each resample: the mean over repeats of the metric on the drawn units' images (an image
     weighs as often as its unit was drawn)."""
     count = int(units.max()) + 1 if len(units) else 0
+    one_per_image = np.array_equal(units, np.arange(len(units)))  # the image bootstrap: weights need no gathering
     draws = {name: np.empty(len(indices)) for name in names}
     chunk = max(1, RESAMPLE_CHUNK // max(len(units), 1))
     for start in range(0, len(indices), chunk):
-        weights = _counts(indices[start:start + chunk], count)[:, units].astype(np.float64)
+        counts = _counts(indices[start:start + chunk], count)
+        weights = (counts if one_per_image else counts[:, units]).astype(np.float64)
         for name in names:
             draws[name][start:start + chunk] = _over_repeats(repeats, name, weights)
     return draws

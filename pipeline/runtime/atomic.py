@@ -18,11 +18,28 @@ def _umask() -> int:
     return mask
 
 
+def _clear_leftovers(path: Path) -> None:
+    """Remove what a killed write of `path` left beside it: its temporary file or folder, or the old folder it was
+    replacing. A SIGKILL runs no cleanup, and nothing else writes `path` while its stage runs (DVC's lock)."""
+    for leftover in path.parent.glob(f".{glob_escape(path.name)}.*"):
+        if leftover.suffix in (".tmp", ".old"):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `path`; on success it replaces `path` in one rename."""
+    """Yield a fresh temporary folder beside `path`; on success it replaces `path` in one rename. A killed run
+    leaves either the old folder or none (DVC then runs the stage again), never a half-written one in its place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs should look like any other folder
     try:
@@ -43,6 +60,7 @@ def write_bytes(path: Path, data: bytes) -> None:
     """Write a file through a temporary sibling and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -36,6 +36,14 @@ def test_a_variant_better_by_construction_is_significant_and_an_identical_one_is
     assert "On the external test set the fold ensembles differ by +0.000 (+0.000 to +0.000, p 1.000)" in report
     assert "**Helped:** augmentation: off → on (coin → good) raised accuracy by" in report
     assert "**Not significant:** epochs: 3 → 4 (coin → twin) left accuracy by 0.000" in report
+    # the winner was chosen on these folds: the procedure's estimate picks from good and overfit (both 95% in CV)
+    selection = ev["selection"]
+    assert {c["variant"] for c in selection["chosen"]} <= {"good", "overfit"} and len(selection["chosen"]) == 10
+    assert 0.85 < selection["accuracy"]["mean"] < 1
+    assert "(leave-one-fold-out selection) estimates the whole choose-then-train procedure" in report
+    assert "test it on the folds that chose it, so they favour it" in report
+    metrics = json.loads(known_answers.outputs.metrics.read_text())
+    assert metrics["selection.accuracy"] == selection["accuracy"]["mean"]
 
 
 def test_repeats_and_folds_give_intervals_that_hold_the_estimates(known_answers):
@@ -148,3 +156,25 @@ def test_single_changes_pair_variants_that_differ_in_one_setting():
     assert ("synthetic", "augment", "synthetic") in pairs and ("synthetic", "cnn", "cnn_synthetic") in pairs
     assert all(a != b for _, a, b in pairs) and not any(s == "backbone" and a == "scratch" for s, a, _ in pairs)
     assert np.all([isinstance(s, str) for s, _, _ in pairs])
+
+
+def fold_result(name: str, accuracies: list[float]):
+    """A variant's cross-validation as evaluate loads it, with these validation accuracies on 4 folds."""
+    empty = np.zeros((1, 0, 2))
+    return analysis.VariantResult(name, [{"accuracy": a} for a in accuracies], 0.25, np.zeros(0, int), np.zeros(0, int),
+                                  empty, [], None, None)
+
+
+def test_selection_aware_estimate_sees_through_a_winner_chosen_by_noise():
+    """A is right on folds 0-1 and B on folds 2-3; both average 0.5 like the steady C, and A wins the tie. Chosen on
+    the other folds, the pick for every held-out fold is the variant that is wrong there: the procedure's estimate
+    is 0, not the winner's 0.5. With a real difference the procedure finds the better variant every time."""
+    params = make_params().evaluate
+    results = {"a": fold_result("a", [1, 1, 0, 0]), "b": fold_result("b", [0, 0, 1, 1]),
+               "c": fold_result("c", [0.5] * 4)}
+    selection = analysis.selection_aware(results, 4, params)
+    assert [c["variant"] for c in selection["chosen"]] == ["b", "b", "a", "a"]
+    assert selection["accuracy"]["mean"] == 0.0
+    steady = {"worse": fold_result("worse", [0.6, 0.5, 0.6, 0.5]), "better": fold_result("better", [0.8, 0.9, 0.8, 0.9])}
+    found = analysis.selection_aware(steady, 4, params)
+    assert {c["variant"] for c in found["chosen"]} == {"better"} and found["accuracy"]["mean"] == pytest.approx(0.85)

@@ -240,9 +240,37 @@ def scarcity_curves(collected: Collected, scarcity: ScarcityParams, point_dir: P
     return curves
 
 
-def flat_metrics(stats: dict[str, dict], compared: list[dict], curves: dict[str, list[dict]]) -> dict[str, float]:
+def selection_aware(results: dict[str, VariantResult], folds: int, params: EvaluateParams) -> dict:
+    """The best variant was chosen on the same folds its CV figure comes from, so that figure is optimistic (the
+    maximum of several noisy estimates). This estimates the whole procedure instead, choose-then-train, without
+    training anything again: for each fold of each repeat, choose the variant with the best mean validation
+    accuracy on the *other* folds, and score the choice on the held-out fold (leave-one-fold-out selection). It
+    removes the optimism of choosing and scoring on the same images; the fold models themselves still trained on
+    the held-out fold's neighbours' images, as in any CV."""
+    names = list(results)
+    accuracy = {n: np.array([s["accuracy"] for s in results[n].fold_scores]).reshape(-1, folds) for n in names}
+    chosen, scores = [], []
+    for repeat in range(accuracy[names[0]].shape[0]):
+        for fold in range(folds):
+            others = [j for j in range(folds) if j != fold]
+            inner = {n: accuracy[n][repeat, others].mean() for n in names}
+            pick = max(inner, key=inner.get)  # ties go to the earlier variant, as for the overall winner
+            chosen.append({"repeat": repeat, "fold": fold, "variant": pick})
+            scores.append(float(accuracy[pick][repeat, fold]))
+    ratio = float(np.mean([r.test_train_ratio for r in results.values()]))
+    mean, low, high = corrected_t_interval(scores, ratio, params.confidence)
+    return {"accuracy": {"mean": mean, "low": low, "high": high}, "chosen": chosen,
+            "method": "leave-one-fold-out selection"}
+
+
+def flat_metrics(stats: dict[str, dict], compared: list[dict], curves: dict[str, list[dict]],
+                 selection: dict | None = None) -> dict[str, float]:
     """The numbers `dvc metrics show/diff` and `dvc exp show` list: one level of keys, numbers only."""
     out: dict[str, float] = {}
+    if selection is not None:  # the procedure's estimate, beside the winner's optimistic CV figure
+        out["selection.accuracy"] = selection["accuracy"]["mean"]
+        out["selection.accuracy_low"], out["selection.accuracy_high"] = (selection["accuracy"]["low"],
+                                                                         selection["accuracy"]["high"])
     for name, s in stats.items():
         for metric, v in s["oof"].items():
             out[f"{name}.oof_{metric}"] = v["value"]

@@ -140,6 +140,14 @@ def headline(ev: dict) -> list:
                 else "."),
              f"**{best}** did best: out-of-fold accuracy **{_f(oof['value'])}** ({level} interval "
              f"{_f(oof['low'])} to {_f(oof['high'])})."]
+    selection = ev.get("selection")
+    if selection and len(ev["variants"]) > 1:
+        aware, cv = selection["accuracy"], s["cv"]["accuracy"]
+        lines.append(f"It was chosen among {len(ev['variants'])} variants on these same folds, so its figures are "
+                     f"optimistic (the best of several noisy estimates; per fold model {_f(cv['mean'])}). Choosing "
+                     f"on the other folds and scoring the choice on the held-out one (leave-one-fold-out selection) "
+                     f"estimates the whole choose-then-train procedure: **{_f(aware['mean'])}** per fold model "
+                     f"({level} interval {_f(aware['low'])} to {_f(aware['high'])}).")
     ext = s["external"]
     if ext:
         inside = "inside" if s["external_inside_cv_interval"] else "outside"
@@ -320,7 +328,10 @@ def document(ev: dict, figures: Path, assets: Assets) -> list:
                    "share training images. Neither includes the variation from collecting another dataset. ECE is "
                    "the expected calibration error (0 = probabilities match accuracy).")]
     if ev["comparisons"]:
-        blocks += [Heading("What each ingredient bought"), Text(comparison_summary(ev)), Bullets(verdicts(ev))]
+        blocks += [Heading("What each ingredient bought"), Text(comparison_summary(ev)), Bullets(verdicts(ev)),
+                   Text(f"The comparisons of the best variant ({ev['best']}) with the others test it on the folds that "
+                        "chose it, so they favour it. The comparisons of two variants that differ in one setting were "
+                        "planned in params.yaml before any result, and do not have that bias.")]
         if (figures / "differences.png").exists():
             blocks.append(Figure(figures / "differences.png", "Paired differences in accuracy"))
         blocks.append(comparisons_table(ev))

@@ -33,6 +33,7 @@ from pipeline.evaluation.analysis import (
     load_variant,
     make_figures,
     scarcity_curves,
+    selection_aware,
     variant_statistics,
     write_plots,
 )
@@ -91,7 +92,9 @@ def run(params: EvaluateParams, variants: dict[str, Variant], scarcity: Scarcity
     best = max(stats, key=lambda v: stats[v]["cv"]["accuracy"]["mean"])
     compared = comparisons(results, variants, best, ext_targets, params, collected.external.group.to_numpy())
     curves = scarcity_curves(collected, scarcity, inputs.scarcity, params)
+    selection = selection_aware(results, len(collected.folds), params)
     evaluation = {"data": report.data_summary(collected), "params": asdict(params), "best": best,
+                  "selection": selection,
                   "variants": {n: {"recipe": report.recipe(variants[n]), **s} for n, s in stats.items()},
                   "comparisons": compared, "scarcity": curves}
     diagrams = {name: Diagrams.of(r) for name, r in results.items()}
@@ -103,7 +106,7 @@ def run(params: EvaluateParams, variants: dict[str, Variant], scarcity: Scarcity
     assets = report.Assets.gather(inputs.data_card, inputs.preview, inputs.synthesize_reports)
     report.write(evaluation, outputs.figures, assets, outputs.report_md, outputs.report_html)
     atomic.write_json(outputs.evaluation, evaluation, indent=1)
-    atomic.write_json(outputs.metrics, flat_metrics(stats, compared, curves), indent=1)
+    atomic.write_json(outputs.metrics, flat_metrics(stats, compared, curves, selection), indent=1)
     log.info("evaluate: best variant %s (CV accuracy %.3f); report in %s", best,
              stats[best]["cv"]["accuracy"]["mean"], outputs.report_html)
     return evaluation

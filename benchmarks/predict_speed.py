@@ -1,4 +1,4 @@
-"""CPU prediction speed on JPEG files: `pipeline.predict.run` (expand paths, decode and normalise as collect does,
+"""CPU prediction speed on JPEG files: `pipeline.stages.predict.run` (expand paths, decode and normalise as collect does,
 batch, model) against the same model called bare in PyTorch on the same files (Pillow decode and resize, a
 tensor, one forward per batch of 32), in the same run. Prints images/s for both and their ratio.
 

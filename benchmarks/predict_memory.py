@@ -2,7 +2,8 @@
 memory (files read and predicted a batch at a time) gives a ratio near 1, images held until the end a ratio that
 grows with the number of files.
 
-    python benchmarks/predict_memory.py [--counts 1000 20000] [--side 32] [--stored 32] [--channels 1] [--code DIR]
+    python benchmarks/predict_memory.py [--counts 1000 20000] [--side 32] [--stored 32] [--channels 1]
+                                        [--model DIR] [--code DIR]
 
 Each count runs in its own process; its peak resident memory while predicting (sampled) is printed whole and as the
 growth over what it held once the imports were done (torch is most of the whole, and the same at any count). Without --model the model is

@@ -5,11 +5,12 @@ grows with the number of files.
     python benchmarks/predict_memory.py [--counts 1000 20000] [--side 32] [--stored 32] [--channels 1]
                                         [--model DIR] [--code DIR]
 
-Each count runs in its own process; its peak resident memory while predicting (sampled) is printed whole and as the
-growth over what it held once the imports were done (torch is most of the whole, and the same at any count). Without --model the model is
-the compact CNN (random weights) with a card storing `--stored` px, `--channels` channel images; a larger stored
-size shows more plainly what holding every image would cost. --code runs the pipeline package of another checkout
-(e.g. an older commit exported with `git archive`) against the same files, for a before and after.
+Each count runs in its own process; its peak resident memory while predicting (sampled) is printed whole and as
+the growth over what it held once the imports were done (torch is most of the whole, and the same at any count).
+Without --model the model is the compact CNN (random weights) with a card storing `--stored` px, `--channels`
+channel images; a larger stored size shows more plainly what holding every image would cost. --code runs the
+pipeline package of another checkout (e.g. an older commit exported with `git archive`) against the same files,
+for a before and after.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""CPU prediction speed on JPEG files: `pipeline.predict.run` (expand paths, decode and normalise as collect does,
-batch, model) against the same model called bare in PyTorch on the same files (Pillow decode and resize, a
+"""CPU prediction speed on JPEG files: `pipeline.stages.predict.run` (expand paths, decode and normalise as collect
+does, batch, model) against the same model called bare in PyTorch on the same files (Pillow decode and resize, a
 tensor, one forward per batch of 32), in the same run. Prints images/s for both and their ratio.
 
     python benchmarks/predict_speed.py [--model data/model] [--images 512] [--repeats 3]

@@ -32,7 +32,8 @@ def fake_evaluation(name: str, recipe: str) -> dict:
 
 
 def settings(params) -> final.FinalSettings:
-    image = Normalise(params.collect.image_size, params.collect.channels, params.collect.fit)
+    collect = params.collect
+    image = Normalise(collect.image_size, collect.channels, collect.fit, collect.min_side, collect.max_pixels)
     return final.FinalSettings(params.final, params.finetune, params.synthesize, params.variants, image)
 
 
@@ -54,11 +55,14 @@ def test_the_card_says_what_the_model_is_and_what_it_was_trained_on(model_dir, c
     collected = load_collected(collected_dir)
     assert card["classes"] == list(collected.classes) and card["backbone"] == "compact_cnn"
     assert card["trained_on_images"] == len(collected.labelled) == 40
-    assert card["image"] == {"size": 16, "channels": 1, "fit": "crop"} and card["input_size"] == 32
+    # collect's limits travel with the model, so predict refuses what collect refused
+    assert card["image"] == {"size": 16, "channels": 1, "fit": "crop", "min_side": 16, "max_pixels": 100_000_000}
+    assert card["input_size"] == 32
     assert card["data_sha256"] == model_card.manifest_hash(list(collected.labelled.sha256))
     assert card["mean"] == [0.5, 0.5, 0.5] and card["params"]["variant"]["epochs"] == 3
     assert 0.1 <= card["final_external_accuracy"] <= 1
-    assert "# Model card: cnn" in (model_dir / "model_card.md").read_text()
+    markdown = (model_dir / "model_card.md").read_text()
+    assert "# Model card: cnn" in markdown and "more than 100,000,000 pixels" in markdown
 
 
 def test_exports_match_pytorch_on_real_images(model_dir, collected_dir):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -9,15 +10,17 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from pipeline.data.collected import load_collected
+from pipeline.runtime import compute
 from pipeline.runtime.errors import PipelineError
 from pipeline.stages import augment, finetune, synthesize
 from pipeline.stages.finetune import FinetuneInputs, FinetuneOutputs
 from pipeline.training import learners
 
-from conftest import kill_once_checkpointed, make_params, stage_env, stage_workspace
+from conftest import TINY, kill_once_checkpointed, make_params, raw_params, stage_env, stage_workspace, with_overrides
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +211,7 @@ def test_weights_from_a_local_file(tmp_path):
         create_backbone("compact_cnn", f"file:{tmp_path / 'evil.pth'}")
 
 
-# --- the stage command: resume after SIGKILL, torchrun ---------------------------------------------------------
+# --- the stage command: resume after SIGKILL, torchrun and its devices -----------------------------------------
 
 @pytest.mark.slow
 def test_the_stage_command_resumes_after_sigkill(tmp_path, inputs):
@@ -241,7 +244,7 @@ def test_torchrun_with_two_processes_matches_one_process(tmp_path, inputs, colle
     normalises with its own batch statistics (SyncBatchNorm needs CUDA) and draws its own dropout, so the
     results differ slightly: accuracy on the external images within TORCHRUN_ACCURACY_TOLERANCE, and the mean
     absolute difference of the class probabilities within TORCHRUN_PROBABILITY_TOLERANCE."""
-    overrides = {"variants.cnn.epochs": 10, "variants.cnn.augment": False}
+    overrides = {"variants.cnn.epochs": 10, "variants.cnn.augment": False, "finetune.device": "cpu"}
     work = stage_workspace(tmp_path, inputs.collected, inputs.policy, **overrides)
     one = subprocess.run([sys.executable, "-m", "pipeline.stages.finetune", "--fold", "0", "--variant", "cnn"],
                          cwd=work, env=stage_env(), capture_output=True, text=True, timeout=300)
@@ -261,6 +264,78 @@ def test_torchrun_with_two_processes_matches_one_process(tmp_path, inputs, colle
     assert abs(accuracy[0] - accuracy[1]) <= TORCHRUN_ACCURACY_TOLERANCE, (accuracy, gap, agree)
     assert gap < TORCHRUN_PROBABILITY_TOLERANCE, (accuracy, gap, agree)
     assert accuracy[0] > 0.2  # both learnt something: chance is 0.1
+
+
+def test_more_processes_than_gpus_is_refused_saying_what_to_do():
+    with pytest.raises(PipelineError, match=r"torchrun started 3 processes on this machine but torch sees 2 CUDA "
+                                            r"GPU\(s\).*--nproc_per_node at most 2, or set the stage's `device: cpu`"):
+        compute.check_processes_fit(3, 2)
+    compute.check_processes_fit(2, 2)  # a GPU each
+    compute.check_processes_fit(1, 8)
+
+
+@pytest.mark.parametrize("stage", [finetune, synthesize], ids=["finetune", "synthesize"])
+def test_a_torchrun_asking_for_cuda_it_cannot_have_stops_before_any_work(tmp_path, monkeypatch, stage):
+    """The stage's own main() with torchrun's variables and `device: cuda`, one process more than there are GPUs:
+    a clear error before the process group or the data is touched (the folder holds no data). Without CUDA the
+    error is that there is none; with it, the count."""
+    processes = max(torch.cuda.device_count() + 1, 2)  # one process would be no torchrun at all
+    section = stage.__name__.rsplit(".", 1)[-1]
+    for name, value in {"WORLD_SIZE": processes, "LOCAL_WORLD_SIZE": processes, "RANK": 0, "LOCAL_RANK": 0}.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(with_overrides(raw_params(), {**TINY, f"{section}.device": "cuda"})))
+    gpus = torch.cuda.device_count()
+    expected = (f"torchrun started {processes} processes on this machine but torch sees {gpus} CUDA GPU"
+                if torch.cuda.is_available() else "device: cuda was asked for but torch sees no CUDA GPU")
+    variant = ["--variant", "cnn"] if stage is finetune else []
+    with pytest.raises(PipelineError, match=re.escape(expected)):
+        stage.main(["--fold", "0", "--params", str(params), *variant])
+    assert not torch.distributed.is_initialized() and list(tmp_path.iterdir()) == [params]
+
+
+# Run under torchrun: which backend this process joined, and an all-reduce across the processes to prove it works,
+# written to a file of its own (the processes share one stdout, where their lines can interleave)
+TORCHRUN_PROBE = """
+import sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from pipeline.runtime.compute import leave_process_group, torchrun_world
+world = torchrun_world(sys.argv[1])
+total = torch.tensor([world.rank + 1.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+dist.all_reduce(total)
+said = f"rank {world.rank}/{world.size}: {dist.get_backend()}, sum {total.item():g}"
+(Path(sys.argv[2]) / f"rank{world.rank}.txt").write_text(said)
+leave_process_group()
+"""
+
+
+def torchrun_probe(tmp_path, processes: int, device: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The probe under torchrun: the finished run, and what each rank said, in rank order."""
+    script = tmp_path / "probe.py"
+    script.write_text(TORCHRUN_PROBE)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(processes), str(script), device, str(tmp_path)], env=stage_env(), capture_output=True,
+                          text=True, timeout=300)
+    return done, [path.read_text() for path in sorted(tmp_path.glob("rank*.txt"))]
+
+
+@pytest.mark.gpu
+def test_torchrun_with_device_cpu_uses_gloo_on_a_machine_with_gpus(tmp_path):
+    """NCCL was picked whenever CUDA existed: two processes on one GPU then failed, and NCCL got CPU tensors."""
+    done, ranks = torchrun_probe(tmp_path, 2, "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ranks == ["rank 0/2: gloo, sum 3", "rank 1/2: gloo, sum 3"]
+
+
+@pytest.mark.gpu
+def test_torchrun_with_more_processes_than_gpus_says_so(tmp_path):
+    gpus = torch.cuda.device_count()
+    done, ranks = torchrun_probe(tmp_path, gpus + 1, "cuda")
+    assert done.returncode != 0 and ranks == []  # no process got as far as the process group
+    assert f"torchrun started {gpus + 1} processes on this machine but torch sees {gpus} CUDA GPU(s)" in done.stderr
 
 
 def test_linear_probe_fits_the_same_objective_as_scikit_learn(collected_dir):

@@ -202,7 +202,7 @@ def test_the_stage_command_resumes_after_sigkill(tmp_path, collected_dir):
 
 @pytest.mark.slow
 def test_torchrun_runs_the_same_command_data_parallel_on_cpu(tmp_path, collected_dir):
-    work = stage_workspace(tmp_path, collected_dir, None, **{"synthesize.steps": 40})
+    work = stage_workspace(tmp_path, collected_dir, None, **{"synthesize.steps": 40, "synthesize.device": "cpu"})
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "-m", "pipeline.stages.synthesize", "--fold", "0"], cwd=work, env=stage_env(),
                           capture_output=True, text=True, timeout=300)

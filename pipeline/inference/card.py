@@ -30,7 +30,9 @@ def model_card(name: str, variant: Variant, model, finetune: FinetuneParams, ima
     return {"variant": name, "recipe": cv["recipe"], "classes": classes, "backbone": variant.backbone,
             "weights": variant.weights, "input_size": model.input_size,
             "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
-            "image": {"size": image.size, "channels": image.channels, "fit": image.fit},
+            # collect's limits travel with the model, so predict refuses exactly the files collect would have
+            "image": {"size": image.size, "channels": image.channels, "fit": image.fit, "min_side": image.min_side,
+                      "max_pixels": image.max_pixels},
             "trained_on_images": trained_on, "data_sha256": data_hash,
             "params": {"variant": asdict(variant), "finetune": asdict(finetune)},
             "cross_validation": {"oof": cv["oof"], "cv": cv["cv"], "external": cv["external"]}}
@@ -43,6 +45,8 @@ def card_markdown(card: dict) -> str:
              f"- Input: {card['image']['size']} x {card['image']['size']} pixels, {card['image']['channels']} "
              f"channel(s), values in [0, 1], prepared as collect does (`fit: {card['image']['fit']}`); resized to "
              f"{card['input_size']} px and normalised inside the model (mean {card['mean']}, std {card['std']})",
+             f"- Refused, as collect refused them: files of more than {card['image']['max_pixels']:,} pixels (checked "
+             f"before decoding) or with a side below {card['image']['min_side']} px",
              f"- Trained on {card['trained_on_images']} labelled images (data sha256 {card['data_sha256'][:16]}…)",
              f"- Cross-validated accuracy of this recipe: {oof['value']:.3f} ({oof['low']:.3f} to {oof['high']:.3f})"]
     if "final_external_accuracy" in card:

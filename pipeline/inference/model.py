@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,21 +89,64 @@ def export(model: Classifier, card: dict, folder: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def expand(patterns: list[str]) -> list[tuple[str, Path | None]]:
-    """(what the user named, a file) for every image the patterns name: files as given, folders searched
-    recursively for image files, globs expanded; a pattern that names nothing is kept with None, so it is
-    reported instead of skipped."""
-    out: list[tuple[str, Path | None]] = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            found = [path]
-        else:
-            found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-        out += [(str(p), p) for p in found] or [(pattern, None)]
-    return out
+@dataclass(frozen=True)
+class Named:
+    """One file a row of the output stands for: what to call it, the file to read, or why there is none."""
+
+    shown: str
+    path: Path | None
+    error: str = ""
+
+
+def expand(patterns: list[str]) -> list[Named]:
+    """Every file the patterns name, in order: files as given, folders searched recursively for image files, globs
+    expanded. What cannot be used (a pattern that names nothing, a folder that cannot be listed) is kept with its
+    error, so it is reported instead of skipped."""
+    return [named for pattern in patterns for named in _named_by(pattern)]
+
+
+def _named_by(pattern: str) -> list[Named]:
+    path = Path(pattern)
+    if os.path.isdir(path):  # os.path, not Path.is_dir: a stat error (no permission on a parent) is "not a folder"
+        return _search(path) or [Named(pattern, None, "no image files in this folder")]
+    try:
+        os.lstat(path)  # the entry itself: a dangling link or a FIFO is a row that says what is wrong with it
+        return [Named(pattern, path)]
+    except FileNotFoundError:
+        pass
+    except OSError as err:  # e.g. a path through a file ("a.png/b.png") or through a folder without permission
+        return [Named(pattern, None, f"unreadable: {err.strerror}")]
+    found = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else []
+    return [Named(str(p), p) for p in found if not os.path.isdir(p)] or [
+        Named(pattern, None, "no such file, folder or matching glob")]
+
+
+def _search(folder: Path) -> list[Named]:
+    """The image files under a folder, sorted as paths, and every folder below it that could not be listed, with
+    its error. os.walk rather than Path.rglob, which skips a folder without permission silently. Links to folders
+    are not followed (as rglob), so a link loop cannot make the search endless."""
+    found: list[Named] = []
+
+    def unlisted(err: OSError) -> None:
+        found.append(Named(str(err.filename), None, f"unreadable folder: {err.strerror}"))
+
+    for root, _, files in os.walk(folder, onerror=unlisted):
+        found += [Named(str(p), p) for p in map(Path(root).joinpath, files) if p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found, key=lambda named: Path(named.shown))
+
+
+# Model folders written before the card carried collect's limits get collect's default bomb guard (params.yaml's
+# collect.max_pixels, 100,000,000 pixels): refusing decompression bombs must not depend on a folder's age. Their
+# min_side stays 1, as predict had it, since which one collect used is not known.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+def preparation(card: dict, max_pixels: int | None = None) -> Normalise:
+    """How a file must be prepared for the model: as collect prepared its training images, refused by the same
+    limits (the card's, or `max_pixels` when given; 0 means no cap)."""
+    image = card["image"]
+    limit = image.get("max_pixels", DEFAULT_MAX_PIXELS) if max_pixels is None else max_pixels
+    return Normalise(image["size"], image["channels"], image["fit"], image.get("min_side", 1), limit)
 
 
 @dataclass
@@ -111,15 +156,17 @@ class Read:
     error: str = ""
 
 
-def read_image(shown: str, path: Path | None, card: dict) -> Read:
+def read_image(named: Named, how: Normalise) -> Read:
     """Decode and normalise one file the way collect did for training; a file that cannot be used comes back
-    with its error instead of stopping the run."""
-    if path is None:
-        return Read(shown, None, "no such file, folder or matching glob")
-    how = Normalise(card["image"]["size"], card["image"]["channels"], card["image"]["fit"])
+    with its error instead of stopping the run. A picture over the limits is refused from its header, before
+    decoding, with collect's own category ("too large", "too small")."""
+    if named.path is None:
+        return Read(named.shown, None, named.error)
     try:
-        return Read(shown, decode_file(path, how, hashed=False).pixels)
+        if not stat.S_ISREG(named.path.stat().st_mode):  # opening a FIFO would wait for a writer, for ever
+            return Read(named.shown, None, "unreadable: not a regular file (a FIFO, socket or device)")
+        return Read(named.shown, decode_file(named.path, how, hashed=False).pixels)
     except Unusable as err:
-        return Read(shown, None, f"{err.category}: {err.detail}")
-    except (OSError, ValueError, SyntaxError) as err:  # Pillow: unreadable, truncated or not an image
-        return Read(shown, None, f"unreadable: {err}")
+        return Read(named.shown, None, f"{err.category}: {err.detail}")
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # Pillow: unreadable, truncated or not an image
+        return Read(named.shown, None, f"unreadable: {err}")

@@ -88,18 +88,35 @@ def random_states(device, world: World, **generators) -> list[dict]:
     return gathered
 
 
-def torchrun_world() -> World:
-    """This process's place when started by torchrun (its environment variables); one process otherwise."""
+# The collective backend for each device a stage resolves: NCCL reduces CUDA tensors only, gloo CPU ones
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+
+
+def check_processes_fit(processes: int, gpus: int) -> None:
+    """On CUDA every process of a machine needs a GPU of its own: more processes than GPUs would fail later, deep
+    in NCCL, with an invalid device ordinal."""
+    if processes > gpus:
+        raise PipelineError(f"torchrun started {processes} processes on this machine but torch sees {gpus} CUDA "
+                            f"GPU(s), and each process needs its own: run torchrun with --nproc_per_node at most "
+                            f"{gpus}, or set the stage's `device: cpu` to run the processes on the CPU (gloo)")
+
+
+def torchrun_world(device: str) -> World:
+    """This process's place when started by torchrun (its environment variables); one process otherwise. The
+    processes talk over the backend of the device the stage's `device` param (auto|cpu|cuda) resolves to, so
+    `device: cpu` runs on gloo even on a machine with GPUs."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
     import torch
     import torch.distributed as dist
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    resolved = pick_device(device)
+    if resolved.type == "cuda":
+        # torchrun sets LOCAL_WORLD_SIZE (the processes on this machine); WORLD_SIZE alone means a single machine
+        check_processes_fit(int(os.environ.get("LOCAL_WORLD_SIZE", size)), torch.cuda.device_count())
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    dist.init_process_group(BACKENDS[resolved.type])
     return World(rank=dist.get_rank(), size=dist.get_world_size())
 
 

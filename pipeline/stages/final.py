@@ -47,7 +47,7 @@ class FinalSettings:
     finetune: FinetuneParams
     synthesize: SynthesizeParams  # for a variant with GAN samples: its GAN, trained on every labelled image
     variants: dict[str, Variant]
-    image: Normalise  # how collect prepared the images: predictions must prepare theirs the same way
+    image: Normalise  # how collect prepared and refused images: predictions must prepare theirs the same way
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,8 @@ def run(settings: FinalSettings, inputs: FinalInputs, outputs: FinalOutputs) -> 
 
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_args(__doc__, argv, PARAMS)
-    image = Normalise(params.collect.image_size, params.collect.channels, params.collect.fit)
+    collect = params.collect
+    image = Normalise(collect.image_size, collect.channels, collect.fit, collect.min_side, collect.max_pixels)
     settings = FinalSettings(params.final, params.finetune, params.synthesize, params.variants, image)
     inputs = FinalInputs(paths.COLLECTED, paths.AUGMENT / paths.POLICY_FILE, paths.EVALUATION)
     outputs = FinalOutputs(paths.MODEL, paths.FINAL_METRICS, paths.CHECKPOINTS / "final")

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"--variant {args.variant!r} is not in params `variants` ({', '.join(params.variants)})")
     inputs = FinetuneInputs(paths.COLLECTED, paths.AUGMENT / paths.POLICY_FILE,
                             paths.synthetic_dir(args.repeat, args.fold))
-    world = torchrun_world()
+    world = torchrun_world(params.finetune.device)
     try:
         run(params.finetune, params.variants[args.variant], args.fold, inputs,
             outputs_for(args.repeat, args.fold, args.variant), args.repeat, world)

@@ -133,7 +133,7 @@ def _fmt(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_args(__doc__, argv, PARAMS, fold=True)
-    world = torchrun_world()
+    world = torchrun_world(params.synthesize.device)
     try:
         run(params.synthesize, args.fold, paths.COLLECTED, outputs_for(args.repeat, args.fold), args.repeat, world)
     finally:

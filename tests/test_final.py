@@ -161,3 +161,17 @@ def test_prediction_on_cuda_agrees_with_the_cpu(model_dir, collected_dir):
         on[name] = predict.probabilities(model, images, torch.device(name), 32)
     assert (on["cpu"].argmax(1) == on["cuda"].argmax(1)).mean() >= 0.97
     assert np.abs(on["cpu"] - on["cuda"]).max() < 0.05
+
+
+def test_the_card_of_a_winner_says_its_figures_were_chosen_and_gives_the_procedures_estimate(model_dir):
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert card["selection"] is None  # the only variant evaluated: nothing was chosen
+    evaluation = fake_evaluation("cnn", "compact CNN")
+    evaluation["variants"]["probe"] = evaluation["variants"]["cnn"]
+    evaluation["selection"] = {"method": "leave-one-fold-out selection",
+                               "accuracy": {"mean": 0.41, "low": 0.30, "high": 0.52}}
+    note = model_card.selection_note("cnn", evaluation)
+    assert note["chosen_among"] == 2 and note["accuracy"]["mean"] == 0.41 and "optimistic" in note["note"]
+    assert model_card.selection_note("probe", evaluation) is None  # asked for by name, not chosen
+    text = model_card.card_markdown({**card, "selection": note})
+    assert "Chosen as the best of 2 variants on the same folds" in text and "0.410 per fold model (0.300 to 0.520)" in text

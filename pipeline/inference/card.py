@@ -35,7 +35,20 @@ def model_card(name: str, variant: Variant, model, finetune: FinetuneParams, ima
                       "max_pixels": image.max_pixels},
             "trained_on_images": trained_on, "data_sha256": data_hash,
             "params": {"variant": asdict(variant), "finetune": asdict(finetune)},
-            "cross_validation": {"oof": cv["oof"], "cv": cv["cv"], "external": cv["external"]}}
+            "cross_validation": {"oof": cv["oof"], "cv": cv["cv"], "external": cv["external"]},
+            "selection": selection_note(name, evaluation)}
+
+
+def selection_note(name: str, evaluation: dict) -> dict | None:
+    """When this variant is the evaluation's winner among several, its CV figures were chosen on the same folds and
+    are optimistic: the card says so and gives the selection-aware estimate of the choose-then-train procedure."""
+    selection, variants = evaluation.get("selection"), evaluation["variants"]
+    if name != evaluation["best"] or selection is None or len(variants) < 2:
+        return None
+    return {"chosen_among": len(variants), "method": selection["method"], "accuracy": selection["accuracy"],
+            "note": f"chosen as the best of {len(variants)} variants on the same folds its cross-validated figures "
+                    "come from, so they are optimistic; `accuracy` estimates the whole procedure (choose on the other "
+                    "folds, score on the held-out one), per fold model"}
 
 
 def card_markdown(card: dict) -> str:
@@ -49,6 +62,12 @@ def card_markdown(card: dict) -> str:
              f"before decoding) or with a side below {card['image']['min_side']} px",
              f"- Trained on {card['trained_on_images']} labelled images (data sha256 {card['data_sha256'][:16]}…)",
              f"- Cross-validated accuracy of this recipe: {oof['value']:.3f} ({oof['low']:.3f} to {oof['high']:.3f})"]
+    if card.get("selection"):
+        aware = card["selection"]["accuracy"]
+        lines.append(f"- Chosen as the best of {card['selection']['chosen_among']} variants on the same folds, so the "
+                     f"figure above is optimistic; the choose-then-train procedure, estimated by "
+                     f"{card['selection']['method']}: {aware['mean']:.3f} per fold model ({aware['low']:.3f} to "
+                     f"{aware['high']:.3f})")
     if "final_external_accuracy" in card:
         lines.append(f"- This model on the external test set: {card['final_external_accuracy']:.3f}")
     lines += ["", "Files: `model.safetensors` (weights), `model.torchscript.pt` and `model.onnx` (logits from float "

@@ -36,7 +36,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
     # 1 collect + 1 augment + 2 synthesize + 2 folds x every variant + the scarcity points + evaluate + final
     assert first.count("Running stage") == 6 + 2 * len(variants) + points, first
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    assert {key.split(".")[0] for key in metrics} == variants | {"compare", "scarcity"}
+    assert {key.split(".")[0] for key in metrics} == variants | {"compare", "scarcity", "selection"}
+    assert 0 <= metrics["selection.accuracy"] <= 1  # the choose-then-train procedure's estimate
     for name in variants:
         assert 0 <= metrics[f"{name}.cv_accuracy"] <= 1
         assert metrics[f"{name}.oof_accuracy_low"] <= metrics[f"{name}.oof_accuracy"] <= metrics[

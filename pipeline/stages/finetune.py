@@ -114,13 +114,14 @@ def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInp
             "processes": world.size, "train_real": len(data.images), "train_synthetic": len(data.synthetic),
             "inner_validation": len(data.inner), **outcome.meta,
             "val_accuracy": float((outcome.probs[0].argmax(1) == val_targets).mean())}
+    same, run = atomic.split_run_facts(meta)
     with atomic.atomic_dir(out.folder) as tmp:
         np.savez_compressed(tmp / paths.PREDICTIONS_FILE, val_index=val_rows["index"].to_numpy(),
                             val_probs=outcome.probs[0], test_index=external_rows["index"].to_numpy(),
                             test_probs=outcome.probs[1])
         atomic.write_json(tmp / "history.json", outcome.history, indent=1)
-        atomic.write_json(tmp / "meta.json", atomic.split_run_facts(meta)[0])
-    atomic.write_json(paths.run_facts(out.live.parent, out.live.name), atomic.split_run_facts(meta)[1])
+        atomic.write_json(tmp / "meta.json", same)
+    atomic.write_json(paths.run_facts(out.live.parent, out.live.name), run)
     if variant.strategy != "full":  # one point, so DVC finds the declared curves for every variant
         with live_log(out.live, True) as on_epoch:
             for record in outcome.history:

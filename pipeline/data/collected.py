@@ -20,10 +20,16 @@ from pipeline.runtime.paths import IMAGES_FILE, MANIFEST_FILE
 
 # One row per stored image. `group` joins near-duplicates (and a CSV's own groups): a group never spans folds.
 # `source` says where the row came from (folder, csv, url, mnist, digits, lfw). One fold column per repeat.
-MANIFEST_COLUMNS = ["index", "path", "label", "target", "group", "sha256", "width", "height", "source", "split"]
+# `part` says what an image is for: cross-validation (the labelled images), the development part of the external
+# images (settings are chosen on it) or the final test (it only reports).
+MANIFEST_COLUMNS = ["index", "path", "label", "target", "group", "sha256", "width", "height", "source", "split",
+                    "part"]
 FOLD_PREFIX = "fold_r"
-# external: a fixed test set (the rest of a bundled dataset, a folder's test/) that no stage trains on
+# external: a fixed set (the rest of a bundled dataset, a folder's test/) that no variant, fold or final model
+# trains on; collect.dev_fraction of it is the development part, the rest the final test
 LABELLED, EXTERNAL = "labelled", "external"
+CV, DEV, TEST = "cv", "dev", "test"
+EXTERNAL_PARTS = (DEV, TEST)
 
 
 def natural_key(text: str) -> list:
@@ -58,6 +64,10 @@ class Collected:
     @property
     def external(self) -> pd.DataFrame:
         return self.manifest[self.manifest.split == EXTERNAL]
+
+    def part(self, name: str) -> pd.DataFrame:
+        """The external images of one part (DEV or TEST), in manifest order."""
+        return self.manifest[(self.manifest.split == EXTERNAL) & (self.manifest.part == name)]
 
     @property
     def repeats(self) -> list[int]:

@@ -11,9 +11,9 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipeline.data.collected import EXTERNAL, LABELLED, fold_column, natural_key
+from pipeline.data.collected import CV, DEV, EXTERNAL, LABELLED, TEST, fold_column, natural_key
 from pipeline.data.decode import hamming_pairs, pixel_sha256
-from pipeline.data.folds import assign_folds, check_group_counts
+from pipeline.data.folds import assign_folds, check_group_counts, dev_part
 from pipeline.data.sources import POOL, Intake
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import CollectParams
@@ -139,7 +139,11 @@ def build_manifest(table: pd.DataFrame, params: CollectParams) -> tuple[pd.DataF
     folds = assign_folds(labelled.label, labelled.group, len(params.folds), params.seed, params.repeats)
     for repeat, repeat_folds in zip(params.repeats, folds):
         labelled[fold_column(repeat)] = repeat_folds
+    labelled["part"] = CV
     external = table[table.split == EXTERNAL].assign(**{fold_column(r): -1 for r in params.repeats})
+    # seeded apart from the folds (seed + 2; + 1 limits the external set), so changing one never moves the other
+    external["part"] = np.where(dev_part(external.label, external.group, params.dev_fraction, params.seed + 2),
+                                DEV, TEST)
     manifest = pd.concat([labelled, external], ignore_index=True)
     manifest["target"] = manifest.label.map({c: i for i, c in enumerate(classes)})
     manifest["index"] = range(len(manifest))
@@ -170,6 +174,7 @@ def summarise(params: CollectParams, intake: Intake, manifest: pd.DataFrame, dup
         "source": params.source, "inputs": intake.inputs, "accepted": accepted, "rejected": len(intake.rejects),
         "duplicates_collapsed": len(duplicates), "labelled": len(labelled),
         "external": int((manifest.split == EXTERNAL).sum()), "external_not_kept": not_kept,
+        "dev": int((manifest.part == DEV).sum()), "test": int((manifest.part == TEST).sum()),
         "groups": int(labelled.group.nunique()), "classes": classes,
         "labelled_per_class": {c: int((labelled.label == c).sum()) for c in classes},
         "folds": len(params.folds), "repeats": len(params.repeats),

@@ -11,7 +11,7 @@ import io
 import numpy as np
 import pandas as pd
 
-from pipeline.data.collected import EXTERNAL, LABELLED, fold_column
+from pipeline.data.collected import DEV, LABELLED, TEST, fold_column
 from pipeline.data.pictures import grid, save_png
 from pipeline.runtime import atomic, paths
 
@@ -63,7 +63,8 @@ def _class_section(manifest: pd.DataFrame, classes: list[str]) -> list[str]:
         "class": classes,
         "labelled": [int((labelled.label == c).sum()) for c in classes],
         "groups": [labelled.group[labelled.label == c].nunique() for c in classes],
-        "external test": [int(((manifest.split == EXTERNAL) & (manifest.label == c)).sum()) for c in classes],
+        "external: development": [int(((manifest.part == DEV) & (manifest.label == c)).sum()) for c in classes],
+        "external: final test": [int(((manifest.part == TEST) & (manifest.label == c)).sum()) for c in classes],
     })
     per_fold = pd.crosstab(labelled.label, labelled[fold_column(0)]).reindex(classes)
     per_fold.columns = [f"fold {f}" for f in per_fold.columns]
@@ -105,9 +106,11 @@ def write_data_card(reports, images: np.ndarray, manifest: pd.DataFrame, classes
         "# Data card", "",
         f"Source `{s['source']}`: **{s['inputs']} inputs = {s['accepted']} accepted + {s['rejected']} rejected + "
         f"{s['duplicates_collapsed']} exact duplicates collapsed.** Of those accepted, {s['labelled']} are labelled "
-        f"(cross-validated in {s['folds']} folds, {s['repeats']} repeat(s)) and {s['external']} form a test set no "
-        f"stage trains on" + (f" ({s['external_not_kept']} more not kept, collect.external_limit)."
-                              if s["external_not_kept"] else "."),
+        f"(cross-validated in {s['folds']} folds, {s['repeats']} repeat(s)) and {s['external']} form an external set no "
+        f"variant, fold or final model trains on" + (f" ({s['external_not_kept']} more not kept, "
+                                                     "collect.external_limit)" if s["external_not_kept"] else "")
+        + f": {s['dev']} in the development part, on which settings are chosen, and {s['test']} in the final test, "
+        "which only reports (collect.dev_fraction).",
         "", *_class_section(manifest, classes), "",
         "## Image sizes", "", f"![sizes]({figures}/sizes.png)", "",
         *_duplicates_section(manifest, duplicates), "", *_rejects_section(rejects), "",

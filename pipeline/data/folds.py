@@ -47,6 +47,21 @@ def assign_folds(labels: pd.Series, groups: pd.Series, k: int, seed: int, repeat
     return folds
 
 
+def dev_part(labels: pd.Series, groups: pd.Series, fraction: float, seed: int) -> np.ndarray:
+    """Which external images form the development part (True) rather than the final test (False): about
+    `fraction` of them, stratified by label and grouped, so near-duplicates never sit on both sides. The share is
+    the nearest 1/k (k folds of StratifiedGroupKFold, one or k-1 of them the development part), so 0.5 is exact."""
+    chosen = np.zeros(len(labels), dtype=bool)
+    if fraction <= 0 or groups.nunique() < 2:
+        return chosen
+    small = min(fraction, 1 - fraction)
+    k = int(min(max(2, round(1 / small)), groups.nunique()))
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    first = next(iter(splitter.split(np.zeros(len(labels)), labels, groups)))[1]
+    chosen[first] = True
+    return chosen if fraction <= 0.5 else ~chosen
+
+
 def _check_folds(labels: np.ndarray, folds: np.ndarray, k: int) -> None:
     """Every fold validates on something and trains on every class, or ImpossibleFolds."""
     for fold in range(k):

@@ -57,6 +57,7 @@ class CollectParams:
     csv: str
     images_per_class: int
     external_limit: int
+    dev_fraction: float
     folds: tuple[int, ...]
     repeats: tuple[int, ...]
     image_size: int
@@ -79,6 +80,8 @@ class CollectParams:
                  self.images_per_class)
         _require(self.external_limit >= 0, "collect.external_limit", ">= 0 (0 keeps them all)",
                  self.external_limit)
+        _require(0 <= self.dev_fraction < 1, "collect.dev_fraction",
+                 "from 0 (the whole external set is the final test) to below 1", self.dev_fraction)
         size = self.image_size
         _require(16 <= size <= 128 and size & (size - 1) == 0, "collect.image_size",
                  "a power of two from 16 to 128", size)

@@ -2,7 +2,7 @@
 
 Sources (param `collect.source`, see pipeline/data/sources.py): your class folders, your CSV manifest (local paths or
 URLs), or a dataset bundled in a PyPI package (mnist, digits, lfw), from which a scarce labelled subset is drawn
-and the rest kept as an external test set.
+and the rest kept as an external set: a development part, on which settings are chosen, and a final test.
 
 Every input ends up accepted, rejected (with a category and a detail, in reports/rejects.csv) or collapsed as an
 exact duplicate, and the stage checks that these add up. Near-duplicates (perceptual hash) and a CSV's own
@@ -48,10 +48,10 @@ def run(params: CollectParams, output: Path, reports: Path) -> dict:
     outcome = decide(params, intake)
     write(outcome, Path(output), Path(reports))
     s = outcome.summary
-    log.info("collect: %d inputs = %d accepted (%d labelled, %d external test, %d not kept) + %d rejected + %d "
-             "duplicates collapsed; %d classes, %d groups", s["inputs"], s["accepted"], s["labelled"],
-             s["external"], s["external_not_kept"], s["rejected"], s["duplicates_collapsed"], len(s["classes"]),
-             s["groups"])
+    log.info("collect: %d inputs = %d accepted (%d labelled, %d external: %d development + %d final test, %d not "
+             "kept) + %d rejected + %d duplicates collapsed; %d classes, %d groups", s["inputs"], s["accepted"],
+             s["labelled"], s["external"], s["dev"], s["test"], s["external_not_kept"], s["rejected"],
+             s["duplicates_collapsed"], len(s["classes"]), s["groups"])
     for category, count in s["rejects_by_category"].items():
         log.warning("rejected %d: %s (see %s)", count, category, Path(reports) / paths.REJECTS_FILE)
     return s

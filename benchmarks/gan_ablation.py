@@ -7,8 +7,9 @@ For each fold it runs the synthesize stage once per version (in a temporary fold
 and KID of all candidates against the fold's real training images (the same number of images on both sides, so
 the biased FID is comparable), the filter's acceptance rate, and CAS (a classifier trained on the accepted
 samples only, tested on the fold's real validation images) beside the same classifier trained on the real
-training images; and the same two, plus one trained on all candidates, tested on 1,000 external test images
-(the validation part of a fold is 20 images, too few to tell versions apart). (`augment_p` is the final
+training images; and the same two, plus one trained on all candidates, tested on 1,000 images of the external
+development part (the validation part of a fold is 20 images, too few to tell versions apart; the final test
+is never used to compare versions). (`augment_p` is the final
 augmentation probability; it means nothing without a policy.)
 """
 
@@ -36,8 +37,8 @@ VERSIONS = {  # name -> overrides of the synthesize params
     "DiffAugment, fixed p = 1": {"ada_target": 0.0},
     "no augmentation": {"diffaugment": "", "ada_target": 0.0},
 }
-SHOWN = ["fid_candidates", "kid_candidates", "acceptance", "cas_synthetic", "cas_real", "cas_candidates_external",
-         "cas_synthetic_external", "cas_real_external", "augment_p"]
+SHOWN = ["fid_candidates", "kid_candidates", "acceptance", "cas_synthetic", "cas_real", "cas_candidates_dev",
+         "cas_synthetic_dev", "cas_real_dev", "augment_p"]
 
 
 def load(settings: list[str]):

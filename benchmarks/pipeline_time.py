@@ -78,15 +78,20 @@ def print_results(ev: dict) -> None:
     """The evaluation's headline numbers: each variant, each comparison, each point of the scarcity curve."""
     nan = {"fold_mean": float("nan"), "fold_std": float("nan"), "ensemble": float("nan")}
     for name, v in sorted(ev["variants"].items(), key=lambda kv: -kv[1]["oof"]["accuracy"]["value"]):
-        oof, cv, ext = v["oof"]["accuracy"], v["cv"]["accuracy"], (v["external"] or {}).get("accuracy", nan)
+        oof, cv = v["oof"]["accuracy"], v["cv"]["accuracy"]
+        dev, test = ((v.get(part) or {}).get("accuracy", nan) for part in ("dev", "test"))
         print(f"{name:<14} out-of-fold accuracy {oof['value']:.3f} [{oof['low']:.3f}, {oof['high']:.3f}], folds "
               f"{cv['mean']:.3f} [{cv['low']:.3f}, {cv['high']:.3f}], ROC AUC {v['oof']['roc_auc']['value']:.3f}, "
-              f"ECE {v['oof']['ece']['value']:.3f}; external folds {ext['fold_mean']:.3f} ± {ext['fold_std']:.3f}, "
-              f"ensemble {ext['ensemble']:.3f}, inside CV interval: {v.get('external_inside_cv_interval')}")
+              f"ECE {v['oof']['ece']['value']:.3f}; development part: folds {dev['fold_mean']:.3f} ± "
+              f"{dev['fold_std']:.3f}, ensemble {dev['ensemble']:.3f}; final test: folds {test['fold_mean']:.3f} ± "
+              f"{test['fold_std']:.3f}, ensemble {test['ensemble']:.3f}, inside CV interval: "
+              f"{v.get('test_inside_cv_interval')}")
     for c in ev["comparisons"]:
+        parts = "".join(f"; {part} {x['difference']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}] p {x['p_value']:.3f}"
+                        for part, x in c.get("external", {}).items())
         print(f"{c['what']:<40} {c['a']:>13} -> {c['b']:<13} {c['difference']:+.3f} [{c['low']:+.3f}, "
               f"{c['high']:+.3f}] p(t) {c['corrected_t']['p_value']:.4f} p(boot) {c['bootstrap']['p_value']:.4f} "
-              f"Holm {c['p_holm']:.4f} {'significant' if c['significant'] else 'not significant'}")
+              f"Holm {c['p_holm']:.4f} {'significant' if c['significant'] else 'not significant'}{parts}")
     for name, points in ev["scarcity"].items():
         for p in points:
             text = p.get("not_run") or (f"{p['oof_accuracy']:.3f} [{p['oof_accuracy_low']:.3f}, "

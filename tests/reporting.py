@@ -18,14 +18,18 @@ CV = {"collect__images_per_class": 10, "collect__folds": [0, 1, 2, 3, 4], "colle
       "scarcity__images_per_class": [5, 10, 1000], "scarcity__variants": ["probe"]}
 
 
-def write_predictions(root: Path, collected_dir: Path, name: str, correct: tuple[float, float], seed: int) -> None:
-    """Fold predictions right for a share `correct[0]` of the validation images and `correct[1]` of the external
-    ones (images chosen at random, seeded), confidently."""
+def write_predictions(root: Path, collected_dir: Path, name: str, correct: tuple[float, float, float],
+                      seed: int) -> None:
+    """Fold predictions right for a share `correct[0]` of the validation images, `correct[1]` of the external
+    images' development part and `correct[2]` of their final test (images chosen at random, seeded),
+    confidently."""
     data = load_collected(collected_dir)
     rng = np.random.default_rng(seed)
     targets = data.manifest.target.to_numpy()
+    external_share = np.where(data.manifest.part == "dev", correct[1], correct[2])
 
     def probs(index, share):
+        share = share if np.isscalar(share) else share[index]
         predicted = np.where(rng.random(len(index)) < share, targets[index], (targets[index] + 1) % 10)
         out = np.full((len(index), 10), 0.01)
         out[np.arange(len(index)), predicted] = 0.91
@@ -38,7 +42,7 @@ def write_predictions(root: Path, collected_dir: Path, name: str, correct: tuple
             folder = root / f"r{repeat}-fold{fold}-{name}"
             folder.mkdir(parents=True)
             np.savez(folder / "predictions.npz", val_index=val, val_probs=probs(val, correct[0]), test_index=test,
-                     test_probs=probs(test, correct[1]))
+                     test_probs=probs(test, external_share))
             (folder / "history.json").write_text("[]")
 
 
@@ -51,14 +55,16 @@ class Evaluated:
 
 def outputs_in(root: Path) -> EvaluateOutputs:
     reports = root / "reports"
-    return EvaluateOutputs(reports / "metrics.json", reports / "evaluation.json", reports / "report.md",
+    return EvaluateOutputs(reports / "metrics.json", reports / "test_metrics.json", reports / "evaluation.json",
+                           reports / "report.md",
                            reports / "report.html", reports / "figures", reports / "plots")
 
 
 def evaluate_known_answers(root: Path) -> Evaluated:
     """Real collect, augment, one GAN fold and a real scarcity curve (the linear probe); fold predictions made up
     with known accuracies: `coin` right half the time, `good` (coin's recipe + augmentation) 95%, `twin` (coin's
-    recipe with other epochs) the very same predictions as coin, `overfit` 95% in CV but 30% outside."""
+    recipe with other epochs) the very same predictions as coin, `overfit` 95% in CV but 30% on the development
+    part and 60% on the final test."""
     params = make_params(**CV)
     collect.run(params.collect, root / "collected", root / "reports")
     augment.run(params.augment, root / "collected", root / "augment")
@@ -69,8 +75,8 @@ def evaluate_known_answers(root: Path) -> Evaluated:
                      scarcity.ScarcityInputs(root / "collected", root / "augment" / "policy.json"),
                      scarcity.ScarcityOutputs(root / "scarcity" / f"n{n}-probe", None, root / "features"))
     preds = root / "finetune"
-    for name, correct, seed in (("coin", (0.5, 0.5), 1), ("good", (0.95, 0.95), 2), ("twin", (0.5, 0.5), 1),
-                                ("overfit", (0.95, 0.3), 3)):
+    for name, correct, seed in (("coin", (0.5, 0.5, 0.5), 1), ("good", (0.95, 0.95, 0.95), 2),
+                                ("twin", (0.5, 0.5, 0.5), 1), ("overfit", (0.95, 0.3, 0.6), 3)):
         write_predictions(preds, root / "collected", name, correct, seed)
     base = params.variants["baseline"]
     variants = {"coin": base, "good": base.__class__(**{**base.__dict__, "augment": True}),

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline.data import folds
 from pipeline.data.collected import fold_column, load_collected, natural_key
 from pipeline.data.decode import Normalise, decode_file, pixel_sha256
 from pipeline.runtime.errors import PipelineError
@@ -51,6 +52,39 @@ def test_mnist_draws_a_scarce_stratified_set_and_keeps_the_rest_external(collect
     card = (collected_dir.parent / "reports" / "data_card.md").read_text()
     assert "5000 inputs = 5000 accepted + 0 rejected + 0 exact duplicates collapsed" in card
     assert (collected_dir.parent / "reports" / "data_card" / "class_9.png").exists()
+
+
+def test_the_external_images_split_into_a_development_part_and_a_final_test(tmp_path, collected_dir):
+    data = load_collected(collected_dir)
+    assert set(data.labelled.part) == {"cv"}
+    dev, test = data.part("dev"), data.part("test")
+    assert len(dev) + len(test) == len(data.external) == 300 and not set(dev.path) & set(test.path)
+    # collect.dev_fraction 0.5, stratified: every class splits (nearly) evenly
+    halves = pd.crosstab(data.external.label, data.external.part)
+    assert (abs(halves["dev"] - halves["test"]) <= 2).all()
+    summary = json.loads((collected_dir / "summary.json").read_text())
+    assert (summary["dev"], summary["test"]) == (len(dev), len(test))
+    assert f"{len(dev)} in the development part" in (collected_dir.parent / "reports" / "data_card.md").read_text()
+    # the part is seeded apart from the labelled draw and the folds: another share moves neither of them
+    _, all_test, _ = run_collect(tmp_path, "all-test", collect__dev_fraction=0)
+    assert set(all_test.external.part) == {"test"}
+    _, fifth, _ = run_collect(tmp_path, "fifth", collect__dev_fraction=0.2)
+    assert len(fifth.part("dev")) == pytest.approx(60, abs=3)
+    for other in (all_test, fifth):
+        assert other.labelled[["path", fold_column(0)]].equals(data.labelled[["path", fold_column(0)]])
+
+
+def test_a_group_of_near_duplicates_never_sits_on_both_sides_of_the_development_split():
+    rng = np.random.default_rng(0)
+    labels = pd.Series(rng.integers(0, 3, 400))
+    groups = pd.Series(rng.integers(0, 60, 400))  # 60 groups of about 7 images each
+    for fraction in (0.5, 0.25, 0.8):
+        dev = folds.dev_part(labels, groups, fraction, seed=3)
+        assert not set(groups[dev]) & set(groups[~dev])
+        assert dev.mean() == pytest.approx(fraction, abs=0.12)
+        assert np.array_equal(dev, folds.dev_part(labels, groups, fraction, seed=3))
+    assert not folds.dev_part(labels, groups, 0.0, seed=3).any()
+    assert not folds.dev_part(labels, pd.Series([1] * 400), 0.5, seed=3).any()  # one group: it all stays test
 
 
 def test_same_seed_same_draw_other_seed_other_draw(tmp_path, collected_dir):

@@ -43,7 +43,9 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
         assert metrics[f"{name}.oof_accuracy_low"] <= metrics[f"{name}.oof_accuracy"] <= metrics[
             f"{name}.oof_accuracy_high"]
     # 10 classes: chance is 0.1 (standard deviation 0.017 on 300 images); the pretrained baseline must beat it
-    assert metrics["baseline.external_accuracy"] > 0.18
+    assert metrics["baseline.dev_accuracy"] > 0.18
+    tested = json.loads((repo / "reports" / "test_metrics.json").read_text())  # the final test, kept apart
+    assert {key.split(".")[0] for key in tested} == variants | {"compare"} and 0 <= tested["baseline.test_accuracy"]
     assert len([key for key in metrics if key.startswith("scarcity.")]) == 2 * points  # CV and test accuracy
     report = (repo / "reports" / "report.md").read_text()
     assert "did best: out-of-fold accuracy" in report and "## What each ingredient bought" in report
@@ -52,7 +54,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
     card = json.loads((repo / "data" / "model" / "model_card.json").read_text())
     assert card["variant"] == json.loads((repo / "reports" / "evaluation.json").read_text())["best"]
     assert card["trained_on_images"] == 40 and (repo / "data" / "model" / "model.onnx").exists()
-    assert 0 <= json.loads((repo / "reports" / "final.json").read_text())["external_accuracy"] <= 1
+    assert 0 <= json.loads((repo / "reports" / "final.json").read_text())["test_accuracy"] <= 1
     assert (repo / "data" / "augment" / "preview.png").exists()
     assert (repo / "data" / "synthetic" / "r0-fold1" / "grid.png").exists()
     assert "Source `mnist`" in (repo / "reports" / "data_card.md").read_text()
@@ -201,7 +203,8 @@ def test_your_own_folder_of_images_through_dvc(tmp_path):
     assert summary["source"] == "folder" and summary["accepted"] == 18 and summary["classes"] == [
         "digit0", "digit1", "digit2"]
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    assert "baseline.external_accuracy" not in metrics  # a folder source has no external test set
+    assert "baseline.dev_accuracy" not in metrics  # a folder source without test/ has no external images
+    assert json.loads((repo / "reports" / "test_metrics.json").read_text()) == {}
     assert 0 <= metrics["baseline.oof_accuracy"] <= 1
     # the scarcity curve draws only from the 6 labelled images per class: 3 runs, 12 is recorded as not run
     assert "scarcity.baseline.n3.oof_accuracy" in metrics and "scarcity.baseline.n12.oof_accuracy" not in metrics

@@ -28,12 +28,13 @@ def test_a_variant_better_by_construction_is_significant_and_an_identical_one_is
     # every fold moved by exactly 0, so the t statistic is undefined and the paired bootstrap decides
     assert same["test"] == "bootstrap"
     assert ev["best"] == "good"
-    # beside the CV verdict, the external set's paired comparison of the fold ensembles (300 images)
-    assert 0.3 < better["external"]["difference"] < 0.6 and better["external"]["low"] > 0
-    assert same["external"]["difference"] == 0 and same["external"]["p_value"] == 1
+    # beside the CV verdict, the paired comparison of the fold ensembles on each part of the 300 external images
+    for part in ("dev", "test"):
+        assert 0.3 < better["external"][part]["difference"] < 0.6 and better["external"][part]["low"] > 0
+        assert same["external"][part]["difference"] == 0 and same["external"][part]["p_value"] == 1
     report = known_answers.outputs.report_md.read_text()
     assert "2 of 4 differences are significant" in report  # good beats coin and its twin; not overfit (same CV)
-    assert "On the external test set the fold ensembles differ by +0.000 (+0.000 to +0.000, p 1.000)" in report
+    assert "On the development part the fold ensembles differ by +0.000 (+0.000 to +0.000, p 1.000)" in report
     assert "**Helped:** augmentation: off → on (coin → good) raised accuracy by" in report
     assert "**Not significant:** epochs: 3 → 4 (coin → twin) left accuracy by 0.000" in report
     # the winner was chosen on these folds: the procedure's estimate picks from good and overfit (both 95% in CV)
@@ -60,26 +61,44 @@ def test_repeats_and_folds_give_intervals_that_hold_the_estimates(known_answers)
     assert "5-fold cross-validation repeated 2 times" in known_answers.outputs.report_md.read_text()
 
 
-def test_external_scores_are_checked_against_the_cv_interval(known_answers):
+def test_the_final_test_is_scored_apart_and_checked_against_the_cv_interval(known_answers):
     ev = known_answers.evaluation
-    assert ev["variants"]["coin"]["external_inside_cv_interval"]
-    overfit = ev["variants"]["overfit"]  # 95% in cross-validation, 30% on the external set
-    assert not overfit["external_inside_cv_interval"]
-    assert overfit["external"]["accuracy"]["fold_mean"] < overfit["cv"]["accuracy"]["low"]
-    row = next(line for line in known_answers.outputs.report_md.read_text().splitlines()
-               if line.startswith("| overfit |"))
+    assert ev["data"]["dev"] + ev["data"]["test"] == ev["data"]["external"] == 300
+    assert abs(ev["data"]["dev"] - ev["data"]["test"]) <= 10  # collect.dev_fraction 0.5, stratified by class
+    assert ev["variants"]["coin"]["test_inside_cv_interval"]
+    overfit = ev["variants"]["overfit"]  # 95% in cross-validation, 30% on the development part, 60% on the test
+    assert overfit["dev"]["accuracy"]["fold_mean"] == pytest.approx(0.3, abs=0.07)
+    assert overfit["test"]["accuracy"]["fold_mean"] == pytest.approx(0.6, abs=0.07)
+    assert not overfit["test_inside_cv_interval"]
+    assert sum(overfit["dev_per_class"]["support"]) == ev["data"]["dev"]
+    report = known_answers.outputs.report_md.read_text()
+    results, final = report.split("## The final test")[0], report.split("## The final test")[1].split("\n## ")[0]
+    row = next(line for line in final.splitlines() if line.startswith("| overfit |"))
     assert row.endswith("| **no** |")
+    # the results table to choose by shows the development part; the final test's figures only in their section
+    dev_mean, test_mean = (f"{overfit[p]['accuracy']['fold_mean']:.3f} ± " for p in ("dev", "test"))
+    assert dev_mean in results and test_mean not in results
+    assert "chose nothing" in final and test_mean in row
 
 
-def test_metrics_json_is_flat_numbers_that_match_the_evaluation(known_answers):
+def test_metrics_to_choose_by_and_final_test_metrics_are_in_separate_files(known_answers):
     metrics = json.loads(known_answers.outputs.metrics.read_text())
+    tested = json.loads(known_answers.outputs.test_metrics.read_text())
     ev = json.loads(known_answers.outputs.evaluation.read_text())
-    assert all(isinstance(v, (int, float)) or v is None for v in metrics.values())
+    for flat in (metrics, tested):
+        assert all(isinstance(v, (int, float)) or v is None for v in flat.values())
     assert metrics["good.oof_accuracy"] == ev["variants"]["good"]["oof"]["accuracy"]["value"]
     assert metrics["coin.cv_accuracy_low"] == ev["variants"]["coin"]["cv"]["accuracy"]["low"]
-    assert metrics["overfit.external_accuracy_fold_mean"] == pytest.approx(0.3, abs=0.05)
+    assert metrics["overfit.dev_accuracy_fold_mean"] == pytest.approx(0.3, abs=0.07)
     assert metrics["compare.good-coin.p_holm"] < 0.001
+    good_coin = next(c for c in ev["comparisons"] if (c["a"], c["b"]) == ("coin", "good"))
+    assert metrics["compare.good-coin.dev_difference"] == good_coin["external"]["dev"]["difference"]
     assert {f"{v}.oof_{m}" for v in ("coin", "good") for m in ("roc_auc", "log_loss", "ece", "macro_f1")} <= set(metrics)
+    # nothing measured on the final test sits among the numbers to choose by, and the other way round
+    assert not [k for k in metrics if "test" in k and not k.startswith("scarcity.")]
+    assert tested["overfit.test_accuracy_fold_mean"] == pytest.approx(0.6, abs=0.07)
+    assert tested["good.test_accuracy"] == ev["variants"]["good"]["test"]["accuracy"]["ensemble"]
+    assert set(tested) == {k.replace(".dev_", ".test_") for k in metrics if ".dev_" in k}
 
 
 def test_the_scarcity_curve_reports_each_point_and_the_one_not_run(known_answers):
@@ -105,7 +124,7 @@ def test_dvc_plot_files_hold_every_out_of_fold_prediction(known_answers):
     calibration = pd.read_csv(plots / "calibration" / "coin.csv")
     assert calibration["count"].sum() == 100
     for name in ("accuracy", "differences", "scarcity", "reliability", "roc", "confusion_good",
-                 "confusion_good_external"):
+                 "confusion_good_dev"):
         assert (known_answers.outputs.figures / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
 
 
@@ -162,7 +181,7 @@ def fold_result(name: str, accuracies: list[float]):
     """A variant's cross-validation as evaluate loads it, with these validation accuracies on 4 folds."""
     empty = np.zeros((1, 0, 2))
     return analysis.VariantResult(name, [{"accuracy": a} for a in accuracies], 0.25, np.zeros(0, int), np.zeros(0, int),
-                                  empty, [], None, None)
+                                  empty, None, None)
 
 
 def test_selection_aware_estimate_sees_through_a_winner_chosen_by_noise():

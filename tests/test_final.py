@@ -28,7 +28,7 @@ def fake_evaluation(name: str, recipe: str) -> dict:
     interval = {"value": 0.5, "low": 0.4, "high": 0.6}
     return {"best": name, "variants": {name: {"recipe": recipe, "oof": {"accuracy": interval},
                                               "cv": {"accuracy": {"mean": 0.5, "low": 0.4, "high": 0.6}},
-                                              "external": None}}}
+                                              "dev": None, "test": None}}}
 
 
 def settings(params) -> final.FinalSettings:
@@ -60,9 +60,12 @@ def test_the_card_says_what_the_model_is_and_what_it_was_trained_on(model_dir, c
     assert card["input_size"] == 32
     assert card["data_sha256"] == model_card.manifest_hash(list(collected.labelled.sha256))
     assert card["mean"] == [0.5, 0.5, 0.5] and card["params"]["variant"]["epochs"] == 3
-    assert 0.1 <= card["final_external_accuracy"] <= 1
+    assert set(card["final_accuracy"]) == {"dev", "test"} and 0.1 <= card["final_accuracy"]["test"] <= 1
+    assert json.loads((model_dir.parent / "final.json").read_text()) == {f"{part}_accuracy": value for part, value in
+                                                                 card["final_accuracy"].items()}
     markdown = (model_dir / "model_card.md").read_text()
     assert "# Model card: cnn" in markdown and "more than 100,000,000 pixels" in markdown
+    assert f"on the final test (external images that chose nothing): {card['final_accuracy']['test']:.3f}" in markdown
 
 
 def test_exports_match_pytorch_on_real_images(model_dir, collected_dir):
@@ -122,11 +125,11 @@ def test_a_linear_probe_becomes_one_network_with_the_scaler_folded_into_its_head
     card = final.run(settings(params), inputs, final.FinalOutputs(tmp_path / "model", tmp_path / "final.json"))
     model, _ = inference.load_model(tmp_path / "model", torch.device("cpu"))
     collected = load_collected(collected_dir)
-    images, targets = collected.select(collected.external)
+    images, targets = collected.select(collected.part("test"))
     probs = predict.probabilities(model, images, torch.device("cpu"), 64)
     # the folded network reproduces the probe's own predictions, which the card's accuracy was computed from
-    assert (probs.argmax(1) == targets).mean() == pytest.approx(card["final_external_accuracy"], abs=1 / len(targets))
-    assert card["final_external_accuracy"] > 0.2  # frozen ImageNet features on 40 digits: well above chance
+    assert (probs.argmax(1) == targets).mean() == pytest.approx(card["final_accuracy"]["test"], abs=1 / len(targets))
+    assert card["final_accuracy"]["test"] > 0.2  # frozen ImageNet features on 40 digits: well above chance
 
 
 def test_a_variant_with_gan_samples_gets_a_gan_trained_on_every_labelled_image(tmp_path, collected_dir):

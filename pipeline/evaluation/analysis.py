@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from pipeline.data.collected import Collected
+from pipeline.data.collected import DEV, EXTERNAL_PARTS, TEST, Collected
 from pipeline.evaluation import figures
 from pipeline.evaluation.statistics import (
     METRICS,
@@ -42,9 +42,30 @@ class VariantResult:
     oof_targets: np.ndarray  # every labelled image once, in manifest order
     oof_groups: np.ndarray  # their groups (near-duplicates, a CSV's groups): what the bootstrap resamples
     oof_probs: np.ndarray  # repeats x images x classes: each image predicted by the fold that did not train on it
-    external_fold_scores: list[dict[str, float]]
-    external_probs: np.ndarray | None  # mean of all fold models' probabilities (the ensemble); None without a test set
+    external: HeldOut | None  # every fold model's predictions of the external images; None without an external set
     loss_curve: np.ndarray | None  # training loss per epoch, mean over folds (full fine-tuning only)
+
+
+@dataclass
+class HeldOut:
+    """Fold models' predictions of external images that no model trained on, with each image's part: the
+    development part (for choosing settings) or the final test (which only reports)."""
+
+    targets: np.ndarray
+    groups: np.ndarray
+    parts: np.ndarray  # DEV or TEST per image
+    fold_probs: np.ndarray  # fold models x images x classes
+
+    @property
+    def ensemble(self) -> np.ndarray:
+        return self.fold_probs.mean(0)
+
+    def part(self, name: str) -> HeldOut | None:
+        """The images of one part, or None when there are none."""
+        keep = self.parts == name
+        if not keep.any():
+            return None
+        return HeldOut(self.targets[keep], self.groups[keep], self.parts[keep], self.fold_probs[:, keep])
 
 
 def load_predictions(path: Path, what: str) -> dict[str, np.ndarray]:
@@ -68,28 +89,32 @@ def _loss_curve(folders: list[Path]) -> np.ndarray | None:
 
 
 def load_variant(name: str, collected: Collected, finetune_dir: FoldDir) -> VariantResult:
-    fold_scores, ext_scores, ext_probs, ratios, folders = [], [], [], [], []
+    fold_scores, ext_probs, ratios, folders = [], [], [], []
     targets = collected.manifest.target.to_numpy()
     labelled = collected.labelled["index"].to_numpy()  # labelled rows come first, so index == position here
+    external = collected.external["index"].to_numpy()
     oof = np.full((len(collected.repeats), len(labelled), len(collected.classes)), np.nan, dtype=np.float32)
     for repeat in collected.repeats:
         for fold in collected.folds:
             folder = finetune_dir(repeat, fold, name)
             pred = load_predictions(folder / paths.PREDICTIONS_FILE, f"repeat {repeat}, fold {fold}, variant {name}")
             train_rows, val_rows = collected.fold_split(fold, repeat)
-            if not np.array_equal(np.sort(pred["val_index"]), np.sort(val_rows["index"].to_numpy())):
+            if (not np.array_equal(np.sort(pred["val_index"]), np.sort(val_rows["index"].to_numpy()))
+                    or not np.array_equal(pred["test_index"], external)):
                 raise PipelineError(f"{folder} was made for other folds than the collected data; re-run `dvc repro`")
             fold_scores.append(score(targets[pred["val_index"]], pred["val_probs"]))
             ratios.append(len(val_rows) / len(train_rows))
             oof[repeat, pred["val_index"]] = pred["val_probs"]
             folders.append(folder)
-            if len(pred["test_index"]):
-                ext_scores.append(score(targets[pred["test_index"]], pred["test_probs"]))
-                ext_probs.append(pred["test_probs"])
-    ensemble = np.mean(ext_probs, axis=0) if ext_probs else None
+            ext_probs.append(pred["test_probs"])
+    held_out = None
+    if len(external):
+        manifest = collected.manifest.iloc[external]
+        held_out = HeldOut(targets[external], manifest.group.to_numpy(), manifest.part.to_numpy(),
+                           np.stack(ext_probs))
     groups = collected.manifest.group.to_numpy()[labelled]
-    return VariantResult(name, fold_scores, float(np.mean(ratios)), targets[labelled], groups, oof, ext_scores,
-                         ensemble, _loss_curve(folders))
+    return VariantResult(name, fold_scores, float(np.mean(ratios)), targets[labelled], groups, oof, held_out,
+                         _loss_curve(folders))
 
 
 def _interval(value: float, bounds: tuple[float, float]) -> dict[str, float]:
@@ -113,7 +138,7 @@ def _clip(metric: str, low: float, high: float) -> tuple[float, float]:
     return float(np.clip(low, floor, ceiling)), float(np.clip(high, floor, ceiling))
 
 
-def variant_statistics(result: VariantResult, external_targets: np.ndarray, params: EvaluateParams) -> dict:
+def variant_statistics(result: VariantResult, params: EvaluateParams) -> dict:
     """Everything the report says about one variant (JSON-ready)."""
     out: dict = {"cv": {}, "oof": {}}
     for metric in METRICS:
@@ -128,16 +153,19 @@ def variant_statistics(result: VariantResult, external_targets: np.ndarray, para
     for metric in METRICS:
         out["oof"][metric] = _interval(np.mean([s[metric] for s in per_repeat]), bounds[metric])
     out["oof_per_class"] = _per_class_table(result.oof_targets, result.oof_probs.mean(0))
-    out["external"] = None
-    if result.external_probs is not None:
-        folds = {m: [s[m] for s in result.external_fold_scores] for m in METRICS}
-        ensemble = score(external_targets, result.external_probs)
-        out["external"] = {m: {"fold_mean": float(np.mean(folds[m])), "fold_std": _sample_std(folds[m]),
-                               "ensemble": ensemble[m]} for m in METRICS}
-        out["external_per_class"] = _per_class_table(external_targets, result.external_probs)
+    for part in EXTERNAL_PARTS:
+        held = result.external.part(part) if result.external is not None else None
+        out[part] = None
+        if held is None:
+            continue
+        folds = [score(held.targets, probs) for probs in held.fold_probs]
+        ensemble = score(held.targets, held.ensemble)
+        out[part] = {m: {"fold_mean": float(np.mean([f[m] for f in folds])),
+                         "fold_std": _sample_std([f[m] for f in folds]), "ensemble": ensemble[m]} for m in METRICS}
+        out[f"{part}_per_class"] = _per_class_table(held.targets, held.ensemble)
+    if out[TEST]:  # did cross-validation's estimate hold on images that chose nothing?
         cv = out["cv"]["accuracy"]
-        fold_mean = out["external"]["accuracy"]["fold_mean"]
-        out["external_inside_cv_interval"] = bool(cv["low"] <= fold_mean <= cv["high"])
+        out["test_inside_cv_interval"] = bool(cv["low"] <= out[TEST]["accuracy"]["fold_mean"] <= cv["high"])
     return out
 
 
@@ -164,11 +192,11 @@ def single_changes(variants: dict[str, Variant]) -> list[tuple[str, str, str]]:
 
 
 def comparisons(results: dict[str, VariantResult], variants: dict[str, Variant], best: str,
-                external_targets: np.ndarray, params: EvaluateParams,
-                external_groups: np.ndarray | None = None) -> list[dict]:
+                params: EvaluateParams) -> list[dict]:
     """Paired comparisons of accuracy on the same folds and images: every single-setting change, then the best
-    variant against each other one. p-values are Holm-corrected over all of them. Where there is an external test
-    set, the fold ensembles are also compared there (paired bootstrap over its groups of images)."""
+    variant against each other one. p-values are Holm-corrected over all of them. Where there are external images,
+    the fold ensembles are also compared on each part (paired bootstrap over its groups of images): the development
+    part's difference is for choosing, the final test's only reports."""
     pairs = [(f"{SETTING_WORDS.get(s, s)}: {_setting(asdict(variants[a])[s])} → {_setting(asdict(variants[b])[s])}",
               a, b)
              for s, a, b in single_changes(variants)]
@@ -183,11 +211,15 @@ def comparisons(results: dict[str, VariantResult], variants: dict[str, Variant],
         boot = paired_bootstrap(ra.oof_targets, ra.oof_probs, rb.oof_probs, "accuracy", params.confidence,
                                 params.bootstrap, groups=ra.oof_groups)
         record = {"what": what, "a": a, "b": b, "corrected_t": asdict(t_test), "bootstrap": asdict(boot)}
-        if ra.external_probs is not None and rb.external_probs is not None:
-            # beside the CV test, not instead of it: the external set says whether the CV verdict held on new data
-            record["external"] = asdict(paired_bootstrap(external_targets, ra.external_probs, rb.external_probs,
-                                                         "accuracy", params.confidence, params.bootstrap,
-                                                         groups=external_groups))
+        if ra.external is not None and rb.external is not None:
+            # beside the CV test, not instead of it: the external images say whether the verdict held on new data
+            record["external"] = {}
+            for part in EXTERNAL_PARTS:
+                pa, pb = ra.external.part(part), rb.external.part(part)
+                if pa is not None:
+                    record["external"][part] = asdict(paired_bootstrap(
+                        pa.targets, pa.ensemble, pb.ensemble, "accuracy", params.confidence, params.bootstrap,
+                        groups=pa.groups))
         out.append(record)
     for c in out:
         c["test"] = params.test
@@ -263,9 +295,15 @@ def selection_aware(results: dict[str, VariantResult], folds: int, params: Evalu
             "method": "leave-one-fold-out selection"}
 
 
+def _finite(out: dict[str, float]) -> dict[str, float]:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
+
+
 def flat_metrics(stats: dict[str, dict], compared: list[dict], curves: dict[str, list[dict]],
                  selection: dict | None = None) -> dict[str, float]:
-    """The numbers `dvc metrics show/diff` and `dvc exp show` list: one level of keys, numbers only."""
+    """The numbers to choose settings by, for `dvc metrics show/diff` and `dvc exp show`: cross-validation, the
+    development part of the external images and the scarcity curve; one level of keys, numbers only. The final
+    test's numbers are apart, in `final_test_metrics`."""
     out: dict[str, float] = {}
     if selection is not None:  # the procedure's estimate, beside the winner's optimistic CV figure
         out["selection.accuracy"] = selection["accuracy"]["mean"]
@@ -279,19 +317,39 @@ def flat_metrics(stats: dict[str, dict], compared: list[dict], curves: dict[str,
         cv = s["cv"]["accuracy"]
         out.update({f"{name}.cv_accuracy": cv["mean"], f"{name}.cv_accuracy_std": cv["std"],
                     f"{name}.cv_accuracy_low": cv["low"], f"{name}.cv_accuracy_high": cv["high"]})
-        if s["external"]:
-            out[f"{name}.external_accuracy_fold_mean"] = s["external"]["accuracy"]["fold_mean"]
-            out.update({f"{name}.external_{m}": v["ensemble"] for m, v in s["external"].items()})
+        out.update(_part_metrics(name, s, DEV))
     for c in compared:
         out[f"compare.{c['b']}-{c['a']}.difference"] = c["difference"]
         out[f"compare.{c['b']}-{c['a']}.p_holm"] = c["p_holm"]
+        if DEV in c.get("external", {}):
+            out[f"compare.{c['b']}-{c['a']}.dev_difference"] = c["external"][DEV]["difference"]
     for name, points in curves.items():
         for p in points:
             if "oof_accuracy" in p:
                 out[f"scarcity.{name}.n{p['images_per_class']}.oof_accuracy"] = p["oof_accuracy"]
             if "test_accuracy_fold_mean" in p:
                 out[f"scarcity.{name}.n{p['images_per_class']}.test_accuracy"] = p["test_accuracy_fold_mean"]
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
+    return _finite(out)
+
+
+def _part_metrics(name: str, stats: dict, part: str) -> dict[str, float]:
+    if not stats[part]:
+        return {}
+    out = {f"{name}.{part}_accuracy_fold_mean": stats[part]["accuracy"]["fold_mean"]}
+    out.update({f"{name}.{part}_{m}": v["ensemble"] for m, v in stats[part].items()})
+    return out
+
+
+def final_test_metrics(stats: dict[str, dict], compared: list[dict]) -> dict[str, float]:
+    """The final test's numbers, in their own metrics file so that `dvc exp show` sets them apart: they report,
+    and choosing anything by them would make them optimistic."""
+    out: dict[str, float] = {}
+    for name, s in stats.items():
+        out.update(_part_metrics(name, s, TEST))
+    for c in compared:
+        if TEST in c.get("external", {}):
+            out[f"compare.{c['b']}-{c['a']}.test_difference"] = c["external"][TEST]["difference"]
+    return _finite(out)
 
 
 @dataclass(frozen=True)
@@ -343,10 +401,12 @@ def make_figures(results: dict[str, VariantResult], diagrams: dict[str, Diagrams
     level = f"{params.confidence:.0%}"
     labels = range(len(collected.classes))
     out = {}
-    external = {n: s["external"]["accuracy"]["fold_mean"] for n, s in stats.items() if s["external"]}
+    marks = {f"{what}, fold models": {n: s[part]["accuracy"]["fold_mean"] for n, s in stats.items() if s[part]}
+             for part, what in ((DEV, "development part"), (TEST, "final test"))}
     out["accuracy.png"] = figures.intervals_png(
         [(n, s["oof"]["accuracy"]["value"], s["oof"]["accuracy"]["low"], s["oof"]["accuracy"]["high"])
-         for n, s in stats.items()], names, f"out-of-fold accuracy ({level} bootstrap interval)", external or None)
+         for n, s in stats.items()], names, f"out-of-fold accuracy ({level} bootstrap interval)",
+        {k: v for k, v in marks.items() if v})
     if compared:
         out["differences.png"] = figures.differences_png(
             [(f"{c['b']} − {c['a']}", c["difference"], c["low"], c["high"], c["significant"]) for c in compared],
@@ -358,12 +418,12 @@ def make_figures(results: dict[str, VariantResult], diagrams: dict[str, Diagrams
     losses = {n: r.loss_curve for n, r in results.items() if r.loss_curve is not None}
     if losses:
         out["training.png"] = figures.training_png(losses, names)
-    ext_targets = collected.external.target.to_numpy()
     for n, r in results.items():
         counts = sum(confusion_matrix(r.oof_targets, p.argmax(1), labels=labels) for p in r.oof_probs)
         out[f"confusion_{n}.png"] = figures.confusion_png(counts, collected.classes, f"{n} (out-of-fold)")
-        if r.external_probs is not None:
-            counts = confusion_matrix(ext_targets, r.external_probs.argmax(1), labels=labels)
-            out[f"confusion_{n}_external.png"] = figures.confusion_png(
-                counts, collected.classes, f"{n} (external test, ensemble of folds)")
+        held = r.external.part(DEV) if r.external is not None else None
+        if held is not None:  # the errors to learn from are on the images meant for choosing, not on the final test
+            counts = confusion_matrix(held.targets, held.ensemble.argmax(1), labels=labels)
+            out[f"confusion_{n}_dev.png"] = figures.confusion_png(
+                counts, collected.classes, f"{n} (development part, ensemble of folds)")
     return out

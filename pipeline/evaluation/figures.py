@@ -51,21 +51,25 @@ def confusion_png(counts: np.ndarray, classes: Sequence[str], title: str) -> byt
     return _png(fig)
 
 
+MARKERS = ("x", "+", "1")
+
+
 def intervals_png(rows: Sequence[tuple[str, float, float, float]], names: Sequence[str], xlabel: str,
-                  external: dict[str, float] | None = None) -> bytes:
-    """Each variant's estimate (name, value, low, high) as a dot with its interval, best at the top; a cross marks
-    the external test score where there is one."""
+                  marks: dict[str, dict[str, float]] | None = None) -> bytes:
+    """Each variant's estimate (name, value, low, high) as a dot with its interval, best at the top; `marks` adds,
+    per label, a marker at each variant's score elsewhere (the external images' parts)."""
     plt = _pyplot()
     rows = sorted(rows, key=lambda r: r[1])
     fig, ax = plt.subplots(figsize=(7, 0.9 + 0.45 * len(rows)))
     for y, (name, value, low, high) in enumerate(rows):
         ax.errorbar(value, y, xerr=[[value - low], [high - value]], fmt="o", color=colour(names, name), capsize=4)
-        if external and name in external:
-            ax.plot(external[name], y, "x", color="black", markersize=8,
-                    label="external test" if y == len(rows) - 1 else None)
+    for marker, (label, values) in zip(MARKERS, (marks or {}).items()):
+        ys = [y for y, row in enumerate(rows) if row[0] in values]
+        ax.plot([values[rows[y][0]] for y in ys], ys, marker, color="black", markersize=8, linestyle="none",
+                label=label)
     ax.set(yticks=range(len(rows)), yticklabels=[r[0] for r in rows], xlabel=xlabel)
     ax.grid(axis="x", alpha=0.3)
-    if external:
+    if marks:
         ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
 

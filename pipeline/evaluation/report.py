@@ -16,7 +16,7 @@ import jinja2
 import numpy as np
 from markupsafe import Markup, escape
 
-from pipeline.data.collected import Collected, natural_key
+from pipeline.data.collected import DEV, TEST, Collected, natural_key
 from pipeline.runtime import atomic
 from pipeline.runtime.params import Variant
 
@@ -91,7 +91,8 @@ class Assets:
 def data_summary(collected: Collected) -> dict:
     """What the report says about the data: counts per split and class, folds, repeats, groups."""
     labelled = collected.labelled
-    return {"labelled": len(labelled), "external": len(collected.external), "classes": list(collected.classes),
+    return {"labelled": len(labelled), "external": len(collected.external), "dev": len(collected.part(DEV)),
+            "test": len(collected.part(TEST)), "classes": list(collected.classes),
             "per_class": {c: int((labelled.target == i).sum()) for i, c in enumerate(collected.classes)},
             "folds": len(collected.folds), "repeats": len(collected.repeats),
             "groups": int(labelled.group.nunique())}
@@ -136,8 +137,9 @@ def headline(ev: dict) -> list:
     oof = s["oof"]["accuracy"]
     lines = [f"{d['labelled']} labelled images in {len(d['classes'])} classes, {d['folds']}-fold cross-validation"
              + (f" repeated {d['repeats']} times" if d["repeats"] > 1 else "")
-             + (f"; {d['external']} external test images that no variant or fold model trained on." if d["external"]
-                else "."),
+             + (f"; {d['external']} external images that no variant or fold model trained on: {d['dev']} in the "
+                f"development part, for choosing settings, and {d['test']} in the final test, which only reports."
+                if d["external"] else "."),
              f"**{best}** did best: out-of-fold accuracy **{_f(oof['value'])}** ({level} interval "
              f"{_f(oof['low'])} to {_f(oof['high'])})."]
     selection = ev.get("selection")
@@ -148,13 +150,17 @@ def headline(ev: dict) -> list:
                      f"on the other folds and scoring the choice on the held-out one (leave-one-fold-out selection) "
                      f"estimates the whole choose-then-train procedure: **{_f(aware['mean'])}** per fold model "
                      f"({level} interval {_f(aware['low'])} to {_f(aware['high'])}).")
-    ext = s["external"]
-    if ext:
-        inside = "inside" if s["external_inside_cv_interval"] else "outside"
+    dev, test = s[DEV], s[TEST]
+    if dev:
+        lines.append(f"On the development part its fold models score {_f(dev['accuracy']['fold_mean'])} on average, "
+                     f"their ensemble {_f(dev['accuracy']['ensemble'])}.")
+    if test:
+        inside = "inside" if s["test_inside_cv_interval"] else "outside"
         cv = s["cv"]["accuracy"]
-        lines.append(f"On the external test set its fold models score {_f(ext['accuracy']['fold_mean'])} on average "
-                     f"({inside} the cross-validation interval {_ci(cv['low'], cv['high'])} for a fold model), and "
-                     f"their ensemble {_f(ext['accuracy']['ensemble'])}.")
+        lines.append(f"On the **final test**, which chose nothing, its fold models score "
+                     f"{_f(test['accuracy']['fold_mean'])} on average ({inside} the cross-validation interval "
+                     f"{_ci(cv['low'], cv['high'])} for a fold model), and their ensemble "
+                     f"**{_f(test['accuracy']['ensemble'])}**.")
     return [Text(" ".join(lines))]
 
 
@@ -174,9 +180,9 @@ def verdicts(ev: dict) -> list[str]:
             text = f"**{words[0] if c['difference'] > 0 else words[1]}:** {body}."
         else:
             text = f"**Not significant:** {body}; this data cannot tell the two apart."
-        if "external" in c:
-            x = c["external"]
-            text += (f" On the external test set the fold ensembles differ by {x['difference']:+.3f} "
+        x = c.get("external", {}).get(DEV)
+        if x:
+            text += (f" On the development part the fold ensembles differ by {x['difference']:+.3f} "
                      f"({x['low']:+.3f} to {x['high']:+.3f}, p {_p(x['p_value'], resamples)}).")
         out.append(text)
     return out
@@ -193,51 +199,91 @@ def comparison_summary(ev: dict) -> str:
         text += (f" The corrected t-test sees {d['folds']} folds, {d['folds'] - 1} degrees of freedom, so only "
                  "large differences pass; more repeats of the split (`collect.repeats: [0, 1, 2, ...]`) give it "
                  "more power.")
-    if any("external" in c for c in compared):
-        text += (" The external test set is far larger than the cross-validation, so its differences are "
-                 "measured much more tightly; they are shown beside each verdict, not used for it.")
+    if any(DEV in c.get("external", {}) for c in compared):
+        text += (" The development part of the external images is far larger than the cross-validation, so its "
+                 "differences are measured much more tightly; they are shown beside each verdict, not used for it. "
+                 "The final test's differences are in its own section below.")
     return text
 
 
 def variants_table(ev: dict) -> Table:
+    """Every variant's figures to choose by: cross-validation and the development part."""
     level = f"{ev['params']['confidence']:.0%}"
-    has_ext = any(s["external"] for s in ev["variants"].values())
+    has_dev = any(s[DEV] for s in ev["variants"].values())
     header = ["variant", "recipe", f"out-of-fold accuracy [{level}]", f"per-fold mean ± std [{level} corrected]",
               "balanced accuracy", "macro-F1", "ROC AUC", "log loss", "ECE"]
-    if has_ext:
-        header += ["external, fold models", "external, ensemble", "external inside CV interval?"]
+    if has_dev:
+        header += ["development part, fold models", "development part, ensemble"]
     rows = []
-    for name, s in sorted(ev["variants"].items(), key=lambda kv: -kv[1]["cv"]["accuracy"]["mean"]):
+    for name, s in _by_cv(ev):
         o, cv = s["oof"], s["cv"]["accuracy"]
         row = [f"**{name}**" if name == ev["best"] else name, s["recipe"],
                f"{_f(o['accuracy']['value'])} {_ci(o['accuracy']['low'], o['accuracy']['high'])}",
                f"{_f(cv['mean'])} ± {_f(cv['std'])} {_ci(cv['low'], cv['high'])}"]
         row += [f"{_f(o[m]['value'])} {_ci(o[m]['low'], o[m]['high'])}"
                 for m in ("balanced_accuracy", "macro_f1", "roc_auc", "log_loss", "ece")]
-        if has_ext:
-            e = s["external"]
-            row += ([f"{_f(e['accuracy']['fold_mean'])} ± {_f(e['accuracy']['fold_std'])}",
-                     _f(e["accuracy"]["ensemble"]), "yes" if s["external_inside_cv_interval"] else "**no**"]
-                    if e else ["–", "–", "–"])
+        if has_dev:
+            row += _fold_and_ensemble(s[DEV])
         rows.append(row)
     return Table(header, rows)
 
 
+def _by_cv(ev: dict) -> list[tuple[str, dict]]:
+    return sorted(ev["variants"].items(), key=lambda kv: -kv[1]["cv"]["accuracy"]["mean"])
+
+
+def _fold_and_ensemble(part: dict | None) -> list[str]:
+    if not part:
+        return ["–", "–"]
+    return [f"{_f(part['accuracy']['fold_mean'])} ± {_f(part['accuracy']['fold_std'])}",
+            _f(part["accuracy"]["ensemble"])]
+
+
+def _part_difference(c: dict, part: str, resamples: int) -> str:
+    x = c.get("external", {}).get(part)
+    return f"{x['difference']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}], p {_p(x['p_value'], resamples)}" if x else "–"
+
+
 def comparisons_table(ev: dict) -> Table:
-    has_ext = any("external" in c for c in ev["comparisons"])
+    has_dev = any(DEV in c.get("external", {}) for c in ev["comparisons"])
     rows, resamples = [], ev["params"]["bootstrap"]
     for c in ev["comparisons"]:
         row = [c["what"], f"{c['a']} → {c['b']}", f"{c['difference']:+.3f}", f"[{c['low']:+.3f}, {c['high']:+.3f}]",
                _p(c["corrected_t"]["p_value"]), _p(c["bootstrap"]["p_value"], resamples), TEST_NAMES[c["test"]],
                _p(c["p_holm"]), "**yes**" if c["significant"] else "no"]
-        if has_ext:
-            x = c.get("external")
-            row.append(f"{x['difference']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}], "
-                       f"p {_p(x['p_value'], resamples)}" if x else "–")
+        if has_dev:
+            row.append(_part_difference(c, DEV, resamples))
         rows.append(row)
     return Table(["change", "variants", "accuracy difference", "interval", "p, corrected t", "p, paired bootstrap",
                   "test used", "its p, Holm-corrected", "significant"]
-                 + (["external test: ensemble difference"] if has_ext else []), rows)
+                 + (["development part: ensemble difference"] if has_dev else []), rows)
+
+
+def final_test_blocks(ev: dict) -> list:
+    """The final test, apart from everything used to choose: it reports how the chosen recipe does on images that
+    chose nothing."""
+    if not any(s[TEST] for s in ev["variants"].values()):
+        return []
+    level = f"{ev['params']['confidence']:.0%}"
+    resamples = ev["params"]["bootstrap"]
+    rows = [[f"**{name}**" if name == ev["best"] else name, *_fold_and_ensemble(s[TEST]),
+             ("yes" if s["test_inside_cv_interval"] else "**no**") if s[TEST] else "–"] for name, s in _by_cv(ev)]
+    blocks = [Heading("The final test"),
+              Text(f"{ev['data']['test']} external images that chose nothing: the best variant was chosen on "
+                   "cross-validation, and settings are meant to be tuned on cross-validation and the development "
+                   "part. These figures only report; choosing by them (here or in `dvc exp show`, where they sit "
+                   "apart in reports/test_metrics.json) would make them optimistic too. The last column says "
+                   "whether the fold models' final-test accuracy lies inside the cross-validation interval (when "
+                   "it does not, CV was optimistic or pessimistic for that variant)."),
+              Table(["variant", "final test, fold models (mean ± std)", "final test, ensemble",
+                     f"inside the {level} CV interval?"], rows)]
+    if ev["comparisons"]:
+        blocks += [Text("The comparisons above, on the final test (paired bootstrap of the fold ensembles over its "
+                        "groups of images):"),
+                   Table(["change", "variants", "final test: ensemble difference [interval], p"],
+                         [[c["what"], f"{c['a']} → {c['b']}", _part_difference(c, TEST, resamples)]
+                          for c in ev["comparisons"]])]
+    return blocks
 
 
 def scarcity_blocks(ev: dict, figures: Path) -> list:
@@ -280,14 +326,14 @@ def error_blocks(ev: dict, figures: Path) -> list:
     classes = ev["data"]["classes"]
     blocks = [Heading("Where the errors are"),
               Text("Confusion matrices of the out-of-fold predictions (rows: true class), and of the ensemble on the "
-                   "external test set where there is one. Per-class tables below.")]
+                   "development part of the external images where there is one. Per-class tables below.")]
     for name, s in ev["variants"].items():
         pictures = [Figure(figures / f"confusion_{name}.png", f"{name}, out-of-fold")]
-        if (figures / f"confusion_{name}_external.png").exists():
-            pictures.append(Figure(figures / f"confusion_{name}_external.png", f"{name}, external test"))
+        if (figures / f"confusion_{name}_dev.png").exists():
+            pictures.append(Figure(figures / f"confusion_{name}_dev.png", f"{name}, development part"))
         inner = [Figures(pictures), Text("Out-of-fold:"), per_class_table(classes, s["oof_per_class"])]
-        if s.get("external_per_class"):
-            inner += [Text("External test, ensemble:"), per_class_table(classes, s["external_per_class"])]
+        if s.get("dev_per_class"):
+            inner += [Text("Development part, ensemble:"), per_class_table(classes, s["dev_per_class"])]
         blocks.append(Details(f"{name}" + (" (best)" if name == ev["best"] else ""), inner))
     return blocks
 
@@ -297,7 +343,8 @@ def data_blocks(ev: dict, assets: Assets) -> list:
     per_class = ", ".join(f"{c}: {n}" for c, n in d["per_class"].items())
     blocks = [Heading("The data"),
               Text(f"{d['labelled']} labelled images ({per_class}) in {d['groups']} near-duplicate groups, which "
-                   f"folds keep together; {d['external']} external test images.")]
+                   f"folds keep together; {d['external']} external images ({d['dev']} development, {d['test']} final "
+                   "test).")]
     blocks += [Figures([Figure(p, p.stem.replace("_", " ")) for p in assets.data_card])] if assets.data_card else []
     if assets.preview is not None:
         blocks += [Heading("Augmentation", 3), Text("Training images (top of each pair) and augmented versions."),
@@ -335,6 +382,7 @@ def document(ev: dict, figures: Path, assets: Assets) -> list:
         if (figures / "differences.png").exists():
             blocks.append(Figure(figures / "differences.png", "Paired differences in accuracy"))
         blocks.append(comparisons_table(ev))
+    blocks += final_test_blocks(ev)
     blocks += scarcity_blocks(ev, figures)
     blocks += error_blocks(ev, figures)
     blocks += [Heading("Calibration and ranking"),

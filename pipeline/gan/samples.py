@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.data.collected import Collected
+from pipeline.data.collected import DEV, Collected
 from pipeline.gan.conditional import TrainedGan, generate, train_gan
 from pipeline.gan.quality import (
     SeenClassesProbe,
@@ -26,7 +26,7 @@ from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import SynthesizeParams
 from pipeline.training.probe import ImageFeatures
 
-CAS_EXTERNAL_IMAGES = 1000  # external test images CAS is also measured on, when the data has them
+CAS_DEV_IMAGES = 1000  # development-part images CAS is also measured on, when the data has them
 
 
 @dataclass
@@ -79,10 +79,10 @@ def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake
         "acceptance_per_class": {collected.classes[c]: round(a, 4) for c, a in chosen.acceptance.items()},
     }
     tests = {"": (extract(val_images), val_targets)}
-    if len(collected.external):  # a fold's validation part is a handful of images; the external set is not
-        sample = collected.external.sample(min(CAS_EXTERNAL_IMAGES, len(collected.external)), random_state=0)
-        images, targets = collected.select(sample)
-        tests["_external"] = (extract(images), targets)
+    dev = collected.part(DEV)  # a fold's validation part is a handful of images; the development part is not
+    if len(dev):  # GAN settings are compared by these, so never on the final test
+        images, targets = collected.select(dev.sample(min(CAS_DEV_IMAGES, len(dev)), random_state=0))
+        tests["_dev"] = (extract(images), targets)
     trained_on = {"cas_synthetic": (fake_f[kept], fake_labels[kept]), "cas_candidates": (fake_f, fake_labels),
                   "cas_real": (real_f, train_targets)}
     for suffix, (test_f, test_y) in tests.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict
 
+from pipeline.data.collected import DEV, TEST
 from pipeline.data.decode import Normalise
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import FinalParams, FinetuneParams, Variant
@@ -35,7 +36,7 @@ def model_card(name: str, variant: Variant, model, finetune: FinetuneParams, ima
                       "max_pixels": image.max_pixels},
             "trained_on_images": trained_on, "data_sha256": data_hash,
             "params": {"variant": asdict(variant), "finetune": asdict(finetune)},
-            "cross_validation": {"oof": cv["oof"], "cv": cv["cv"], "external": cv["external"]},
+            "cross_validation": {"oof": cv["oof"], "cv": cv["cv"], DEV: cv[DEV], TEST: cv[TEST]},
             "selection": selection_note(name, evaluation)}
 
 
@@ -68,8 +69,12 @@ def card_markdown(card: dict) -> str:
                      f"figure above is optimistic; the choose-then-train procedure, estimated by "
                      f"{card['selection']['method']}: {aware['mean']:.3f} per fold model ({aware['low']:.3f} to "
                      f"{aware['high']:.3f})")
-    if "final_external_accuracy" in card:
-        lines.append(f"- This model on the external test set: {card['final_external_accuracy']:.3f}")
+    final = card.get("final_accuracy", {})
+    if DEV in final:
+        lines.append(f"- This model on the development part of the external images (settings may have been chosen "
+                     f"on it): {final[DEV]:.3f}")
+    if TEST in final:
+        lines.append(f"- This model on the final test (external images that chose nothing): {final[TEST]:.3f}")
     lines += ["", "Files: `model.safetensors` (weights), `model.torchscript.pt` and `model.onnx` (logits from float "
               "images N x C x H x W), this card as `model_card.json`.", ""]
     return "\n".join(lines)

@@ -31,7 +31,8 @@ PREDICTIONS_FILE = "predictions.npz"
 PREVIEW_FILE = "preview.png"
 
 
-METRICS = REPORTS / "metrics.json"  # evaluate: flat DVC metrics
+METRICS = REPORTS / "metrics.json"  # evaluate: flat DVC metrics to choose by (CV, development part, curve)
+TEST_METRICS = REPORTS / "test_metrics.json"  # evaluate: the final test's flat metrics, which only report
 EVALUATION = REPORTS / "evaluation.json"  # evaluate: every number of the report
 REPORT = REPORTS / "report.md"
 REPORT_HTML = REPORTS / "report.html"  # the same report, one self-contained file

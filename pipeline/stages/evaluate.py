@@ -5,14 +5,16 @@
   did not train on it; averaged over repeats), with bootstrap intervals over groups of images (a group of
   near-duplicates or a CSV's group is drawn whole); the mean over folds with the
   Nadeau-Bengio corrected t interval (which accounts for folds sharing training images); per-class precision and
-  recall; on the external test set, each fold model and the ensemble of fold models, and whether the CV interval
-  contains the fold models' external accuracy.
+  recall; on each part of the external images (the development part, for choosing settings, and the final test,
+  which only reports), each fold model and the ensemble of fold models, and whether the CV interval contains the
+  fold models' final-test accuracy.
 - Comparisons on the same folds: every pair of variants that differs in one setting (what that ingredient bought)
   and the best variant against each other one, by the corrected resampled t-test and by a paired bootstrap over
   groups of images, Holm-corrected over the comparisons; `evaluate.test` picks the one the report's words follow.
 - The label-scarcity curve from the scarcity stage.
 
-Writes reports/metrics.json (flat DVC metrics), reports/evaluation.json (everything), reports/plots/ and
+Writes reports/metrics.json (flat DVC metrics to choose by: CV, the development part, the curve),
+reports/test_metrics.json (the final test's, apart so that nobody chooses by them), reports/evaluation.json (everything), reports/plots/ and
 reports/figures/ (DVC plots), and the report as reports/report.md and the self-contained reports/report.html.
 """
 
@@ -29,6 +31,7 @@ from pipeline.evaluation.analysis import (
     FoldDir,
     PointDir,
     comparisons,
+    final_test_metrics,
     flat_metrics,
     load_variant,
     make_figures,
@@ -59,6 +62,7 @@ class EvaluateInputs:
 @dataclass(frozen=True)
 class EvaluateOutputs:
     metrics: Path
+    test_metrics: Path
     evaluation: Path
     report_md: Path
     report_html: Path
@@ -86,11 +90,10 @@ def run(params: EvaluateParams, variants: dict[str, Variant], scarcity: Scarcity
     """Evaluate every variant's fold predictions and the scarcity curve; write metrics, plots, figures and the
     report; return the evaluation."""
     collected = load_collected(inputs.collected)
-    ext_targets = collected.external.target.to_numpy()
     results = {name: load_variant(name, collected, inputs.finetune) for name in variants}
-    stats = {name: variant_statistics(r, ext_targets, params) for name, r in results.items()}
-    best = max(stats, key=lambda v: stats[v]["cv"]["accuracy"]["mean"])
-    compared = comparisons(results, variants, best, ext_targets, params, collected.external.group.to_numpy())
+    stats = {name: variant_statistics(r, params) for name, r in results.items()}
+    best = max(stats, key=lambda v: stats[v]["cv"]["accuracy"]["mean"])  # chosen on CV, never on the final test
+    compared = comparisons(results, variants, best, params)
     curves = scarcity_curves(collected, scarcity, inputs.scarcity, params)
     selection = selection_aware(results, len(collected.folds), params)
     evaluation = {"data": report.data_summary(collected), "params": asdict(params), "best": best,
@@ -107,6 +110,7 @@ def run(params: EvaluateParams, variants: dict[str, Variant], scarcity: Scarcity
     report.write(evaluation, outputs.figures, assets, outputs.report_md, outputs.report_html)
     atomic.write_json(outputs.evaluation, evaluation, indent=1)
     atomic.write_json(outputs.metrics, flat_metrics(stats, compared, curves, selection), indent=1)
+    atomic.write_json(outputs.test_metrics, final_test_metrics(stats, compared), indent=1)
     log.info("evaluate: best variant %s (CV accuracy %.3f); report in %s", best,
              stats[best]["cv"]["accuracy"]["mean"], outputs.report_html)
     return evaluation
@@ -116,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     _, params = stage_args(__doc__, argv, PARAMS)
     inputs = EvaluateInputs(paths.COLLECTED, paths.finetune_dir, paths.scarcity_dir, paths.AUGMENT / paths.PREVIEW_FILE,
                             paths.REPORTS / paths.DATA_CARD_DIR, paths.SYNTHESIZE_REPORTS)
-    outputs = EvaluateOutputs(paths.METRICS, paths.EVALUATION, paths.REPORT, paths.REPORT_HTML, paths.FIGURES,
-                              paths.PLOTS)
+    outputs = EvaluateOutputs(paths.METRICS, paths.TEST_METRICS, paths.EVALUATION, paths.REPORT, paths.REPORT_HTML,
+                              paths.FIGURES, paths.PLOTS)
     run(params.evaluate, params.variants, params.scarcity, inputs, outputs)
 
 

@@ -4,8 +4,8 @@
 as in cross-validation (same recipe, same number of epochs), only on all the labelled images instead of k-1
 folds of them, so the CV figures describe it (slightly pessimistically: it saw 1/k more data). A variant with
 GAN samples gets a GAN trained on every labelled image, filtered as in synthesize. Writes
-data/model/ (weights, model card, TorchScript and ONNX exports; see pipeline/inference/model.py) and, where there is
-an external test set, the final model's accuracy there in reports/final.json.
+data/model/ (weights, model card, TorchScript and ONNX exports; see pipeline/inference/model.py) and, where there are
+external images, the final model's accuracy on their development part and final test in reports/final.json.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.collected import Collected, load_collected
+from pipeline.data.collected import EXTERNAL_PARTS, Collected, load_collected
 from pipeline.data.decode import Normalise
 from pipeline.gan.samples import make_samples
 from pipeline.inference import model as inference
@@ -53,7 +53,7 @@ class FinalSettings:
 @dataclass(frozen=True)
 class FinalOutputs:
     folder: Path  # the model folder
-    metrics: Path  # the final model's external accuracy (DVC metrics)
+    metrics: Path  # the final model's accuracy on each part of the external images (DVC metrics)
     checkpoints: Path | None = None
 
 
@@ -91,17 +91,18 @@ def run(settings: FinalSettings, inputs: FinalInputs, outputs: FinalOutputs) -> 
                       manifest_hash(list(rows.sha256)), len(images))
     if variant.synthetic:
         card["gan"] = {"samples": len(data.synthetic), **gan, "params": asdict(settings.synthesize)}
-    metrics = {}
-    if len(external_targets):
-        card["final_external_accuracy"] = float((outcome.probs[0].argmax(1) == external_targets).mean())
-        metrics["external_accuracy"] = card["final_external_accuracy"]
+    correct = outcome.probs[0].argmax(1) == external_targets
+    parts = collected.external.part.to_numpy()
+    card["final_accuracy"] = {part: float(correct[parts == part].mean()) for part in EXTERNAL_PARTS
+                              if (parts == part).any()}
+    metrics = {f"{part}_accuracy": value for part, value in card["final_accuracy"].items()}
     with atomic.atomic_dir(outputs.folder) as tmp:
         inference.save_model(tmp, outcome.model, card)
         inference.export(outcome.model, card, tmp)
         atomic.write_text(tmp / inference.CARD_MD_FILE, card_markdown(card))
     atomic.write_json(outputs.metrics, metrics)
     log.info("final: %s trained on %d images%s", name, len(images),
-             f"; external accuracy {card['final_external_accuracy']:.3f}" if len(external_targets) else "")
+             "".join(f"; {part} accuracy {value:.3f}" for part, value in card["final_accuracy"].items()))
     return card
 
 

@@ -60,10 +60,36 @@ def test_default_params_yaml_is_valid():
     ({"evaluate.test": "wilcoxon"}, r"`evaluate.test` must be one of 'corrected_t', 'bootstrap'"),
     ({"evaluate.bootstrap": 10}, r"`evaluate.bootstrap` must be from 100 to 100000"),
     ({"evaluate.alpha": 0.5}, r"`evaluate.alpha` must be in \(0, 0.5\)"),
+    ({"collect.dev_fraction": 1.0}, r"`collect.dev_fraction` must be from 0 \(the whole external set is the final test\)"),
+    # a misspelt backbone is refused when params are read, naming the close matches, not at finetune
+    ({"variants.baseline.backbone": "efficentnet_lite0"},
+     r"`variants.baseline.backbone` 'efficentnet_lite0' is not a timm model nor compact_cnn; did you mean "
+     r"efficientnet_lite0 or efficientnet_lite\d or efficientnet_lite\d\?"),
+    ({"variants.cnn.backbone": "compactcnn"}, r"did you mean compact_cnn"),
+    ({"variants.baseline.backbone": "zzzz_no_such_model"}, r"is not a timm model nor compact_cnn \(see timm"),
+    ({"variants.baseline.backbone": "resnet18"},
+     r"`variants.baseline.weights` must be hub, none or file:PATH for resnet18 \(packaged ImageNet weights exist for "
+     r"efficientnet_lite0, efficientnet_lite1, efficientnet_lite2\)"),
+    ({"synthesize.feature_backbone": "efficientnet_lite9"},
+     r"`synthesize.feature_backbone` 'efficientnet_lite9' is not a timm model nor compact_cnn; did you mean"),
 ])
 def test_bad_values_are_refused_with_the_key_named(overrides, message):
     with pytest.raises(PipelineError, match=message):
         parse_params(with_overrides(raw_params(), overrides))
+
+
+def test_the_backbone_lists_agree_with_the_installed_timm_and_the_packaged_weights():
+    import timm
+
+    from pipeline.runtime import params
+    from pipeline.training import backbones
+
+    # (importing backbones registers our compact_cnn with timm)
+    assert params.timm_models() == frozenset(timm.list_models()) - set(params.OWN_BACKBONES), (
+        "pipeline/runtime/timm_models.txt is stale: regenerate it from timm.list_models()")
+    assert set(params.PACKAGED_BACKBONES) == set(backbones.PACKAGED_WEIGHTS)
+    assert parse_params(with_overrides(raw_params(), {"variants.baseline.backbone": "resnet18",
+                                                      "variants.baseline.weights": "hub"}))
 
 
 def test_missing_key_is_named():

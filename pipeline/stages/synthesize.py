@@ -32,7 +32,7 @@ from pipeline.runtime.checkpoint import Checkpointing
 from pipeline.runtime.cli import cli, stage_args
 from pipeline.runtime.compute import World, leave_process_group, pick_device, seed_everything, torchrun_world
 from pipeline.runtime.fingerprint import fingerprint
-from pipeline.runtime.params import SynthesizeParams
+from pipeline.runtime.params import SynthesizeParams, gan_side
 
 log = logging.getLogger(__name__)
 # The params sections this stage reads; dvc.yaml lists the same (a test checks both).
@@ -114,6 +114,7 @@ def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path |
         return {}
     trained, quality = made.trained, made.quality
     meta = {"repeat": repeat, "fold": fold, "device": str(device), "processes": world.size, "steps": params.steps,
+            "gan_image_size": gan_side(params.image_size, images.shape[1]), "image_size": int(images.shape[1]),
             "resumed_from_step": trained.resumed_from, "train_seconds": round(made.seconds, 2),
             "steps_per_second": round((params.steps - trained.resumed_from) / max(made.seconds, 1e-9), 2),
             "augment_p": round(trained.augment_p, 4), **quality, "classes": list(collected.classes),

@@ -80,6 +80,26 @@ def collected_dir(tmp_path_factory, tiny_params) -> Path:
     return out
 
 
+# Real colour photos (CC0, 10 classes of clothing, about 256 x 341 px), laid beside the repository as
+# ../shared/datasets/clothing-small; PHOTOS_DIR points elsewhere.
+PHOTOS = Path(os.environ.get("PHOTOS_DIR", ROOT.parent / "shared" / "datasets" / "clothing-small"))
+
+
+def photo_folder(dest: Path, classes: int = 3, per_class: int = 6) -> Path:
+    """A folder source of real photos: the first `per_class` photos of the first `classes` classes, one
+    subfolder per class (copied, so a test may add or break files)."""
+    if not PHOTOS.is_dir():
+        message = f"the photo tests need the clothing-small photos at {PHOTOS} (or PHOTOS_DIR)"
+        if os.environ.get("REQUIRE_PHOTOS"):  # CI sets it: there missing photos are a failure, not a skip
+            pytest.fail(message)
+        pytest.skip(message)
+    for label in sorted(p.name for p in PHOTOS.iterdir() if p.is_dir())[:classes]:
+        (dest / label).mkdir(parents=True, exist_ok=True)
+        for photo in sorted((PHOTOS / label).iterdir())[:per_class]:
+            shutil.copy(photo, dest / label / photo.name)
+    return dest
+
+
 def digit_images(per_class: int, classes: int = 3, size: int = 24) -> dict[int, list[np.ndarray]]:
     """Real handwritten digits from scikit-learn, upscaled to `size` px, `per_class` distinct ones per class."""
     from sklearn.datasets import load_digits

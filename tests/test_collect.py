@@ -18,7 +18,7 @@ from pipeline.data.decode import Normalise, decode_file, pixel_sha256
 from pipeline.runtime.errors import PipelineError
 from pipeline.stages import collect
 
-from conftest import digit_images, make_params
+from conftest import digit_images, make_params, photo_folder
 from corpus import ACCEPTED, DUPLICATE, ZERO, mnist_digits, sideways_jpeg, write_corpus
 
 
@@ -85,6 +85,34 @@ def test_a_group_of_near_duplicates_never_sits_on_both_sides_of_the_development_
         assert np.array_equal(dev, folds.dev_part(labels, groups, fraction, seed=3))
     assert not folds.dev_part(labels, groups, 0.0, seed=3).any()
     assert not folds.dev_part(labels, pd.Series([1] * 400), 0.5, seed=3).any()  # one group: it all stays test
+
+
+def test_auto_settings_look_at_the_photos_and_the_digits_settings_on_photos_get_warnings(tmp_path):
+    folder = photo_folder(tmp_path / "photos")
+    summary, data, _ = run_collect(tmp_path, "auto", collect__source="folder", collect__folder=str(folder),
+                                   collect__channels="auto", collect__image_size="auto", collect__min_side=16)
+    # colour photos of about 256 x 341: 3 channels, stored at their median shorter side (under the 260 px cap)
+    assert data.images.shape[1:] == (256, 256, 3) and (summary["image_size"], summary["channels"]) == (256, 3)
+    assert summary["chosen_from_data"]["channels"] == {"value": 3, "why": "18 of 18 pictures are in colour"}
+    assert "median shorter side is 256 px" in summary["chosen_from_data"]["image_size"]["why"]
+    assert summary["warnings"] == []
+    assert data.images[..., 0].astype(int).std() > 0 and (data.images[..., 0] != data.images[..., 2]).any()
+    card = (tmp_path / "auto-reports" / "data_card.md").read_text()
+    assert "`collect.channels: auto` chose **3**" in card and "`collect.image_size: auto` chose **256**" in card
+    # the bundled digits' settings on the same photos: stored as asked, with a warning for each
+    summary, data, _ = run_collect(tmp_path, "digits", collect__source="folder", collect__folder=str(folder),
+                                   collect__channels=1, collect__image_size=32)
+    assert data.images.shape[1:] == (32, 32, 1) and len(summary["warnings"]) == 2
+    assert "18 of 18 pictures are in colour" in summary["warnings"][0]
+    assert "median shorter side is 256 px" in summary["warnings"][1]
+    assert "**Warning:** collect.channels is 1" in (tmp_path / "digits-reports" / "data_card.md").read_text()
+
+
+def test_auto_settings_are_for_a_users_own_pictures():
+    with pytest.raises(PipelineError, match="`collect.image_size` must be a number for a bundled dataset"):
+        make_params(collect__image_size="auto")
+    with pytest.raises(PipelineError, match="`collect.channels` must be one of 1, 3, 'auto'"):
+        make_params(collect__source="folder", collect__channels="rgb")
 
 
 def test_same_seed_same_draw_other_seed_other_draw(tmp_path, collected_dir):

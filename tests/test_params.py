@@ -37,7 +37,7 @@ def test_default_params_yaml_is_valid():
     ({"collect.download.retries": 50}, r"`collect.download.retries` must be from 0 to 10"),
     ({"collect.download.timeout": "fast"}, r"`collect.download.timeout` must be a number"),
     ({"collect.download.proxy": "x"}, r"unknown key `collect.download.proxy`"),
-    ({"collect.image_size": 2000}, r"`collect.image_size` must be from 16 to 1024 pixels"),
+    ({"collect.image_size": 2000}, r"`collect.image_size` must be auto or from 16 to 1024 pixels"),
     ({"synthesize.image_size": 48}, r"`synthesize.image_size` must be 0 \(from collect.image_size\) or one of 16, 32"),
     ({"finetune.warmup_epochs": -1}, r"`finetune.warmup_epochs` must be >= 0"),
     ({"finetune.device": "tpu"}, r"`finetune.device` must be one of 'auto', 'cpu', 'cuda'"),

@@ -161,13 +161,14 @@ def decide(params: CollectParams, intake: Intake) -> Outcome:
     accepted = len(table)
     manifest, classes = build_manifest(limit_external(table, params), params)
     rejects = pd.DataFrame(intake.rejects, columns=REJECT_COLUMNS)
-    summary = summarise(params, intake, manifest, duplicates, accepted=accepted, classes=classes)
     images = np.stack([intake.pictures[i].decoded.pixels for i in manifest.picture])
+    summary = summarise(params, intake, manifest, duplicates, accepted=accepted, classes=classes,
+                        stored=images.shape[1:])
     return Outcome(manifest, classes, images, duplicates, rejects, summary)
 
 
 def summarise(params: CollectParams, intake: Intake, manifest: pd.DataFrame, duplicates: pd.DataFrame,
-              accepted: int, classes: list[str]) -> dict:
+              accepted: int, classes: list[str], stored: tuple[int, int, int]) -> dict:
     labelled = manifest[manifest.split == LABELLED]
     not_kept = accepted - len(manifest)  # external pictures beyond collect.external_limit
     summary = {
@@ -179,6 +180,9 @@ def summarise(params: CollectParams, intake: Intake, manifest: pd.DataFrame, dup
         "labelled_per_class": {c: int((labelled.label == c).sum()) for c in classes},
         "folds": len(params.folds), "repeats": len(params.repeats),
         "rejects_by_category": pd.Series([r[1] for r in intake.rejects], dtype=str).value_counts().to_dict(),
+        "image_size": int(stored[0]), "channels": int(stored[2]),  # as stored (after `auto`)
+        "chosen_from_data": {k: v for k, v in intake.chosen.items() if k != "warnings"},
+        "warnings": intake.chosen.get("warnings", []),
     }
     if intake.inputs != accepted + len(intake.rejects) + len(duplicates):
         raise AssertionError(f"collect lost inputs: {summary}")  # a bug, never a user's mistake

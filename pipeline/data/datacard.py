@@ -73,6 +73,16 @@ def _class_section(manifest: pd.DataFrame, classes: list[str]) -> list[str]:
             + _table(per_fold.reset_index().rename(columns={"label": "class"})))
 
 
+def _settings_section(summary: dict) -> list[str]:
+    """How the pictures are stored, what `auto` chose from them and why, and warnings about settings that do not
+    fit them."""
+    lines = [f"Stored as {summary['image_size']} x {summary['image_size']} px, {summary['channels']} channel(s)."]
+    for key, chosen in summary.get("chosen_from_data", {}).items():
+        lines.append(f"`collect.{key}: auto` chose **{chosen['value']}**: {chosen['why']}.")
+    lines += [f"**Warning:** {w}." for w in summary.get("warnings", [])]
+    return [" ".join(lines), ""]
+
+
 def _duplicates_section(manifest: pd.DataFrame, duplicates: pd.DataFrame) -> list[str]:
     lines = ["## Duplicates", "", f"{len(duplicates)} exact copies (same decoded pixels) were collapsed into the copy "
              "kept; `data/collected/duplicates.csv` lists them all."]
@@ -111,7 +121,7 @@ def write_data_card(reports, images: np.ndarray, manifest: pd.DataFrame, classes
                                                      "collect.external_limit)" if s["external_not_kept"] else "")
         + f": {s['dev']} in the development part, on which settings are chosen, and {s['test']} in the final test, "
         "which only reports (collect.dev_fraction).",
-        "", *_class_section(manifest, classes), "",
+        "", *_settings_section(s), *_class_section(manifest, classes), "",
         "## Image sizes", "", f"![sizes]({figures}/sizes.png)", "",
         *_duplicates_section(manifest, duplicates), "", *_rejects_section(rejects), "",
         "## Labelled images per class", "",

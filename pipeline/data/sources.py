@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.data.collected import EXTERNAL, LABELLED
 from pipeline.data.decode import Decoded, Normalise, Unusable, decode_file, decode_image
 from pipeline.data.download import DownloadSettings, fetch_all, is_url
+from pipeline.data.settings import Looked, choose
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import CollectParams
 from pipeline.runtime.progress import Progress
@@ -56,6 +57,7 @@ class Intake:
     pictures: list[Picture] = field(default_factory=list)
     rejects: list[tuple[str, str, str]] = field(default_factory=list)  # (path, category, detail)
     inputs: int = 0
+    chosen: dict = field(default_factory=dict)  # settings chosen from the pictures, and warnings (data/settings.py)
 
     def reject(self, path: str, category: str, detail: str) -> None:
         self.rejects.append((str(path), category, detail))
@@ -191,8 +193,14 @@ def folder_source(params: CollectParams) -> Intake:
                 intake.reject(str(path), "misplaced file",
                               f"{root} has train/ and test/ folders; put class folders inside one of them")
     intake.inputs += len(tasks)
-    decode_files(tasks, normalise_settings(params), worker_count(params.workers), intake)
+    decode_own_files(tasks, params, intake)
     return intake
+
+
+def decode_own_files(tasks: list[FileTask], params: CollectParams, intake: Intake) -> None:
+    """Decode a user's files, with `auto` settings chosen from their headers first."""
+    params, intake.chosen = choose(params, Looked.at(task.file for task in tasks))
+    decode_files(tasks, normalise_settings(params), worker_count(params.workers), intake)
 
 
 # --- csv -------------------------------------------------------------------------------------------------------
@@ -253,7 +261,7 @@ def csv_source(params: CollectParams) -> Intake:
                 intake.reject(row.location, "outside data root", file)
             else:
                 tasks.append(FileTask(file, row.location, row.label, "csv", LABELLED, row.group))
-    decode_files(tasks, normalise_settings(params), worker_count(params.workers), intake)
+    decode_own_files(tasks, params, intake)
     return intake
 
 

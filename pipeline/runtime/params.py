@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 from pipeline.augmentation.policy import TransformSpec, parse_transforms
 from pipeline.runtime.errors import PipelineError
 
+AUTO = "auto"  # collect.channels and collect.image_size: chosen from the pictures
 MAX_STORED_SIDE = 1024  # collect.image_size: 1,000 RGB images at 512 px are 0.8 GB in memory, at 1024 px 3 GB
 GAN_SIDES = (16, 32, 64, 128)  # the GAN's resolutions: powers of two, as its up- and down-sampling needs
 
@@ -99,8 +101,8 @@ class CollectParams:
     dev_fraction: float
     folds: tuple[int, ...]
     repeats: tuple[int, ...]
-    image_size: int
-    channels: Literal[1, 3]
+    image_size: int | Literal["auto"]  # auto: from the pictures (folder and csv; pipeline/data/settings.py)
+    channels: Literal[1, 3, "auto"]
     fit: Literal["crop", "pad"]
     min_side: int
     max_pixels: int
@@ -121,9 +123,13 @@ class CollectParams:
                  self.external_limit)
         _require(0 <= self.dev_fraction < 1, "collect.dev_fraction",
                  "from 0 (the whole external set is the final test) to below 1", self.dev_fraction)
-        _require(16 <= self.image_size <= MAX_STORED_SIDE, "collect.image_size",
-                 f"from 16 to {MAX_STORED_SIDE} pixels (any side: the GAN resizes to its own, synthesize.image_size)",
-                 self.image_size)
+        own = self.source in ("folder", "csv")
+        _require(self.image_size == AUTO or 16 <= self.image_size <= MAX_STORED_SIDE, "collect.image_size",
+                 f"auto or from 16 to {MAX_STORED_SIDE} pixels (any side: the GAN resizes to its own, "
+                 "synthesize.image_size)", self.image_size)
+        for key in ("image_size", "channels"):
+            _require(own or getattr(self, key) != AUTO, f"collect.{key}",
+                     "a number for a bundled dataset (auto looks at a folder's or CSV's own pictures)", AUTO)
         _require(self.min_side >= 1, "collect.min_side", ">= 1 pixel", self.min_side)
         _require(self.max_pixels >= self.min_side ** 2, "collect.max_pixels", "at least min_side squared",
                  self.max_pixels)
@@ -321,9 +327,17 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         return parse_transforms(value, key)
     if origin is Literal:
         allowed = typing.get_args(hint)
-        _require(value in allowed and type(value) is type(allowed[0]), key,
+        _require(any(value == a and type(value) is type(a) for a in allowed), key,
                  "one of " + ", ".join(repr(a) for a in allowed), value)
         return value
+    if origin in (typing.Union, types.UnionType):
+        arms = typing.get_args(hint)
+        for arm in arms:
+            try:
+                return _convert(value, arm, key)
+            except PipelineError:
+                continue
+        _require(False, key, " or ".join(_describe(a) for a in arms), value)
     if origin is tuple:
         (item_hint, _) = typing.get_args(hint)
         _require(isinstance(value, list), key, "a list", value)
@@ -339,6 +353,12 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         _require(type(value) is hint, key, f"of type {hint.__name__}", value)
         return value
     raise TypeError(f"params.py cannot check type {hint!r} of `{key}`")  # a bug here, not the user's mistake
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    return f"of type {getattr(hint, '__name__', hint)}"
 
 
 def _build(cls: type, raw: Any, key: str) -> Any:

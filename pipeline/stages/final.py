@@ -74,6 +74,9 @@ def run(settings: FinalSettings, inputs: FinalInputs, outputs: FinalOutputs) -> 
     name = choose(settings.final, settings.variants, evaluation)
     variant = settings.variants[name]
     collected = load_collected(inputs.collected)
+    # the pictures as stored (`auto` settings resolved by collect), which predictions must match
+    image = dataclasses.replace(settings.image, size=int(collected.images.shape[1]),
+                                channels=int(collected.images.shape[3]))
     device = pick_device(finetune.device)
     rows = collected.labelled
     images, targets = collected.select(rows)
@@ -87,7 +90,7 @@ def run(settings: FinalSettings, inputs: FinalInputs, outputs: FinalOutputs) -> 
     job = Job(finetune, variant, data, (external_images, images[:0]), len(collected.classes), inputs.policy,
               Workspace(None, outputs.checkpoints, None), device, World())
     outcome = train(job)
-    card = model_card(name, variant, outcome.model, finetune, settings.image, list(collected.classes), evaluation,
+    card = model_card(name, variant, outcome.model, finetune, image, list(collected.classes), evaluation,
                       manifest_hash(list(rows.sha256)), len(images))
     if variant.synthetic:
         card["gan"] = {"samples": len(data.synthetic), **gan, "params": asdict(settings.synthesize)}
@@ -108,8 +111,8 @@ def run(settings: FinalSettings, inputs: FinalInputs, outputs: FinalOutputs) -> 
 
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_args(__doc__, argv, PARAMS)
-    collect = params.collect
-    image = Normalise(collect.image_size, collect.channels, collect.fit, collect.min_side, collect.max_pixels)
+    collect = params.collect  # size and channels may be `auto`: run() takes them from the collected pictures
+    image = Normalise(0, 0, collect.fit, collect.min_side, collect.max_pixels)
     settings = FinalSettings(params.final, params.finetune, params.synthesize, params.variants, image)
     inputs = FinalInputs(paths.COLLECTED, paths.AUGMENT / paths.POLICY_FILE, paths.EVALUATION)
     outputs = FinalOutputs(paths.MODEL, paths.FINAL_METRICS, paths.CHECKPOINTS / "final")

@@ -363,3 +363,45 @@ def test_linear_probe_fits_the_same_objective_as_scikit_learn(collected_dir):
     assert mine <= sk + 1e-3
     agree = (ours.predict_proba(test_f).argmax(1) == theirs.predict(test_f)).mean()
     assert agree > 0.95
+
+
+def test_partial_fine_tuning_trains_only_the_top_on_cached_trunk_outputs(tmp_path, inputs):
+    """`partial`: the last stages and the head learn from the frozen trunk's outputs (plain and augmented views);
+    the trunk keeps its ImageNet weights; the external images' trunk outputs are cached for every later fold; the
+    trained network, as the final model would use it, gives the same predictions."""
+    from pipeline.runtime.compute import World
+    from pipeline.training.backbones import create_backbone
+
+    params = make_params(finetune__probe_views=2, finetune__partial_blocks=2)
+    variant = params.variants["augment"].__class__(backbone="efficientnet_lite0", weights="packaged",
+                                                   strategy="partial", input_size=64, epochs=4, augment=True,
+                                                   synthetic=False)
+    data = load_collected(inputs.collected)
+    train_rows, val_rows = data.fold_split(0)
+    images, targets = data.select(train_rows)
+    held_out = (data.select(val_rows)[0], data.select(data.external)[0])
+    training = learners.real_training_set(images, targets, train_rows.group.to_numpy(), params.finetune, variant, 0)
+    job = learners.Job(params.finetune, variant, training, held_out, 10, inputs.policy,
+                       learners.Workspace(None, None, tmp_path / "cache"), torch.device("cpu"), World())
+    outcome = learners.train(job)
+    assert outcome.meta["partial_training_rows"] == 20 * (1 + 2) and outcome.meta["feature_cache_misses"] == 1
+    assert len(outcome.history) == 4 and all(np.isfinite(h["loss"]) for h in outcome.history)
+    start = create_backbone("efficientnet_lite0", "packaged").state_dict()
+    trained = outcome.model.backbone.state_dict()
+    frozen = [k for k in start if k.startswith(("conv_stem", "bn1", "blocks.0.", "blocks.4."))]
+    top = [k for k in start if k.startswith(("blocks.5.", "blocks.6.", "conv_head")) and k.endswith("weight")]
+    assert frozen and all(torch.equal(start[k], trained[k]) for k in frozen)
+    assert top and all(not torch.equal(start[k], trained[k]) for k in top)
+    external = data.manifest.target.to_numpy()[data.external["index"].to_numpy()]
+    assert (outcome.probs[1].argmax(1) == external).mean() > 0.2  # 20 digits, 300 unseen: well above chance 0.1
+    with torch.inference_mode():  # the whole network, as the final model and its exports run it
+        x = torch.from_numpy(held_out[1]).permute(0, 3, 1, 2).float() / 255
+        whole = outcome.model(x).softmax(1).numpy()
+    assert (whole.argmax(1) == outcome.probs[1].argmax(1)).mean() > 0.97 and np.abs(whole - outcome.probs[1]).max() < 0.05
+    again = learners.train(job)  # another run: the external images' trunk outputs come from the cache
+    assert again.meta["feature_cache_hits"] == 1 and np.allclose(again.probs[1], outcome.probs[1], atol=1e-5)
+    with pytest.raises(PipelineError, match="strategy partial needs an EfficientNet-style backbone"):
+        learners.train(learners.Job(params.finetune, variant.__class__(**{**variant.__dict__, "backbone": "compact_cnn",
+                                                                         "weights": "none"}),
+                                    training, held_out, 10, inputs.policy, learners.Workspace(), torch.device("cpu"),
+                                    World()))

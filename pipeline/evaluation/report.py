@@ -102,7 +102,7 @@ def recipe(variant: Variant) -> str:
     """A variant in a few words."""
     parts = [variant.backbone, f"{variant.weights} weights", variant.strategy.replace("_", " "),
              f"{variant.input_size} px" if variant.input_size else "its own input size"]
-    if variant.strategy == "full":
+    if variant.strategy != "linear_probe":
         parts.append(f"{variant.epochs} epochs")
     parts += [name for name, on in (("+augment", variant.augment), ("+GAN samples", variant.synthetic)) if on]
     return ", ".join(parts)

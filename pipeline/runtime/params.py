@@ -210,7 +210,8 @@ class FinetuneParams:
     inner_val: float  # early stopping: share of the fold's training images held out; 0 = off
     patience: int  # epochs without a better inner-validation loss before stopping
     synthetic_share: float  # share of each batch drawn from the GAN's samples (synthetic variants)
-    probe_views: int  # linear_probe + augment: augmented copies of each training image
+    probe_views: int  # linear_probe or partial + augment: augmented copies of each training image
+    partial_blocks: int  # partial: the backbone's last stages that train (with the head) on the frozen trunk's outputs
     probe_c: float  # linear_probe: inverse L2 strength of the logistic regression
     workers: int  # DataLoader worker processes (0 = augment in the training process)
     compile: bool  # torch.compile the model
@@ -232,6 +233,7 @@ class FinetuneParams:
         _require(self.patience >= 1, "finetune.patience", ">= 1 epoch", self.patience)
         _require(0 <= self.synthetic_share < 1, "finetune.synthetic_share", "in [0, 1)", self.synthetic_share)
         _require(self.probe_views >= 1, "finetune.probe_views", ">= 1", self.probe_views)
+        _require(self.partial_blocks >= 1, "finetune.partial_blocks", ">= 1 stage", self.partial_blocks)
         _require(self.probe_c > 0, "finetune.probe_c", "> 0", self.probe_c)
         _require(self.workers >= 0, "finetune.workers", ">= 0", self.workers)
         _require(self.checkpoint_every >= 1, "finetune.checkpoint_every", ">= 1 epoch", self.checkpoint_every)
@@ -241,7 +243,7 @@ class FinetuneParams:
 class Variant:
     backbone: str  # any timm model name, or compact_cnn
     weights: str  # packaged | hub | none | file:PATH
-    strategy: Literal["full", "linear_probe"]
+    strategy: Literal["full", "partial", "linear_probe"]
     input_size: int  # side the images are resized to for the backbone; 0 = the model's own
     epochs: int  # full fine-tuning only
     augment: bool

@@ -2,7 +2,7 @@
 augmentation policy and the fold's GAN samples when the variant asks), then write class probabilities for the
 fold's validation images and for the external test set.
 
-How a variant learns (`full` fine-tuning or a `linear_probe`) is in pipeline/training/learners.py.
+How a variant learns (`full` fine-tuning, `partial` or a `linear_probe`) is in pipeline/training/learners.py.
 
 Writes `predictions.npz`, `history.json` and `meta.json` into data/finetune/rR-foldK-V/, and the training curves
 with dvclive into reports/finetune/rR-foldK-V/ (DVC plots). Runs data-parallel under torchrun with the same

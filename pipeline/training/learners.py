@@ -1,10 +1,12 @@
-"""How a variant learns from one training set: the strategies (`full` fine-tuning, `linear_probe`), shared by the
+"""How a variant learns from one training set: the strategies (`full` fine-tuning, `partial`, `linear_probe`), shared by the
 stages that train variants (finetune: one fold of the ablation; scarcity: the label-scarcity curve).
 
 - `full`: fine-tune every weight (pipeline/training/loop.py): discriminative learning rates, warm-up then cosine
   decay, label smoothing, optional mixup/cutmix and EMA, early stopping on an inner split of the training images
   (never the validation images). Variants with and without GAN samples take the same number of optimiser steps
   (epochs are counted over the real images), so the ablation compares ingredients, not compute.
+- `partial`: only the backbone's last stages and the head train, on the frozen trunk's cached outputs
+  (pipeline/training/partial.py): fine-tuning at a photo backbone's native size that a CPU can afford.
 - `linear_probe`: the backbone stays frozen; its features are computed once and cached on disk
   (data/cache/features), and a logistic regression is fitted on them.
 """
@@ -28,6 +30,7 @@ from pipeline.runtime.fingerprint import fingerprint
 from pipeline.runtime.params import FinetuneParams, Variant
 from pipeline.training.backbones import Classifier, create_backbone, weights_source
 from pipeline.training.loop import FitSetup, TrainingSet, fit, predict
+from pipeline.training.partial import partial
 from pipeline.training.probe import FeatureCache, ImageFeatures, LinearProbe
 
 
@@ -206,7 +209,8 @@ def probe_as_classifier(extract: ImageFeatures, probe: LinearProbe, classes: int
     return model.eval()
 
 
-STRATEGIES: dict[str, Callable[[Job], Outcome | None]] = {"full": full, "linear_probe": linear_probe}
+STRATEGIES: dict[str, Callable[[Job], Outcome | None]] = {"full": full, "partial": partial,
+                                                          "linear_probe": linear_probe}
 
 
 def train(job: Job) -> Outcome | None:

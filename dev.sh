@@ -6,6 +6,7 @@
 #   ./dev.sh test [pytest args]       run the test suite
 #   ./dev.sh dvc ARGS...              any dvc command inside the environment (exp run, metrics show, ...)
 #   ./dev.sh python ARGS...           the environment's python
+#   ./dev.sh preset NAME              apply presets/NAME.yaml to params.yaml (e.g. photos)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -32,5 +33,6 @@ case "$cmd" in
   test)   python -m pytest "$@" ;;
   dvc)    dvc "$@" ;;
   python) python "$@" ;;
-  *) echo "usage: ./dev.sh repro|test|dvc|python [args]" >&2; exit 2 ;;
+  preset) python -m pipeline.presets "$@" ;;
+  *) echo "usage: ./dev.sh repro|test|dvc|python|preset [args]" >&2; exit 2 ;;
 esac

@@ -85,6 +85,16 @@ class GaussNoise:
         return A.GaussNoise(std_range=self.std, p=self.p)
 
 
+@dataclass(frozen=True)
+class Colour:
+    p: float  # colour pictures only: grayscale has no hue or saturation to change
+    saturation: float  # maximum saturation change, fraction
+    hue: float  # maximum hue shift, fraction of the colour wheel (at most 0.5)
+
+    def build(self, A: Any) -> Any:
+        return A.ColorJitter(brightness=0, contrast=0, saturation=self.saturation, hue=self.hue, p=self.p)
+
+
 TRANSFORMS: dict[str, type] = {
     "affine": Affine,
     "elastic": Elastic,
@@ -92,6 +102,7 @@ TRANSFORMS: dict[str, type] = {
     "coarse_dropout": CoarseDropout,
     "hflip": HorizontalFlip,
     "gauss_noise": GaussNoise,
+    "colour": Colour,
 }
 
 

@@ -65,7 +65,7 @@ def test_a_photo_folder_goes_through_dvc_repro_with_the_photos_preset(tmp_path):
     for name in ("probe", "probe_lite2", "partial", "partial_synthetic"):
         assert 0 <= metrics[f"{name}.oof_accuracy"] <= 1
     partial = json.loads((repo / "data" / "finetune" / "r0-fold0-partial" / "meta.json").read_text())
-    assert partial["partial_training_rows"] == 12 * (1 + 2) and partial["trunk_output_shape"][1:] == [14, 14]
+    assert partial["partial_training_rows"] == 12 * (1 + 2) and partial["trunk_output_shape"][1:] == [7, 7]
     card = json.loads((repo / "data" / "model" / "model_card.json").read_text())
     assert card["image"]["size"] == 256 and card["image"]["channels"] == 3 and card["input_size"] in (224, 260)
     # the final model predicts a photo it never saw, prepared as collect prepared the training photos

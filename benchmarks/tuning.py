@@ -120,11 +120,13 @@ def ask(ws: Path, name: str, question: Question, folds: list[int]) -> None:
     parts = external.part.to_numpy()
     ext_targets, groups = targets[external["index"].to_numpy()], external.group.to_numpy()
     dev, test = parts == DEV, parts == TEST
+    trained = {}
+    for alt, settings in question.alternatives.items():  # first, so a default run still going can finish meanwhile
+        out = ws / "tuning" / name / alt.replace(" ", "_")
+        trained[alt] = (out, train_setting(ws, question, settings, folds, out))
     scored = {question.default: score([ws / paths.finetune_dir(0, f, question.variant) for f in folds], targets,
                                       default_seconds(ws, question.variant, folds))}
-    for alt, settings in question.alternatives.items():
-        out = ws / "tuning" / name / alt.replace(" ", "_")
-        seconds = train_setting(ws, question, settings, folds, out)
+    for alt, (out, seconds) in trained.items():
         scored[alt] = score([out / f"fold{f}" for f in folds], targets, seconds)
     print(f"\n## {name}: {question.why} (variant `{question.variant}`, {len(folds)} folds; development part "
           f"{dev.sum()} images, final test {test.sum()})")

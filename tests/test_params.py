@@ -48,7 +48,7 @@ def test_default_params_yaml_is_valid():
     ({"finetune.compile": "yes"}, r"`finetune.compile` must be of type bool"),
     ({"variants.baseline.weights": "imagenet"}, r"`variants.baseline.weights` must be packaged, hub, none or file:PATH"),
     ({"variants.baseline.weights": "file:"}, r"`variants.baseline.weights` must be packaged, hub, none or file:PATH"),
-    ({"variants.baseline.strategy": "lora"}, r"`variants.baseline.strategy` must be one of 'full', 'linear_probe'"),
+    ({"variants.baseline.strategy": "lora"}, r"`variants.baseline.strategy` must be one of 'full', 'partial', 'linear_probe'"),
     ({"variants.cnn.input_size": 8}, r"`variants.cnn.input_size` must be from 16 to 1024, or 0"),
     ({"variants.cnn.optimizer": "sgd"}, r"unknown key `variants.cnn.optimizer`"),
     ({"augment.transforms.rotate90": {"p": 1}}, r"unknown transform `augment.transforms.rotate90`; allowed: affine"),

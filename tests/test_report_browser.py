@@ -51,7 +51,7 @@ def test_report_loads_with_every_image_and_no_errors(browser, known_answers):
     errors = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
     assert not errors, errors
     headings = browser.execute_script("return Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
-    assert headings[:2] == ["What each ingredient bought", "How it scales with labelled data"]
+    assert headings[:3] == ["What each ingredient bought", "The final test", "How it scales with labelled data"]
     # the per-variant details open on a click, showing the confusion matrices inside
     browser.execute_script("document.querySelector('details').open = true")
     shown = browser.execute_script("return document.querySelector('details img').getBoundingClientRect().width")

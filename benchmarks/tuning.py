@@ -60,9 +60,21 @@ QUESTIONS = {
 }
 
 
+def _fill(raw: dict, defaults: dict) -> dict:
+    """`raw` with the keys it lacks taken from `defaults` (settings added to params.yaml since `raw` was written)."""
+    for key, value in defaults.items():
+        if key not in raw:
+            raw[key] = value
+        elif isinstance(value, dict) and isinstance(raw[key], dict) and key != "variants":
+            _fill(raw[key], value)
+    return raw
+
+
 def params_with(base: Path, settings: list[str]) -> Params:
-    """The workspace's params with `key=value` overrides, validated like params.yaml itself."""
-    raw = workspace.override(yaml.safe_load(base.read_text()), settings)
+    """The workspace's params (keys added since its run from this checkout's params.yaml) with `key=value`
+    overrides, validated like params.yaml itself."""
+    raw = _fill(yaml.safe_load(base.read_text()), yaml.safe_load((workspace.ROOT / "params.yaml").read_text()))
+    raw = workspace.override(raw, settings)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(raw, f, sort_keys=False)
     return load_params(f.name)

@@ -167,20 +167,27 @@ def augmented_views(images: np.ndarray, policy, views: int, seed: int) -> np.nda
     return np.stack(out) if out else images[:0]
 
 
+def frozen_training_rows(job: Job, frozen: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A frozen network's outputs for the training images, plus `probe_views` augmented views of each when the
+    variant augments, plus the GAN samples: the rows a probe or a partial top trains on, and their targets."""
+    params, data = job.params, job.data
+    parts = [(frozen(data.images), data.targets)]
+    if job.variant.augment:
+        views = augmented_views(data.images, load_policy(job.policy), params.probe_views, params.seed)
+        parts.append((frozen(views), np.tile(data.targets, params.probe_views)))
+    if len(data.synthetic):
+        parts.append((frozen(data.synthetic), data.synthetic_targets))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def linear_probe(job: Job) -> Outcome | None:
     if not job.world.is_main:
         return None  # nothing to share out: one process fits it in seconds
-    params, variant, data = job.params, job.variant, job.data
+    params, variant = job.params, job.variant
     start = time.perf_counter()
     features = FeatureCache(ImageFeatures(variant.backbone, variant.input_size, job.device, variant.weights),
                             job.workspace.features)
-    parts = [(features(data.images), data.targets)]
-    if variant.augment:
-        views = augmented_views(data.images, load_policy(job.policy), params.probe_views, params.seed)
-        parts.append((features(views), np.tile(data.targets, params.probe_views)))
-    if len(data.synthetic):
-        parts.append((features(data.synthetic), data.synthetic_targets))
-    train_x, train_y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    train_x, train_y = frozen_training_rows(job, features)
     probe = LinearProbe(params.probe_c, job.classes, job.device).fit(train_x, train_y)
     seconds = time.perf_counter() - start
     probs = tuple(probe.predict_proba(features(images)) for images in job.held_out)

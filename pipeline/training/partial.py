@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.augmentation.policy import load_policy
 from pipeline.runtime.compute import seed_everything
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.fingerprint import fingerprint
@@ -146,11 +145,11 @@ def predict_top(split: Split, activations: np.ndarray, classes: int, device: tor
 
 def partial(job):
     """The strategy (see the module's docstring); the Job and Outcome of pipeline/training/learners.py."""
-    from pipeline.training.learners import Outcome, augmented_views
+    from pipeline.training.learners import Outcome, frozen_training_rows
 
     if not job.world.is_main:
         return None  # the top trains in seconds on cached outputs: one process does it
-    params, variant, data, device = job.params, job.variant, job.data, job.device
+    params, variant, device = job.params, job.variant, job.device
     start = time.perf_counter()
     seed_everything(params.seed)  # the new head's initial weights
     model = Classifier(create_backbone(variant.backbone, variant.weights), num_classes=job.classes,
@@ -162,13 +161,7 @@ def partial(job):
         p.requires_grad_(True)
     outputs = TrunkOutputs(split, device, variant.backbone, variant.weights)
     cached = FeatureCache(outputs, job.workspace.features)
-    parts = [(outputs(data.images), data.targets)]
-    if variant.augment:
-        views = augmented_views(data.images, load_policy(job.policy), params.probe_views, params.seed)
-        parts.append((outputs(views), np.tile(data.targets, params.probe_views)))
-    if len(data.synthetic):
-        parts.append((outputs(data.synthetic), data.synthetic_targets))
-    train_x, train_y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    train_x, train_y = frozen_training_rows(job, outputs)
     history = train_top(split, train_x, train_y, params, variant.epochs, device, params.seed)
     seconds = time.perf_counter() - start
     val, external = job.held_out

@@ -93,27 +93,35 @@ def train_setting(ws: Path, question: Question, settings: list[str], folds: list
     collected, policy = ws / paths.COLLECTED, ws / paths.AUGMENT / paths.POLICY_FILE
     seconds = 0.0
     for fold in folds:
+        done = out / f"fold{fold}-seconds.json"
+        if done.is_file():  # trained by an earlier, interrupted run of this script
+            seconds += json.loads(done.read_text())
+            continue
+        fold_seconds = 0.0
         synthetic = ws / paths.synthetic_dir(0, fold)
         if question.gan:
             synthetic = out / "synthetic" / f"r0-fold{fold}"
             start = time.perf_counter()
             synthesize.run(params.synthesize, fold, collected,
                            synthesize.SynthesizeOutputs(synthetic, out / "synthesize", f"r0-fold{fold}"))
-            seconds += time.perf_counter() - start
+            fold_seconds += time.perf_counter() - start
         meta = finetune.run(params.finetune, params.variants[question.variant], fold,
                             finetune.FinetuneInputs(collected, policy, synthetic), out / f"fold{fold}")
         run_facts = json.loads(paths.run_facts(out, "live").read_text())
-        seconds += run_facts.get("train_seconds", meta.get("train_seconds", 0.0))
+        fold_seconds += run_facts.get("train_seconds", meta.get("train_seconds", 0.0))
+        done.write_text(json.dumps(fold_seconds))
+        seconds += fold_seconds
     return seconds
 
 
-def default_seconds(ws: Path, variant: str, folds: list[int]) -> float:
-    """The default run's own training time, from the facts finetune kept beside its metrics."""
-    total = 0.0
-    for fold in folds:
-        name = f"{paths.split_name(0, fold)}-{variant}"
-        total += json.loads(paths.run_facts(ws / paths.FINETUNE_REPORTS, name).read_text())["train_seconds"]
-    return total
+def default_seconds(ws: Path, variant: str, folds: list[int], wait: float = 3600) -> float:
+    """The default run's own training time, from the facts finetune kept beside its metrics (waiting up to `wait`
+    seconds for a `dvc repro` still running in the workspace to write them)."""
+    facts = [paths.run_facts(ws / paths.FINETUNE_REPORTS, f"{paths.split_name(0, fold)}-{variant}") for fold in folds]
+    deadline = time.monotonic() + wait
+    while not all(f.is_file() for f in facts) and time.monotonic() < deadline:
+        time.sleep(10)
+    return sum(json.loads(f.read_text())["train_seconds"] for f in facts)
 
 
 def score(folders: list[Path], targets: np.ndarray, seconds: float) -> Scored:
@@ -136,8 +144,9 @@ def ask(ws: Path, name: str, question: Question, folds: list[int]) -> None:
     for alt, settings in question.alternatives.items():  # first, so a default run still going can finish meanwhile
         out = ws / "tuning" / name / alt.replace(" ", "_")
         trained[alt] = (out, train_setting(ws, question, settings, folds, out))
+    default_time = default_seconds(ws, question.variant, folds)  # first: it waits for the default run's outputs
     scored = {question.default: score([ws / paths.finetune_dir(0, f, question.variant) for f in folds], targets,
-                                      default_seconds(ws, question.variant, folds))}
+                                      default_time)}
     for alt, (out, seconds) in trained.items():
         scored[alt] = score([out / f"fold{f}" for f in folds], targets, seconds)
     print(f"\n## {name}: {question.why} (variant `{question.variant}`, {len(folds)} folds; development part "

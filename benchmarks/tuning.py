@@ -49,8 +49,8 @@ class Question:
 QUESTIONS = {
     "cnn_epochs": Question("cnn", {"100 epochs": ["variants.cnn.epochs=100"]},
                            "the compact CNN's epochs (default 200)"),
-    "lite0_size": Question("augment", {"64 px": ["variants.augment.input_size=64"]},
-                           "EfficientNet-Lite0's input size (default 48 px)"),
+    "lite0_size": Question("augment", {"48 px": ["variants.augment.input_size=48"]},
+                           "EfficientNet-Lite0's input size (default 64 px, chosen here against 48)"),
     "gan_samples": Question("synthetic", {"up to 50 per class": ["synthesize.candidates_per_class=128",
                                                                  "synthesize.keep_per_class=50"]},
                             "GAN samples per class (default: at most 8 of 32 candidates)", gan=True),

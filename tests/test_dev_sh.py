@@ -40,3 +40,14 @@ def test_dev_sh_runs_the_venvs_python_for_an_absolute_or_relative_venv(tmp_path,
     [line] = result.stdout.splitlines()  # one call: the stamp matched, so dev.sh did not run `python -m pip`
     ran, *args = line.split()
     assert Path(ran).resolve() == python.resolve() and args == ["-c", "print(1)"]
+
+
+def test_dev_sh_preset_applies_a_preset_with_the_venvs_python(tmp_path):
+    python = fake_venv(tmp_path / "env")
+    env = {**os.environ, "VENV": str(tmp_path / "env"), "PYTHON": sys.executable}
+    result = subprocess.run([str(ROOT / "dev.sh"), "preset", "photos"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    ran, *args = line.split()
+    assert Path(ran).resolve() == python.resolve() and args == ["-m", "pipeline.presets", "photos"]

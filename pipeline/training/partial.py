@@ -27,6 +27,7 @@ from pipeline.runtime.compute import seed_everything
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.fingerprint import fingerprint
 from pipeline.training.backbones import Classifier, create_backbone, weights_source
+from pipeline.training.loop import lr_lambda
 from pipeline.training.probe import FeatureCache
 
 BATCH = 64  # images per trunk pass
@@ -87,12 +88,6 @@ class TrunkOutputs:
         return np.concatenate(out)
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def train_top(split: Split, train_x: np.ndarray, train_y: np.ndarray, params, epochs: int, device: torch.device,
               seed: int) -> list[dict]:
     """AdamW on the top stages (lr_body) and the classifier (lr_head), warm-up then cosine decay, label
@@ -103,12 +98,12 @@ def train_top(split: Split, train_x: np.ndarray, train_y: np.ndarray, params, ep
     body = [p for p in split.top_modules.parameters() if id(p) not in head_ids]
     optimizer = torch.optim.AdamW([{"params": body, "lr": params.lr_body}, {"params": head, "lr": params.lr_head}],
                                   weight_decay=params.weight_decay)
-    base = [g["lr"] for g in optimizer.param_groups]
     per_epoch = max(1, math.ceil(len(train_x) / params.batch_size))
     total, warmup = epochs * per_epoch, min(params.warmup_epochs * per_epoch, epochs * per_epoch // 2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup))  # full fine-tuning's own
     rng = np.random.default_rng(seed)
     targets = torch.from_numpy(train_y.astype(np.int64))
-    history, step = [], 0
+    history = []
     split.model.eval()
     split.top_modules.train()  # batch norm of the trained stages follows the cached views
     for epoch in range(epochs):
@@ -118,16 +113,14 @@ def train_top(split: Split, train_x: np.ndarray, train_y: np.ndarray, params, ep
             batch = order[start:start + params.batch_size]
             x = torch.from_numpy(train_x[batch]).to(device).float()
             y = targets[batch].to(device)
-            for group, lr in zip(optimizer.param_groups, base):
-                group["lr"] = lr * _schedule(step, total, warmup)
             logits = split.top(x)
             loss = F.cross_entropy(logits, y, label_smoothing=params.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             losses.append(loss.item())
             correct += int((logits.argmax(1) == y).sum())
-            step += 1
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "train_accuracy": correct / len(order)})
     split.top_modules.eval()
     return history

@@ -295,10 +295,6 @@ def selection_aware(results: dict[str, VariantResult], folds: int, params: Evalu
             "method": "leave-one-fold-out selection"}
 
 
-def _finite(out: dict[str, float]) -> dict[str, float]:
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
-
-
 def flat_metrics(stats: dict[str, dict], compared: list[dict], curves: dict[str, list[dict]],
                  selection: dict | None = None) -> dict[str, float]:
     """The numbers to choose settings by, for `dvc metrics show/diff` and `dvc exp show`: cross-validation, the
@@ -329,7 +325,7 @@ def flat_metrics(stats: dict[str, dict], compared: list[dict], curves: dict[str,
                 out[f"scarcity.{name}.n{p['images_per_class']}.oof_accuracy"] = p["oof_accuracy"]
             if "test_accuracy_fold_mean" in p:
                 out[f"scarcity.{name}.n{p['images_per_class']}.test_accuracy"] = p["test_accuracy_fold_mean"]
-    return _finite(out)
+    return atomic.strict(out)  # JSON has no NaN: an undefined figure is null
 
 
 def _part_metrics(name: str, stats: dict, part: str) -> dict[str, float]:
@@ -349,7 +345,7 @@ def final_test_metrics(stats: dict[str, dict], compared: list[dict]) -> dict[str
     for c in compared:
         if TEST in c.get("external", {}):
             out[f"compare.{c['b']}-{c['a']}.test_difference"] = c["external"][TEST]["difference"]
-    return _finite(out)
+    return atomic.strict(out)  # JSON has no NaN: an undefined figure is null
 
 
 @dataclass(frozen=True)

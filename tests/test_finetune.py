@@ -1,5 +1,6 @@
 """The finetune stage: one fold x variant on real MNIST images, predictions for validation and external test."""
 
+import dataclasses
 import json
 import math
 import re
@@ -363,6 +364,35 @@ def test_linear_probe_fits_the_same_objective_as_scikit_learn(collected_dir):
     assert mine <= sk + 1e-3
     agree = (ours.predict_proba(test_f).argmax(1) == theirs.predict(test_f)).mean()
     assert agree > 0.95
+    # probe_scale global: every feature divided by one overall scale (the intercept makes centring irrelevant)
+    overall = float(train_f.std())
+    ours = LinearProbe(0.5, 10, torch.device("cpu"), per_feature=False).fit(train_f, train_y)
+    theirs = LogisticRegression(C=0.5, max_iter=3000).fit(train_f / overall, train_y)
+    assert torch.allclose(ours.scale, torch.full_like(ours.scale, overall), rtol=1e-4) and not ours.mean.any()
+    mine = objective(ours.predict_proba(train_f), float(ours.weight.square().sum()))
+    sk = objective(theirs.predict_proba(train_f / overall), float((theirs.coef_ ** 2).sum()))
+    assert mine <= sk + 1e-3
+    assert (ours.predict_proba(test_f).argmax(1) == theirs.predict(test_f / overall)).mean() > 0.95
+
+
+def test_partial_head_starts_as_the_linear_probe_on_the_frozen_top(inputs):
+    """LP-FT's first step: with the probe written into the head, and before any training step, the network's top
+    predicts exactly what the probe predicts on the frozen top's pooled features."""
+    from pipeline.training import partial
+    from pipeline.training.backbones import Classifier, create_backbone
+    from pipeline.training.probe import LinearProbe
+
+    cpu = torch.device("cpu")
+    data = load_collected(inputs.collected)
+    images, targets = data.select(data.fold_split(0)[0])
+    split = partial.Split(Classifier(create_backbone("efficientnet_lite0", "packaged"), num_classes=10,
+                                     input_size=64), blocks=2)
+    rows = partial.TrunkOutputs(split, cpu, "efficientnet_lite0", "packaged")(images)
+    accuracy = partial.start_head_from_probe(split, rows, targets, 0.5, 10, cpu)
+    pooled = partial.top_outputs(split, rows, split.backbone.num_features, cpu, pre_logits=True)
+    probe = LinearProbe(0.5, 10, cpu, per_feature=False).fit(pooled, targets)
+    assert np.abs(partial.predict_top(split, rows, 10, cpu) - probe.predict_proba(pooled)).max() < 1e-4
+    assert accuracy == float((probe.predict_proba(pooled).argmax(1) == targets).mean()) > 0.5
 
 
 def test_partial_fine_tuning_trains_only_the_top_on_cached_trunk_outputs(tmp_path, inputs):
@@ -392,6 +422,9 @@ def test_partial_fine_tuning_trains_only_the_top_on_cached_trunk_outputs(tmp_pat
     top = [k for k in start if k.startswith(("blocks.5.", "blocks.6.", "conv_head")) and k.endswith("weight")]
     assert frozen and all(torch.equal(start[k], trained[k]) for k in frozen)
     assert top and all(not torch.equal(start[k], trained[k]) for k in top)
+    statistics = [k for k in start if k.startswith(("blocks.6.", "bn2")) and k.endswith("running_mean")]
+    assert statistics and all(torch.equal(start[k], trained[k]) for k in statistics)  # LP-FT: pretrained statistics
+    assert outcome.meta["partial_head"] == "probe" and outcome.meta["probe_train_accuracy"] > 0.5
     external = data.manifest.target.to_numpy()[data.external["index"].to_numpy()]
     assert (outcome.probs[1].argmax(1) == external).mean() > 0.2  # 20 digits, 300 unseen: well above chance 0.1
     with torch.inference_mode():  # the whole network, as the final model and its exports run it
@@ -400,6 +433,11 @@ def test_partial_fine_tuning_trains_only_the_top_on_cached_trunk_outputs(tmp_pat
     assert (whole.argmax(1) == outcome.probs[1].argmax(1)).mean() > 0.97 and np.abs(whole - outcome.probs[1]).max() < 0.05
     again = learners.train(job)  # another run: the external images' trunk outputs come from the cache
     assert again.meta["feature_cache_hits"] == 1 and np.allclose(again.probs[1], outcome.probs[1], atol=1e-5)
+    random_head = learners.train(dataclasses.replace(job, params=dataclasses.replace(params.finetune,
+                                                                                      partial_head="random")))
+    moved = random_head.model.backbone.state_dict()  # a random head: batch norm follows the cached views
+    assert random_head.meta["probe_train_accuracy"] is None
+    assert all(not torch.equal(start[k], moved[k]) for k in statistics)
     with pytest.raises(PipelineError, match="strategy partial needs an EfficientNet-style backbone"):
         learners.train(learners.Job(params.finetune, variant.__class__(**{**variant.__dict__, "backbone": "compact_cnn",
                                                                          "weights": "none"}),

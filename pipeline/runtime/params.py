@@ -212,7 +212,9 @@ class FinetuneParams:
     synthetic_share: float  # share of each batch drawn from the GAN's samples (synthetic variants)
     probe_views: int  # linear_probe or partial + augment: augmented copies of each training image
     partial_blocks: int  # partial: the backbone's last stages that train (with the head) on the frozen trunk's outputs
+    partial_head: Literal["probe", "random"]  # partial: the head starts as a linear probe (LP-FT) or random
     probe_c: float  # linear_probe: inverse L2 strength of the logistic regression
+    probe_scale: Literal["feature", "global"]  # linear_probe: standardise each feature, or all by one scale
     workers: int  # DataLoader worker processes (0 = augment in the training process)
     compile: bool  # torch.compile the model
     checkpoint_every: int  # epochs between resumable checkpoints

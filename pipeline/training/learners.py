@@ -188,7 +188,8 @@ def linear_probe(job: Job) -> Outcome | None:
     features = FeatureCache(ImageFeatures(variant.backbone, variant.input_size, job.device, variant.weights),
                             job.workspace.features)
     train_x, train_y = frozen_training_rows(job, features)
-    probe = LinearProbe(params.probe_c, job.classes, job.device).fit(train_x, train_y)
+    probe = LinearProbe(params.probe_c, job.classes, job.device,
+                        per_feature=params.probe_scale == "feature").fit(train_x, train_y)
     seconds = time.perf_counter() - start
     probs = tuple(probe.predict_proba(features(images)) for images in job.held_out)
     history = [{"epoch": 1, "train_accuracy": float((probe.predict_proba(train_x).argmax(1) == train_y).mean())}]
@@ -200,19 +201,15 @@ def linear_probe(job: Job) -> Outcome | None:
 
 @torch.no_grad()
 def probe_as_classifier(extract: ImageFeatures, probe: LinearProbe, classes: int) -> Classifier:
-    """The frozen backbone and the probe as one network: the standardisation is folded into the head,
-    logits = ((f - mean) / scale) W + b = f (W / scale) + (b - (mean / scale) W), so the final model and its
-    exports need no separate scaler."""
+    """The frozen backbone and the probe as one network (the standardisation folded into the head), so the final
+    model and its exports need no separate scaler."""
     frozen = extract.model
     model = Classifier(create_backbone(frozen.backbone.default_cfg["architecture"], "none"), num_classes=classes,
                        input_size=frozen.input_size)
     model.backbone.load_state_dict(frozen.backbone.state_dict(), strict=False)  # all but the new head
     model.mean.copy_(frozen.mean)
     model.std.copy_(frozen.std)
-    head = model.backbone.get_classifier()
-    weight, scale, mean = probe.weight.float().cpu(), probe.scale.float().cpu(), probe.mean.float().cpu()
-    head.weight.copy_((weight / scale[:, None]).T)
-    head.bias.copy_(probe.bias.float().cpu() - (mean / scale) @ weight)
+    probe.fold_into(model.backbone.get_classifier())
     return model.eval()
 
 

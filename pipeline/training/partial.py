@@ -9,6 +9,13 @@ Training then runs only the top stages, at the trunk's small spatial size (7 or 
 `epochs` passes over the cached views. The trained network is the whole Classifier, so the final model and its
 exports are those of any other variant.
 
+With `finetune.partial_head: probe` (the default) it is LP-FT (Kumar et al., ICLR 2022, "Fine-Tuning can Distort
+Pretrained Features and Underperform Out-of-Distribution"): the head starts as the linear probe fitted on the
+frozen top's pooled features (the `linear_probe` strategy's fit, with `probe_c`), and then the top stages and the
+head train together at `lr_body`, batch norm keeping its pretrained statistics, so the first steps refine
+features the head already reads instead of a random head's gradients reshaping them. `random` starts the head
+from scratch at `lr_head`, batch norm following the cached views.
+
 It needs an EfficientNet-style timm backbone (conv_stem, bn1, blocks, conv_head, bn2), as the packaged
 EfficientNet-Lite0/1/2 are.
 """
@@ -28,7 +35,7 @@ from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.fingerprint import fingerprint
 from pipeline.training.backbones import Classifier, create_backbone, weights_source
 from pipeline.training.loop import lr_lambda
-from pipeline.training.probe import FeatureCache
+from pipeline.training.probe import FeatureCache, LinearProbe
 
 BATCH = 64  # images per trunk pass
 PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
@@ -59,11 +66,19 @@ class Split:
             x = stage(x)
         return x
 
-    def top(self, a: torch.Tensor) -> torch.Tensor:
+    def top(self, a: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         b = self.backbone
         for stage in b.blocks[-self.blocks:]:
             a = stage(a)
-        return b.forward_head(b.bn2(b.conv_head(a)))
+        return b.forward_head(b.bn2(b.conv_head(a)), pre_logits=pre_logits)
+
+    def train_mode(self, batch_norm: bool) -> None:
+        """The top's layers in training mode; with batch_norm False its batch norms keep their running statistics."""
+        self.top_modules.train()
+        if not batch_norm:
+            for module in self.top_modules.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
 
 class TrunkOutputs:
@@ -88,15 +103,31 @@ class TrunkOutputs:
         return np.concatenate(out)
 
 
+@torch.no_grad()
+def start_head_from_probe(split: Split, train_x: np.ndarray, train_y: np.ndarray, c: float, classes: int,
+                          device: torch.device) -> float:
+    """LP-FT's first step: fit the linear probe on the frozen top's pooled features of the training rows and write
+    it into the classifier; returns the probe's training accuracy."""
+    pooled = top_outputs(split, train_x, split.backbone.num_features, device, pre_logits=True)
+    # one overall scale: per-feature standardisation folded into the head gives a near-constant feature a huge
+    # weight, and the first steps on the stages below, moving that feature, then throw the logits off
+    probe = LinearProbe(c, classes, device, per_feature=False).fit(pooled, train_y)
+    probe.fold_into(split.backbone.get_classifier())
+    return float((probe.predict_proba(pooled).argmax(1) == train_y).mean())
+
+
 def train_top(split: Split, train_x: np.ndarray, train_y: np.ndarray, params, epochs: int, device: torch.device,
               seed: int) -> list[dict]:
-    """AdamW on the top stages (lr_body) and the classifier (lr_head), warm-up then cosine decay, label
-    smoothing, `epochs` passes over the cached views in seeded random order; returns one record per epoch."""
+    """AdamW on the top stages (lr_body) and the classifier (lr_head for a random head, lr_body for one started
+    from the probe), warm-up then cosine decay, label smoothing, `epochs` passes over the cached views in seeded
+    random order; returns one record per epoch."""
     seed_everything(seed)
     head = list(split.backbone.get_classifier().parameters())
     head_ids = {id(p) for p in head}
     body = [p for p in split.top_modules.parameters() if id(p) not in head_ids]
-    optimizer = torch.optim.AdamW([{"params": body, "lr": params.lr_body}, {"params": head, "lr": params.lr_head}],
+    from_probe = params.partial_head == "probe"
+    optimizer = torch.optim.AdamW([{"params": body, "lr": params.lr_body},
+                                   {"params": head, "lr": params.lr_body if from_probe else params.lr_head}],
                                   weight_decay=params.weight_decay)
     per_epoch = max(1, math.ceil(len(train_x) / params.batch_size))
     total, warmup = epochs * per_epoch, min(params.warmup_epochs * per_epoch, epochs * per_epoch // 2)
@@ -105,7 +136,7 @@ def train_top(split: Split, train_x: np.ndarray, train_y: np.ndarray, params, ep
     targets = torch.from_numpy(train_y.astype(np.int64))
     history = []
     split.model.eval()
-    split.top_modules.train()  # batch norm of the trained stages follows the cached views
+    split.train_mode(batch_norm=not from_probe)  # a probe's head reads features made with the running statistics
     for epoch in range(epochs):
         order = rng.permutation(len(train_x))
         losses, correct = [], 0
@@ -126,14 +157,20 @@ def train_top(split: Split, train_x: np.ndarray, train_y: np.ndarray, params, ep
     return history
 
 
-@torch.inference_mode()
-def predict_top(split: Split, activations: np.ndarray, classes: int, device: torch.device) -> np.ndarray:
+@torch.no_grad()
+def top_outputs(split: Split, activations: np.ndarray, width: int, device: torch.device,
+                pre_logits: bool = False) -> np.ndarray:
+    """The top in evaluation mode on cached trunk outputs, in batches: N x width logits (or pooled features)."""
     split.model.eval()
-    out = [np.zeros((0, classes), np.float32)]
+    out = [np.zeros((0, width), np.float32)]
     for start in range(0, len(activations), 256):
         x = torch.from_numpy(activations[start:start + 256]).to(device).float()
-        out.append(split.top(x).softmax(1).float().cpu().numpy())
+        out.append(split.top(x, pre_logits=pre_logits).float().cpu().numpy())
     return np.concatenate(out)
+
+
+def predict_top(split: Split, activations: np.ndarray, classes: int, device: torch.device) -> np.ndarray:
+    return torch.from_numpy(top_outputs(split, activations, classes, device)).softmax(1).numpy()
 
 
 def partial(job):
@@ -155,6 +192,8 @@ def partial(job):
     outputs = TrunkOutputs(split, device, variant.backbone, variant.weights)
     cached = FeatureCache(outputs, job.workspace.features)
     train_x, train_y = frozen_training_rows(job, outputs)
+    probe_accuracy = (start_head_from_probe(split, train_x, train_y, params.probe_c, job.classes, device)
+                      if params.partial_head == "probe" else None)
     history = train_top(split, train_x, train_y, params, variant.epochs, device, params.seed)
     seconds = time.perf_counter() - start
     val, external = job.held_out
@@ -163,6 +202,7 @@ def partial(job):
     for p in model.parameters():
         p.requires_grad_(True)
     meta = {"train_seconds": round(seconds, 2), "partial_blocks": params.partial_blocks,
+            "partial_head": params.partial_head, "probe_train_accuracy": probe_accuracy,
             "partial_training_rows": len(train_x), "trunk_output_shape": list(train_x.shape[1:]),
             "feature_cache_hits": cached.hits, "feature_cache_misses": cached.misses}
     return Outcome(probs, history, meta, model.eval())

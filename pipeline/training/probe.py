@@ -81,8 +81,12 @@ class LinearProbe:
     a few milliseconds instead of tenths of a second per fit, which is what keeps the `linear_probe` strategy
     an order of magnitude faster than fine-tuning also on a GPU (where sklearn's fit was the probe's slowest part)."""
 
-    def __init__(self, c: float, num_classes: int, device: torch.device, max_iter: int = 200):
+    def __init__(self, c: float, num_classes: int, device: torch.device, max_iter: int = 200,
+                 per_feature: bool = True):
         self.c, self.num_classes, self.device, self.max_iter = c, num_classes, device, max_iter
+        self.per_feature = per_feature  # False: centre nothing, divide every feature by one overall scale
+        if not per_feature:  # worse conditioned: on digit features 200 iterations stopped 0.013 short, 1,000 reach it
+            self.max_iter = 5 * max_iter
 
     def _standardised(self, features: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
@@ -91,6 +95,8 @@ class LinearProbe:
     def fit(self, features: np.ndarray, targets: np.ndarray) -> "LinearProbe":
         raw = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
         self.mean, self.scale = raw.mean(0), raw.std(0, unbiased=False).clamp_min(1e-6)
+        if not self.per_feature:  # weaker features keep smaller weights (and a head trained on stays stable)
+            self.mean, self.scale = torch.zeros_like(self.mean), raw.std().clamp_min(1e-6).expand_as(self.scale)
         x = self._standardised(features)
         y = torch.from_numpy(np.array(targets, dtype=np.int64)).to(self.device)  # a writable copy
         self.weight = torch.zeros(x.shape[1], self.num_classes, device=self.device, requires_grad=True)
@@ -108,6 +114,14 @@ class LinearProbe:
             optimizer.step(objective)
         self.weight, self.bias = self.weight.detach(), self.bias.detach()
         return self
+
+    @torch.no_grad()
+    def fold_into(self, head: torch.nn.Linear) -> None:
+        """Write the probe into a linear layer that takes the raw features, folding the standardisation in:
+        ((f - mean) / scale) W + b = f (W / scale) + (b - (mean / scale) W)."""
+        weight, scale, mean = self.weight.float().cpu(), self.scale.float().cpu(), self.mean.float().cpu()
+        head.weight.copy_((weight / scale[:, None]).T.to(head.weight))
+        head.bias.copy_((self.bias.float().cpu() - (mean / scale) @ weight).to(head.bias))
 
     @torch.inference_mode()
     def predict_proba(self, features: np.ndarray) -> np.ndarray:

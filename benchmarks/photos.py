@@ -2,6 +2,7 @@
 
     python benchmarks/photos.py [--photos ../shared/datasets/clothing-small] [--per-class 10 20] [--draws 3]
                                 [--device auto] [--recipes reference probe probe_lite2 partial full]
+                                [--set finetune.partial_blocks=2 --set 'variants.mine={...}' ...]
 
 On clothing-small (1,000 CC0 photos in 10 classes), for each number of labelled photos per class and each seeded
 draw, the rest of the photos are split (stratified, seeded) into a development half and a test half. Every
@@ -41,20 +42,23 @@ from pipeline.runtime.params import Params, Variant, parse_params  # noqa: E402
 from pipeline.training import learners  # noqa: E402
 from pipeline.training.probe import FeatureCache, ImageFeatures  # noqa: E402
 
+from benchmarks import workspace  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "datasets" / "clothing-small"
 SIDE = 256  # the preset's `image_size: auto` on these photos (their shorter side)
 
 
-def preset_params() -> Params:
-    """params.yaml with the photos preset applied, as `./dev.sh preset photos` would write it."""
+def preset_params(settings: list[str]) -> Params:
+    """params.yaml with the photos preset applied, as `./dev.sh preset photos` would write it, then `settings`
+    (`key.sub=value`, as for `dvc exp run -S`): alternatives to compare on the development halves."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "params.yaml"
         path.write_text((ROOT / "params.yaml").read_text())
         presets.apply("photos", path)
         raw = yaml.safe_load(path.read_text())
     raw["collect"].update(channels=3, image_size=SIDE)  # what auto chooses here, fixed for the arrays below
-    return parse_params(raw)
+    return parse_params(workspace.override(raw, settings))
 
 
 def load_photos(folder: Path, limit: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -100,9 +104,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="photos per class to use (0 = all; a quick check)")
     parser.add_argument("--recipes", nargs="+", default=None, help="default: reference, every preset variant "
                         "without GAN samples, and full on a GPU")
+    parser.add_argument("--cache", type=Path, help="keep the held-out photos' features here, for later runs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change the preset's params (YAML value), e.g. finetune.partial_blocks=2")
     args = parser.parse_args()
     device = pick_device(args.device)
-    params = preset_params()
+    params = preset_params(args.set)
     variants = {n: v for n, v in params.variants.items() if not v.synthetic}  # no GAN here: one per draw is slow
     variants["full"] = Variant("efficientnet_lite0", "packaged", "full", 0, 15, True, False)
     recipes = args.recipes or ["reference", *[n for n in variants if n != "full"]] + (
@@ -111,6 +118,7 @@ def main() -> None:
     print(f"{len(images)} photos, {len(classes)} classes, stored at {SIDE} px; device {device}; "
           f"torch threads {torch.get_num_threads()}")
     work = Path(tempfile.mkdtemp(prefix="photos-bench-"))
+    cache = args.cache or work / "cache"
     policy = work / "policy.json"
     save_policy(build_policy(params.augment.transforms, params.augment.seed), policy)
     rows = []
@@ -125,10 +133,10 @@ def main() -> None:
             for recipe in recipes:
                 start = time.perf_counter()
                 if recipe == "reference":
-                    probs = reference(images, targets, train, device, work / "cache")
+                    probs = reference(images, targets, train, device, cache)
                 else:
                     probs = pipeline_recipe(params, variants[recipe], images, targets, train, policy, device,
-                                            work / "cache", len(classes))
+                                            cache, len(classes))
                 seconds = time.perf_counter() - start
                 row = {"per_class": per_class, "draw": draw, "recipe": recipe, "seconds": seconds}
                 for part, index in parts.items():

@@ -197,3 +197,5 @@ def test_selection_aware_estimate_sees_through_a_winner_chosen_by_noise():
     steady = {"worse": fold_result("worse", [0.6, 0.5, 0.6, 0.5]), "better": fold_result("better", [0.8, 0.9, 0.8, 0.9])}
     found = analysis.selection_aware(steady, 4, params)
     assert {c["variant"] for c in found["chosen"]} == {"better"} and found["accuracy"]["mean"] == pytest.approx(0.85)
+    near_perfect = analysis.selection_aware({"x": fold_result("x", [1, 1, 0.9, 1])}, 4, params)["accuracy"]
+    assert near_perfect["high"] == 1.0 and near_perfect["low"] < 0.95  # the t interval clipped to what accuracy can be

@@ -291,6 +291,7 @@ def selection_aware(results: dict[str, VariantResult], folds: int, params: Evalu
             scores.append(float(accuracy[pick][repeat, fold]))
     ratio = float(np.mean([r.test_train_ratio for r in results.values()]))
     mean, low, high = corrected_t_interval(scores, ratio, params.confidence)
+    low, high = _clip("accuracy", low, high)  # an accuracy's t interval can reach past 1, as the CV one's
     return {"accuracy": {"mean": mean, "low": low, "high": high}, "chosen": chosen,
             "method": "leave-one-fold-out selection"}
 

@@ -59,6 +59,18 @@ def seconds(command: list[str], repo: Path) -> float:
     return time.perf_counter() - start
 
 
+def time_noop(repo: Path, repeats: int) -> tuple[int, list[float], list[float]]:
+    """Record the stage graph (placeholders for every output not there yet), check that a `dvc repro` then runs
+    nothing, and time it `repeats` times beside `dvc --version`: (stages, no-op seconds, --version seconds)."""
+    stages = placeholder_outputs(repo)
+    workspace.dvc(repo, "commit", "--force", "--quiet")
+    out = workspace.dvc(repo, "repro")
+    assert "Running stage" not in out, out  # the graph is recorded: nothing to run
+    dvc = [sys.executable, "-m", "dvc"]
+    noop = [seconds([*dvc, "repro"], repo) for _ in range(repeats)]
+    return stages, noop, [seconds([*dvc, "--version"], repo) for _ in range(repeats)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -68,13 +80,7 @@ def main() -> None:
         repo = workspace.make_repo(Path(tmp))
         if args.deps:
             shutil.copy(args.deps, repo / "dvc.yaml")
-        stages = placeholder_outputs(repo)
-        workspace.dvc(repo, "commit", "--force", "--quiet")
-        out = workspace.dvc(repo, "repro")
-        assert "Running stage" not in out, out  # the graph is recorded: nothing to run
-        dvc = [sys.executable, "-m", "dvc"]
-        noop = [seconds([*dvc, "repro"], repo) for _ in range(args.repeats)]
-        version = [seconds([*dvc, "--version"], repo) for _ in range(args.repeats)]
+        stages, noop, version = time_noop(repo, args.repeats)
     deps = sum(1 for line in (args.deps or workspace.ROOT / "dvc.yaml").read_text().splitlines()
                if line.strip().startswith("- pipeline/"))
     print(f"{stages} stages, {deps} code dependency entries in dvc.yaml (before matrix expansion)")

@@ -27,7 +27,7 @@ from pipeline import presets  # noqa: E402
 from pipeline.data.collected import load_collected  # noqa: E402
 
 from benchmarks import workspace  # noqa: E402
-from benchmarks.noop_repro import placeholder_outputs, seconds  # noqa: E402
+from benchmarks.noop_repro import seconds, time_noop  # noqa: E402
 
 PHOTOS = workspace.ROOT.parent / "shared" / "datasets" / "clothing-small"
 
@@ -81,13 +81,7 @@ def main() -> None:
               f"({images.nbytes / 1e6:.1f} MB of pixels); `dvc repro collect` {collect_seconds:.1f} s")
         print(f"load_collected: {load:.2f} s; the same pixels as one uncompressed .npy: {plain_load:.2f} s "
               f"(ratio {load / plain_load:.1f})")
-        stages = placeholder_outputs(repo)
-        workspace.dvc(repo, "commit", "--force", "--quiet")
-        out = workspace.dvc(repo, "repro")
-        assert "Running stage" not in out, out  # the graph is recorded: nothing to run
-        dvc = [sys.executable, "-m", "dvc"]
-        noop = [seconds([*dvc, "repro"], repo) for _ in range(args.repeats)]
-        version = [seconds([*dvc, "--version"], repo) for _ in range(args.repeats)]
+        stages, noop, version = time_noop(repo, args.repeats)
         print(f"no-op dvc repro of the photos preset's {stages} stages: median {statistics.median(noop):.2f} s "
               f"(min {min(noop):.2f}); dvc --version: median {statistics.median(version):.2f} s; "
               f"ratio {statistics.median(noop) / statistics.median(version):.1f}")

@@ -16,7 +16,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -48,15 +47,6 @@ def doubled_folder(source: Path, dest: Path) -> int:
     return count
 
 
-def best_of(action, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=Path, default=PHOTOS)
@@ -71,10 +61,10 @@ def main() -> None:
         stored = repo / "data" / "collected"
         data = load_collected(stored)
         images = data.images
-        load = best_of(lambda: load_collected(stored), 3)
+        load = workspace.best_of(lambda: load_collected(stored), 3)
         plain = Path(tmp) / "plain.npy"
         np.save(plain, images)
-        plain_load = best_of(lambda: np.load(plain), 3)
+        plain_load = workspace.best_of(lambda: np.load(plain), 3)
         stored_bytes = sum(p.stat().st_size for p in stored.iterdir())
         print(f"{files} photos, {raw_bytes / 1e6:.1f} MB of JPEG; collect stored {len(images)} at "
               f"{images.shape[1]} x {images.shape[2]} x {images.shape[3]}: {stored_bytes / 1e6:.1f} MB on disk "

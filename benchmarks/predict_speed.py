@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.inference import model as inference  # noqa: E402
 from pipeline.stages import predict  # noqa: E402
 from pipeline.training.backbones import Classifier, create_backbone  # noqa: E402
+
+from benchmarks.workspace import best_of  # noqa: E402
 
 BATCH = 32
 
@@ -57,15 +58,6 @@ def bare(model: torch.nn.Module, files: list[Path], card: dict) -> None:
             x = torch.from_numpy(np.stack(arrays)).float().div_(255)
             x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
             model(x).softmax(1)
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """A throw-away git repository holding this project's files, for end-to-end DVC runs (the e2e test and the
-timing benchmark), so the developer's own workspace and DVC cache are never touched."""
+timing benchmark), so the developer's own workspace and DVC cache are never touched; and the benchmarks' shared
+timer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +40,16 @@ def run(*args: str, cwd: Path) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout + result.stderr
+
+
+def best_of(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls of `fn`, in seconds (the least disturbed by other work on a noisy machine)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def dvc(repo: Path, *args: str) -> str:

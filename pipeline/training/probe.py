@@ -94,9 +94,11 @@ class LinearProbe:
 
     def fit(self, features: np.ndarray, targets: np.ndarray) -> "LinearProbe":
         raw = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
-        self.mean, self.scale = raw.mean(0), raw.std(0, unbiased=False).clamp_min(1e-6)
-        if not self.per_feature:  # weaker features keep smaller weights (and a head trained on stays stable)
-            self.mean, self.scale = torch.zeros_like(self.mean), raw.std().clamp_min(1e-6).expand_as(self.scale)
+        if self.per_feature:
+            self.mean, self.scale = raw.mean(0), raw.std(0, unbiased=False).clamp_min(1e-6)
+        else:  # weaker features keep smaller weights (and a head trained on stays stable)
+            self.mean = raw.new_zeros(raw.shape[1])
+            self.scale = raw.std().clamp_min(1e-6).expand(raw.shape[1])
         x = self._standardised(features)
         y = torch.from_numpy(np.array(targets, dtype=np.int64)).to(self.device)  # a writable copy
         self.weight = torch.zeros(x.shape[1], self.num_classes, device=self.device, requires_grad=True)

@@ -24,8 +24,7 @@ def test_stage_outputs_are_the_paths_the_code_writes():
     assert s["augment"]["outs"] == [str(paths.AUGMENT)]
     assert s["synthesize"]["outs"] == [str(paths.synthetic_dir("${item.repeat}", "${item.fold}"))]
     assert s["finetune"]["outs"] == [str(paths.finetune_dir("${item.repeat}", "${item.fold}", "${item.variant}"))]
-    assert s["evaluate"]["metrics"] == [{str(paths.METRICS): {"cache": False}},
-                                        {str(paths.TEST_METRICS): {"cache": False}}]
+    assert s["evaluate"]["metrics"] == [str(paths.METRICS), str(paths.TEST_METRICS)]
     assert set(s["evaluate"]["outs"]) == {str(paths.REPORT), str(paths.REPORT_HTML), str(paths.EVALUATION)}
     declared = [p if isinstance(p, str) else next(iter(p)) for p in s["evaluate"]["plots"]]
     assert declared == [str(paths.FIGURES)] + [str(paths.PLOTS / k) for k in ("confusion", "roc", "calibration",
@@ -33,21 +32,29 @@ def test_stage_outputs_are_the_paths_the_code_writes():
     assert s["scarcity"]["outs"] == [str(paths.scarcity_dir("${item.n}", "${item.variant}"))]
     assert str(paths.SCARCITY) in s["evaluate"]["deps"]
     assert s["final"]["outs"] == [str(paths.MODEL)]
-    assert s["final"]["metrics"] == [{str(paths.FINAL_METRICS): {"cache": False}}]
+    assert s["final"]["metrics"] == [str(paths.FINAL_METRICS)]
     assert str(paths.EVALUATION) in s["final"]["deps"]
     name = paths.split_name("${item.repeat}", "${item.fold}")
-    assert s["synthesize"]["metrics"] == [{str(paths.SYNTHESIZE_REPORTS / f"{name}.json"): {"cache": False}}]
-    assert [next(iter(p)) for p in s["synthesize"]["plots"]] == [
+    assert s["synthesize"]["metrics"] == [str(paths.SYNTHESIZE_REPORTS / f"{name}.json")]
+    assert [p if isinstance(p, str) else next(iter(p)) for p in s["synthesize"]["plots"]] == [
         str(paths.SYNTHESIZE_REPORTS / f"{name}-{suffix}") for suffix in ("history.csv", "curves.png", "grid.png")]
     assert str(paths.AUGMENT / paths.POLICY_FILE) in s["finetune"]["deps"]
     run = f"{paths.split_name('${item.repeat}', '${item.fold}')}-${{item.variant}}"
-    assert s["finetune"]["metrics"] == [{str(paths.FINETUNE_REPORTS / run / "metrics.json"): {"cache": False}},
-                                        {str(paths.run_facts(paths.FINETUNE_REPORTS, run)): {"cache": False}}]
+    assert s["finetune"]["metrics"] == [str(paths.FINETUNE_REPORTS / run / "metrics.json"),
+                                        str(paths.run_facts(paths.FINETUNE_REPORTS, run))]
     point = "n${item.n}-${item.variant}"
-    assert s["scarcity"]["metrics"] == [{str(paths.run_facts(paths.SCARCITY_REPORTS, point)): {"cache": False}}]
-    assert s["finetune"]["plots"] == [{str(paths.FINETUNE_REPORTS / run / "plots" / "metrics"): {"cache": False,
-                                                                                                  "x": "step"}}]
+    assert s["scarcity"]["metrics"] == [str(paths.run_facts(paths.SCARCITY_REPORTS, point))]
+    assert s["finetune"]["plots"] == [{str(paths.FINETUNE_REPORTS / run / "plots" / "metrics"): {"x": "step"}}]
     assert str(paths.FINETUNE) in s["evaluate"]["deps"]
+
+
+def test_every_output_is_cached_so_the_run_cache_records_every_stage():
+    """DVC saves no run-cache entry for a stage with an uncached output, and parallel runs bring results back
+    through the run-cache (pipeline/distributed): one `cache: false` would make the coordinator run that stage."""
+    uncached = [f"{name}: {path}" for name, stage in stages().items()
+                for kind in ("outs", "metrics", "plots") for entry in stage.get(kind, [])
+                if isinstance(entry, dict) for path, options in entry.items() if options.get("cache") is False]
+    assert not uncached, uncached
 
 
 def uncovered_modules(name: str, stage: dict) -> list[str]:

@@ -90,14 +90,15 @@ def strict(value):
     return value
 
 
+# differ between two runs of the same inputs: kept out of the outputs that carry results
 RUN_FACTS = ("train_seconds", "train_images_per_second", "steps_per_second", "resumed_from_epoch",
-             "resumed_from_step")  # differ between two runs of the same inputs: never inside a cached output
+             "resumed_from_step")
 
 
 def split_run_facts(meta: dict) -> tuple[dict, dict]:
     """(what the inputs determine, how this run went): the first goes into cached outputs, which must be the same
     bytes whenever the same inputs are trained again (so a killed and resumed run, or a forced re-run, changes no
-    hash downstream); the second into an uncached DVC metrics file."""
+    hash downstream); the second into a DVC metrics file of its own."""
     return ({k: v for k, v in meta.items() if k not in RUN_FACTS}, {k: v for k, v in meta.items() if k in RUN_FACTS})
 
 

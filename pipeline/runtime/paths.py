@@ -58,6 +58,7 @@ def scarcity_dir(images_per_class: int, variant: str) -> Path:
 
 
 def run_facts(reports: Path, name: str) -> Path:
-    """How one run went (seconds, speed, where it resumed): uncached DVC metrics beside the stage's reports, kept
-    out of its cached outputs, which must be the same bytes whenever the same inputs are trained again."""
+    """How one run went (seconds, speed, where it resumed): DVC metrics beside the stage's reports, kept out
+    of the outputs that carry its results, which must be the same bytes whenever the same inputs are trained
+    again."""
     return reports / f"{name}-run.json"

@@ -46,7 +46,7 @@ class ScarcityOutputs:
     folder: Path  # predictions.npz, meta.json
     checkpoints: Path | None = None  # finished folds (and a killed fold's training state) until the point is done
     features: Path | None = None  # the frozen-feature cache of linear probes
-    run: Path | None = None  # how the run went (seconds): uncached DVC metrics
+    run: Path | None = None  # how the run went (seconds): DVC metrics of their own
 
 
 def outputs_for(n: int, variant: str) -> ScarcityOutputs:

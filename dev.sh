@@ -3,6 +3,8 @@
 # (again only when pyproject.toml or constraints.txt changed), then runs what you asked for. Safe to run twice.
 #
 #   ./dev.sh repro [dvc repro args]   run the whole pipeline with DVC
+#   ./dev.sh repro --jobs N [...]     the same, N stages at a time on this machine (Ray; python -m pipeline.distributed -h)
+#   ./dev.sh repro --cluster ADDR     the same on a running Ray cluster, through a shared DVC remote (--remote URL)
 #   ./dev.sh test [pytest args]       run the test suite
 #   ./dev.sh dvc ARGS...              any dvc command inside the environment (exp run, metrics show, ...)
 #   ./dev.sh python ARGS...           the environment's python
@@ -28,7 +30,11 @@ export PATH="$VENV/bin:$PATH"   # dvc runs `python -m pipeline.<stage>`: this en
 
 cmd="${1:-}"; shift || true
 case "$cmd" in
-  repro)  dvc repro "$@"  # then the report's first sections, less images; the whole of it is reports/report.html
+  repro)  if printf '%s\n' "$@" | grep -qE '^(--jobs|-j|--cluster)(=|$)|^-j[0-9]'; then
+            python -m pipeline.distributed "$@"   # stages as Ray tasks; ends with a dvc repro that runs nothing
+          else
+            dvc repro "$@"
+          fi  # then the report's first sections, less images; the whole of it is reports/report.html
           [ ! -f reports/report.md ] || sed '/^## Where the errors are/,$d' reports/report.md | grep -v '^!\[' ;;
   test)   python -m pytest "$@" ;;
   dvc)    dvc "$@" ;;

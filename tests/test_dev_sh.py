@@ -51,3 +51,23 @@ def test_dev_sh_preset_applies_a_preset_with_the_venvs_python(tmp_path):
     [line] = result.stdout.splitlines()
     ran, *args = line.split()
     assert Path(ran).resolve() == python.resolve() and args == ["-m", "pipeline.presets", "photos"]
+
+
+@pytest.mark.parametrize("args, runs", [
+    (["--jobs", "2", "final"], ["python", "-m", "pipeline.distributed", "--jobs", "2", "final"]),
+    (["-j2"], ["python", "-m", "pipeline.distributed", "-j2"]),
+    (["--cluster=10.0.0.1:6379"], ["python", "-m", "pipeline.distributed", "--cluster=10.0.0.1:6379"]),
+    (["--force", "evaluate"], ["dvc", "repro", "--force", "evaluate"]),  # no --jobs: DVC itself, one stage at a time
+])
+def test_dev_sh_repro_goes_to_ray_only_with_jobs_or_a_cluster(tmp_path, args, runs):
+    fake_venv(tmp_path / "env")
+    dvc = tmp_path / "env" / "bin" / "dvc"
+    dvc.write_text('#!/bin/sh\necho "$0 $*"\n')
+    dvc.chmod(0o755)
+    env = {**os.environ, "VENV": str(tmp_path / "env"), "PYTHON": sys.executable}
+    result = subprocess.run([str(ROOT / "dev.sh"), "repro", *args], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.splitlines()[0]  # then, after a real run, the report's first sections
+    ran, *given = line.split()
+    assert [Path(ran).name, *given] == runs

@@ -1,0 +1,206 @@
+"""The coordinator: ready stages go to Ray as tasks, finished ones come back through the shared DVC remote, and a
+final `dvc repro --pull` here restores every output from DVC's run-cache and runs nothing.
+
+Ray schedules and retries; DVC decides what runs, runs it and verifies what comes back (a run-cache entry is keyed
+by the hashes of the stage's command, dependencies and params, so an output is only restored where DVC would have
+produced the same). A stage that finished is on the remote before the coordinator hears of it: killing the
+coordinator loses nothing finished, and running the command again restores those stages instead of rerunning them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.distributed import snapshot, stages
+from pipeline.distributed.worker import StageFailed, StageResult, StageTask, run_stage
+from pipeline.runtime.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+LOCAL_REMOTE = ".dvc/tmp/parallel-remote"  # the shared remote when the project has none and none is given
+
+
+@dataclass(frozen=True)
+class Options:
+    jobs: int = 0                    # stages at a time on this machine (0 with `cluster`: as the cluster allows)
+    cluster: str = ""                # a running Ray cluster's address (HOST:PORT or ray://HOST:10001)
+    remote: str = ""                 # shared DVC remote URL; default: the project's default remote, else LOCAL_REMOTE
+    cpus_per_task: int = 0           # 0: this machine's cores / jobs (at least 1); 2 on a cluster
+    gpus_per_task: float = -1.0      # GPU share of a training stage; -1: the GPUs / jobs (at most 1), 0 without any
+    retries: int = 1                 # a failed task, or one whose worker died, runs again this many times
+    source: str = ""                 # git URL workers fetch the snapshot from; default: this repository's folder
+    targets: tuple[str, ...] = ()    # stages or dvc.yaml files to reproduce (default: the whole pipeline)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finished: list[StageResult]
+    final_log: str                   # what the coordinator's own `dvc repro --pull` printed
+
+
+def reproduce(root: Path, options: Options) -> Outcome:
+    """Run the stale stages of `root`'s pipeline on Ray, then restore them here; raise PipelineError naming every
+    stage that failed (after its retries) with the end of its log, once all that could run has run."""
+    root = root.resolve()
+    plans = stages.plan(root, list(options.targets) or None)
+    to_run = [p for p in plans if p.to_run]
+    remote, dvc_env = _shared_remote(root, options.remote)
+    finished: list[StageResult] = []
+    if to_run:
+        log.info("%d of %d stages to run; shared DVC remote %s", len(to_run), len(plans), remote)
+        needed = {name for p in to_run for name in p.upstream}
+        _push_up_to_date(root, dvc_env, [p.name for p in plans if not p.to_run and p.name in needed])
+        if options.source:  # workers on other machines fetch a pushed commit
+            source, ref = options.source, snapshot.clean_head(root)
+        else:  # they fetch the working tree's snapshot from this folder
+            snapshot.snapshot(root)
+            source, ref = str(root), snapshot.REF
+        finished = _run_on_ray(to_run, options, lambda plan, cpus: StageTask(
+            plan.name, plan.upstream, source, ref, remote, cpus))
+    final = _dvc(root, dvc_env, "repro", "--pull", *options.targets)
+    ran = [line for line in final.splitlines() if line.startswith("Running stage")]
+    if ran:  # a run-cache miss: DVC ran it here, correctly but serially; say so, it should not happen
+        log.warning("the final dvc repro ran %d stage(s) itself instead of restoring them: %s", len(ran), ran)
+    return Outcome(finished, final)
+
+
+def _shared_remote(root: Path, asked: str) -> tuple[str, dict]:
+    """The remote workers push to and this repository pulls from, and the environment under which `dvc` here
+    sees it as the default remote (through DVC's system-level config, so the project's own files stay as they
+    are). A project with its own default remote shares that one."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        own = repo.config["core"].get("remote")
+        own_url = repo.config["remote"][own]["url"] if own else ""
+    if own:
+        if asked and asked != own_url:
+            raise PipelineError(f"this project's default DVC remote is {own!r} ({own_url}); workers share it, so "
+                                f"--remote {asked} would not be seen here. Leave --remote out, or change the "
+                                "default with `dvc remote default`")
+        return own_url, dict(os.environ)
+    url = asked or str(root / LOCAL_REMOTE)
+    if "://" not in url:
+        url = str(Path(url).resolve())
+        Path(url).mkdir(parents=True, exist_ok=True)
+    config_dir = Path(tempfile.mkdtemp(prefix="fewshot-parallel-dvc-"))
+    (config_dir / "config").write_text(f"[core]\n    remote = parallel\n['remote \"parallel\"']\n    url = {url}\n")
+    return url, {**os.environ, "DVC_SYSTEM_CONFIG_DIR": str(config_dir),
+                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _push_up_to_date(root: Path, env: dict, names: list[str]) -> None:
+    """Stages already up to date here (and data DVC tracks) go to the remote with their run-cache entries, so
+    workers restore them instead of running them again."""
+    if names:
+        _dvc(root, env, "push", "--run-cache", *names)
+
+
+def _run_on_ray(to_run: list[stages.StagePlan], options: Options, make_task) -> list[StageResult]:
+    import ray
+
+    _start_ray(options)
+    try:
+        cpus, gpus = _task_resources(options)
+        log.info("each task: %d CPU core(s) (torch threads likewise), %.3g GPU for training stages", cpus, gpus)
+        task_fn = ray.remote(_run_stage_on_ray)
+        names = {p.name for p in to_run}
+        pending = {p.name: p for p in to_run}
+        running, finished, failed, skipped = {}, [], {}, {}
+        started = time.perf_counter()
+        while pending or running:
+            for name, plan in list(pending.items()):
+                inside = [u for u in plan.upstream if u in names]
+                broken = next((u for u in inside if u in failed or u in skipped), None)
+                if broken:
+                    skipped[name] = broken
+                    del pending[name]
+                elif all(any(r.stage == u for r in finished) for u in inside):
+                    ref = task_fn.options(num_cpus=cpus, num_gpus=gpus if plan.accelerated else 0,
+                                          max_retries=options.retries, retry_exceptions=True,
+                                          name=name).remote(make_task(plan, cpus))
+                    running[ref] = plan
+                    del pending[name]
+            if not running:
+                break
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            plan = running.pop(ref)
+            try:
+                result, node = ray.get(ref)
+            except (ray.exceptions.RayError, StageFailed) as err:
+                failed[plan.name] = err
+                log.error("%s failed after %d retr%s: %s", plan.name, options.retries,
+                          "y" if options.retries == 1 else "ies", _cause(err))
+                continue
+            finished.append(result)
+            log.info("[%d/%d] %s %s on %s (Ray node %s) in %.0f s (%.1f s setup, %.1f s push) after %.0f s",
+                     len(finished), len(to_run), result.stage, "ran" if result.ran else "restored from the run-cache",
+                     result.host, node[:8], result.setup_s + result.repro_s + result.push_s, result.setup_s,
+                     result.push_s, time.perf_counter() - started)
+        if failed or skipped:
+            raise PipelineError(_failure_report(failed, skipped, len(finished)))
+        return finished
+    finally:
+        ray.shutdown()
+
+
+def _run_stage_on_ray(task: StageTask) -> tuple[StageResult, str]:
+    """The Ray task: the stage, and which Ray node ran it (several can share a host name)."""
+    import ray
+
+    return run_stage(task), ray.get_runtime_context().get_node_id()
+
+
+def _start_ray(options: Options) -> None:
+    import ray
+
+    if options.cluster:
+        ray.init(address=options.cluster, log_to_driver=False)
+        return
+    jobs = options.jobs or 1
+    cpus = options.cpus_per_task or max(1, (os.cpu_count() or 1) // jobs)
+    ray.init(num_cpus=jobs * cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _task_resources(options: Options) -> tuple[int, float]:
+    import ray
+
+    total_gpus = ray.cluster_resources().get("GPU", 0.0)
+    if options.cluster:
+        cpus = options.cpus_per_task or 2
+        gpus = options.gpus_per_task if options.gpus_per_task >= 0 else (0.25 if total_gpus else 0.0)
+    else:
+        jobs = options.jobs or 1
+        cpus = options.cpus_per_task or max(1, (os.cpu_count() or 1) // jobs)
+        gpus = options.gpus_per_task if options.gpus_per_task >= 0 else min(1.0, total_gpus / jobs)
+    if gpus > total_gpus:
+        raise PipelineError(f"--gpus-per-task {gpus} asks for more GPUs than the Ray cluster has ({total_gpus:g})")
+    return cpus, gpus
+
+
+def _cause(err: Exception) -> str:
+    cause = getattr(err, "cause", None)
+    return str(cause if isinstance(cause, StageFailed) else err)
+
+
+def _failure_report(failed: dict, skipped: dict, finished: int) -> str:
+    lines = [f"{len(failed)} stage(s) failed and {len(skipped)} were not started because a stage they need "
+             f"failed; the {finished} that finished are on the shared remote, so running the same command again "
+             "restores them and carries on from there."]
+    lines += [f"\n{name}: {_cause(err)}" for name, err in failed.items()]
+    lines += [f"\n{name}: not started, needs {needs}" for name, needs in skipped.items()]
+    return "\n".join(lines)
+
+
+def _dvc(root: Path, env: dict, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PipelineError(f"dvc {' '.join(args)} failed in {root}:\n{result.stdout}{result.stderr}")
+    return result.stdout + result.stderr

@@ -134,6 +134,19 @@ def test_a_rerun_after_the_coordinator_died_restores_what_finished(tmp_path):
 
 
 @pytest.mark.slow
+def test_data_dvc_tracks_reaches_the_workers_through_the_shared_remote(tmp_path):
+    repo, remote = toy_repo(tmp_path / "repo"), tmp_path / "remote"
+    run("git", "rm", "-q", "--cached", "seed.txt", cwd=repo)
+    dvc(repo, "add", "-q", "seed.txt")  # now in DVC's cache and git-ignored: a worker's clone lacks the file
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-qm", "seed tracked by DVC", cwd=repo)
+    outcome = reproduce(repo, Options(jobs=1, remote=str(remote)))
+    assert sorted(r.stage for r in outcome.finished if r.ran) == ["double", "draw"]
+    assert "Running stage" not in outcome.final_log
+    assert (repo / "b.txt").read_text().startswith((repo / "a.txt").read_text())  # restored here, consistent
+
+
+@pytest.mark.slow
 def test_a_stage_that_keeps_failing_is_reported_with_its_log_and_the_rest_still_runs(tmp_path):
     repo, remote = toy_repo(tmp_path / "repo"), tmp_path / "remote"
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())

@@ -13,7 +13,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +89,8 @@ def _shared_remote(root: Path, asked: str) -> tuple[str, dict]:
     if "://" not in url:
         url = str(Path(url).resolve())
         Path(url).mkdir(parents=True, exist_ok=True)
-    config_dir = Path(tempfile.mkdtemp(prefix="fewshot-parallel-dvc-"))
+    config_dir = root / ".dvc" / "tmp" / "parallel-config"  # DVC's own ignored scratch folder, rewritten each run
+    config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "config").write_text(f"[core]\n    remote = parallel\n['remote \"parallel\"']\n    url = {url}\n")
     return url, {**os.environ, "DVC_SYSTEM_CONFIG_DIR": str(config_dir),
                  "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -356,7 +356,9 @@ def test_spaces_and_non_ascii_are_percent_encoded_but_the_cache_key_is_the_url_a
 
 
 def test_parallel_workers_fetch_many_urls_without_hanging(server, tmp_path):
-    urls = [server.url(f"/ok.png?i={i}&delay=0.02") for i in range(30)]
+    # each response waits 0.25 s, so requests overlap even when a busy machine is slow to start the workers
+    # (at 0.02 s this test failed now and then on 2 busy cores)
+    urls = [server.url(f"/ok.png?i={i}&delay=0.25") for i in range(30)]
     result = fetch_all(urls, settings(tmp_path, workers=4))
     assert list(result) == urls
     assert all(isinstance(p, Path) and p.read_bytes() == PNG for p in result.values())

@@ -51,7 +51,16 @@ def send(handler, status, body=b"", content_type="image/png", length=True):
 
 
 def ok(handler, n, query):
-    time.sleep(float(query.get("delay", ["0"])[0]))  # lets the parallel test see overlapping requests
+    """A PNG after `delay` seconds. The requests waiting count as in flight, and stop counting before the reply
+    is sent: counted after it, a worker that already had its reply could start its next request first and be
+    counted twice (it was: 5 in flight with 4 workers, on 2 busy cores)."""
+    seen = handler.server.seen
+    with seen.lock:
+        seen.in_flight += 1
+        seen.max_in_flight = max(seen.max_in_flight, seen.in_flight)
+    time.sleep(float(query.get("delay", ["0"])[0]))
+    with seen.lock:
+        seen.in_flight -= 1
     send(handler, 200, PNG)
 
 
@@ -123,15 +132,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             seen.requests[self.path] += 1
             n = seen.requests[self.path]
             seen.user_agents.add(self.headers["User-Agent"])
-            seen.in_flight += 1
-            seen.max_in_flight = max(seen.max_in_flight, seen.in_flight)
         try:
             ROUTES.get(parts.path, lambda h, n, q: h.send_error(404))(self, n, urllib.parse.parse_qs(parts.query))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client hung up on purpose: size limit or timeout
-        finally:
-            with seen.lock:
-                seen.in_flight -= 1
 
     def log_message(self, format, *args):
         pass
@@ -356,9 +360,7 @@ def test_spaces_and_non_ascii_are_percent_encoded_but_the_cache_key_is_the_url_a
 
 
 def test_parallel_workers_fetch_many_urls_without_hanging(server, tmp_path):
-    # each response waits 0.25 s, so requests overlap even when a busy machine is slow to start the workers
-    # (at 0.02 s this test failed now and then on 2 busy cores)
-    urls = [server.url(f"/ok.png?i={i}&delay=0.25") for i in range(30)]
+    urls = [server.url(f"/ok.png?i={i}&delay=0.1") for i in range(30)]  # long enough for the workers to overlap
     result = fetch_all(urls, settings(tmp_path, workers=4))
     assert list(result) == urls
     assert all(isinstance(p, Path) and p.read_bytes() == PNG for p in result.values())

@@ -24,7 +24,7 @@ import yaml
 from pipeline.distributed import snapshot, stages
 from pipeline.distributed.runner import Options, reproduce
 from pipeline.distributed.worker import StageFailed, StageTask, run_stage
-from pipeline.runtime.atomic import RUN_FACTS
+from pipeline.runtime.atomic import split_run_facts
 from pipeline.runtime.errors import PipelineError
 
 from benchmarks.workspace import ENV, dvc, make_repo, run
@@ -189,15 +189,13 @@ def results(repo: Path) -> dict[str, str]:
         value = json.loads(text)
         if path.name.endswith("-run.json"):
             continue
-        if isinstance(value, dict) and has_run_facts(value):
-            text = json.dumps({k: v for k, v in value.items() if k not in RUN_FACTS})
+        if isinstance(value, dict):
+            results_only, facts = split_run_facts(value)
+            if facts:
+                text = json.dumps(results_only)
         out[str(path.relative_to(repo))] = text
     assert len(out) > 10
     return out
-
-
-def has_run_facts(value: dict) -> bool:
-    return any(k in RUN_FACTS for k in value)
 
 
 class TwoNodeCluster:

@@ -106,14 +106,15 @@ def _push_up_to_date(root: Path, env: dict, names: list[str]) -> None:
 def _run_on_ray(to_run: list[stages.StagePlan], options: Options, make_task) -> list[StageResult]:
     import ray
 
-    _start_ray(options)
+    cpus = options.cpus_per_task or (2 if options.cluster else max(1, (os.cpu_count() or 1) // (options.jobs or 1)))
+    _start_ray(options, cpus)
     try:
-        cpus, gpus = _task_resources(options)
+        gpus = _gpus_per_task(options)
         log.info("each task: %d CPU core(s) (torch threads likewise), %.3g GPU for training stages", cpus, gpus)
         task_fn = ray.remote(_run_stage_on_ray)
         names = {p.name for p in to_run}
         pending = {p.name: p for p in to_run}
-        running, finished, failed, skipped = {}, [], {}, {}
+        running, finished, failed, skipped, done = {}, [], {}, {}, set()
         started = time.perf_counter()
         while pending or running:
             for name, plan in list(pending.items()):
@@ -122,7 +123,7 @@ def _run_on_ray(to_run: list[stages.StagePlan], options: Options, make_task) -> 
                 if broken:
                     skipped[name] = broken
                     del pending[name]
-                elif all(any(r.stage == u for r in finished) for u in inside):
+                elif done.issuperset(inside):
                     ref = task_fn.options(num_cpus=cpus, num_gpus=gpus if plan.accelerated else 0,
                                           max_retries=options.retries, retry_exceptions=True,
                                           name=name).remote(make_task(plan, cpus))
@@ -140,6 +141,7 @@ def _run_on_ray(to_run: list[stages.StagePlan], options: Options, make_task) -> 
                           "y" if options.retries == 1 else "ies", _cause(err))
                 continue
             finished.append(result)
+            done.add(result.stage)
             log.info("[%d/%d] %s %s on %s (Ray node %s) in %.0f s (%.1f s setup, %.1f s push) after %.0f s",
                      len(finished), len(to_run), result.stage, "ran" if result.ran else "restored from the run-cache",
                      result.host, node[:8], result.setup_s + result.repro_s + result.push_s, result.setup_s,
@@ -158,31 +160,28 @@ def _run_stage_on_ray(task: StageTask) -> tuple[StageResult, str]:
     return run_stage(task), ray.get_runtime_context().get_node_id()
 
 
-def _start_ray(options: Options) -> None:
+def _start_ray(options: Options, cpus_per_task: int) -> None:
     import ray
 
     if options.cluster:
         ray.init(address=options.cluster, log_to_driver=False)
-        return
-    jobs = options.jobs or 1
-    cpus = options.cpus_per_task or max(1, (os.cpu_count() or 1) // jobs)
-    ray.init(num_cpus=jobs * cpus, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(num_cpus=(options.jobs or 1) * cpus_per_task, include_dashboard=False, log_to_driver=False)
 
 
-def _task_resources(options: Options) -> tuple[int, float]:
+def _gpus_per_task(options: Options) -> float:
     import ray
 
     total_gpus = ray.cluster_resources().get("GPU", 0.0)
-    if options.cluster:
-        cpus = options.cpus_per_task or 2
-        gpus = options.gpus_per_task if options.gpus_per_task >= 0 else (0.25 if total_gpus else 0.0)
+    if options.gpus_per_task >= 0:
+        gpus = options.gpus_per_task
+    elif options.cluster:
+        gpus = 0.25 if total_gpus else 0.0
     else:
-        jobs = options.jobs or 1
-        cpus = options.cpus_per_task or max(1, (os.cpu_count() or 1) // jobs)
-        gpus = options.gpus_per_task if options.gpus_per_task >= 0 else min(1.0, total_gpus / jobs)
+        gpus = min(1.0, total_gpus / (options.jobs or 1))
     if gpus > total_gpus:
         raise PipelineError(f"--gpus-per-task {gpus} asks for more GPUs than the Ray cluster has ({total_gpus:g})")
-    return cpus, gpus
+    return gpus
 
 
 def _cause(err: Exception) -> str:

@@ -20,11 +20,10 @@ class StagePlan:
     name: str                   # DVC's address: `finetune@r0-fold1-cnn`, or `data/raw.dvc` for tracked data
     upstream: tuple[str, ...]   # every stage it depends on, directly or not, dependencies first
     to_run: bool                # stale (or downstream of a stale stage): a worker runs it
-    accelerated: bool           # may use the GPU
 
     @property
-    def kind(self) -> str:
-        return self.name.split("@")[0]
+    def accelerated(self) -> bool:  # may use the GPU
+        return self.name.split("@")[0] in ACCELERATED
 
 
 def plan(root: Path, targets: list[str] | None = None) -> list[StagePlan]:
@@ -33,20 +32,21 @@ def plan(root: Path, targets: list[str] | None = None) -> list[StagePlan]:
     import networkx as nx
     from dvc.repo import Repo
 
-    with _inside(root), Repo(str(root)) as repo, repo.lock:  # DVC names stages relative to the current folder  # the lock: DVC's own rule for reading stage state
+    # inside root: DVC names stages relative to the current folder; the lock: DVC's rule for reading stage state
+    with _inside(root), Repo(str(root)) as repo, repo.lock:
         graph = repo.index.graph  # an edge points from a stage to a stage it depends on
         wanted = [s for t in targets for s in repo.stage.collect(t)] if targets else list(graph.nodes)
         order = list(nx.dfs_postorder_nodes(graph.subgraph(_with_upstream(graph, wanted))))
         stale: set = set()
         plans = []
         for stage in order:
-            upstream = [s for s in order if s in nx.descendants(graph, stage)]
+            needs = nx.descendants(graph, stage)
+            upstream = [s for s in order if s in needs]
             runs = bool(stage.cmd) and not stage.frozen and (
                 bool(stale.intersection(upstream)) or bool(stage.changed()))
             if runs:
                 stale.add(stage)
-            plans.append(StagePlan(stage.addressing, tuple(s.addressing for s in upstream), runs,
-                                   stage.addressing.split("@")[0] in ACCELERATED))
+            plans.append(StagePlan(stage.addressing, tuple(s.addressing for s in upstream), runs))
         _check_inputs_reach_workers(root, [s for s in order if s in stale], graph)
     return plans
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `pipeline` importable
-from pipeline.runtime.compute import World, autocast, pick_device  # noqa: E402
+from pipeline.runtime.compute import World, autocast, channels_last, pick_device  # noqa: E402
 from pipeline.runtime.params import load_params  # noqa: E402
 from pipeline.training.backbones import Classifier, create_backbone  # noqa: E402
 from pipeline.training.loop import FitSetup, TrainingSet, fit  # noqa: E402
@@ -57,10 +57,8 @@ def bare_loop(model_name: str, images: np.ndarray, targets: np.ndarray, size: in
     torch.manual_seed(0)
     wrapped = Classifier(create_backbone(model_name, "none"), num_classes=CLASSES, input_size=size)
     x = wrapped.preprocess(torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)).to(device)
-    model = wrapped.backbone.to(device).train()  # called bare: the preprocessing is already done
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    model = channels_last(wrapped.backbone.to(device).train())  # called bare: the preprocessing is already done
+    x = channels_last(x)  # the layout the pipeline uses
     y = torch.from_numpy(targets).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     order = torch.randperm(len(x), device=device)
@@ -94,9 +92,8 @@ def our_loop(model_name: str, images: np.ndarray, targets: np.ndarray, size: int
 
     def run(epochs: int) -> tuple[float, float]:
         torch.manual_seed(0)
-        model = Classifier(create_backbone(model_name, "none"), num_classes=CLASSES, input_size=size).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        model = channels_last(Classifier(create_backbone(model_name, "none"), num_classes=CLASSES,
+                                         input_size=size).to(device))
         sync(device)
         start = time.perf_counter()
         result = fit(model, data, FitSetup(params, epochs, False, None, device, World()))

@@ -142,10 +142,14 @@ def test_installed_library_versions_are_the_default(inputs, monkeypatch):
     assert set(fingerprints.library_versions(with_policy=True)) == {"torch", "timm", "albumentations"}
 
 
-def test_precision_follows_autocast():
-    assert fingerprints.compute_mode(CPU) == {"device": "cpu", "precision": "torch.float32"}
+def test_precision_follows_autocast_and_the_layout_is_recorded(monkeypatch):
+    layout = {"layout": "channels_last"}
+    assert fingerprints.compute_mode(CPU) == {"device": "cpu", "precision": "torch.float32"} | layout
     if torch.cuda.is_available():
-        assert fingerprints.compute_mode(torch.device("cuda")) == {"device": "cuda", "precision": "torch.bfloat16"}
+        assert fingerprints.compute_mode(torch.device("cuda")) == {"device": "cuda", "precision": "torch.bfloat16"} | layout
+    before = fingerprint(params=[1], device=CPU)
+    monkeypatch.setattr(compute, "LAYOUT", "contiguous")  # cached features computed in another layout differ
+    assert fingerprint(params=[1], device=CPU) != before
 
 
 # --- the callers: what each includes, and what each leaves out on purpose ----------------------------------------

@@ -8,7 +8,7 @@ import torch
 from pipeline.augmentation.policy import build_policy
 from pipeline.data.collected import load_collected
 from pipeline.runtime.checkpoint import Checkpointing
-from pipeline.runtime.compute import World
+from pipeline.runtime.compute import World, channels_last
 from pipeline.runtime.errors import PipelineError
 from pipeline.training import loop as training
 from pipeline.training.backbones import Classifier, create_backbone
@@ -87,6 +87,23 @@ def training_set(images, targets, inner=0):
 def small_cnn():
     torch.manual_seed(0)
     return Classifier(create_backbone("compact_cnn", "none"), num_classes=10, input_size=16)
+
+
+def test_batches_and_models_are_channels_last_on_the_cpu_and_predict_as_the_default_layout_does(digits):
+    """The CPU computes in channels-last layout too (about 2x as fast here): same values, other strides."""
+    _, _, external, _ = digits
+    raw = torch.from_numpy(np.repeat(external[:16], 3, axis=3))  # RGB: with one channel both layouts coincide
+    x = training.to_batch(raw, CPU)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert torch.equal(x, raw.permute(0, 3, 1, 2).float() / 255)
+    model = small_cnn().eval()
+    with torch.no_grad():
+        default = model(x.contiguous())
+        laid_out = channels_last(model)(x)
+    assert model.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(laid_out, default, rtol=1e-4, atol=1e-5)
+    probs = predict(model, raw.numpy(), CPU, 10)
+    torch.testing.assert_close(torch.from_numpy(probs), default.softmax(1), rtol=1e-4, atol=1e-5)
 
 
 def setup_for(epochs=4, policy=True, checkpoint=None, **overrides):

@@ -66,13 +66,14 @@ def library_versions(*, with_policy: bool = False) -> dict[str, str]:
 
 
 def compute_mode(device) -> dict[str, str]:
-    """The device type and the dtype it computes in, read off pipeline.runtime.compute.autocast itself, so the
-    fingerprint follows that one rule (bf16 on CUDA, fp32 elsewhere) wherever it goes."""
+    """The device type, the dtype it computes in and the memory layout, read off pipeline.runtime.compute itself
+    (autocast: bf16 on CUDA, fp32 elsewhere; LAYOUT), so the fingerprint follows those rules wherever they go."""
     from pipeline.runtime import compute
 
     mode = compute.autocast(device)
     enabled = getattr(mode, "_enabled", True)  # torch.autocast keeps `enabled` only as this attribute
-    return {"device": device.type, "precision": str(mode.fast_dtype) if enabled else "torch.float32"}
+    return {"device": device.type, "precision": str(mode.fast_dtype) if enabled else "torch.float32",
+            "layout": compute.LAYOUT}
 
 
 def file_sha256(path: Path, what: str) -> str:

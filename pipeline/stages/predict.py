@@ -27,7 +27,7 @@ import torch
 from pipeline.inference import model as inference
 from pipeline.runtime import atomic, paths
 from pipeline.runtime.cli import cli, setup_logging
-from pipeline.runtime.compute import pick_device
+from pipeline.runtime.compute import channels_last, pick_device
 from pipeline.runtime.progress import Progress
 from pipeline.training.loop import predict
 
@@ -62,8 +62,7 @@ def run(patterns: list[str], model_dir: Path, device: torch.device, batch: int =
     read and predicted `batch` at a time, so memory does not grow with their number. `max_pixels` overrides the
     card's limit for decompression bombs (0: none)."""
     model, card = inference.load_model(model_dir, device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    channels_last(model)
     how = inference.preparation(card, max_pixels)
     named = inference.expand(patterns)
     classes = card["classes"]

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.augmentation.policy import augment_seeded, load_policy
 from pipeline.runtime.checkpoint import Checkpointing
-from pipeline.runtime.compute import World
+from pipeline.runtime.compute import World, channels_last
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.fingerprint import fingerprint
 from pipeline.runtime.params import FinetuneParams, Variant
@@ -131,12 +131,10 @@ def live_log(folder: Path | None, enabled: bool) -> Iterator[Callable[[dict], No
 
 def full(job: Job) -> Outcome | None:
     params, variant, device, world = job.params, job.variant, job.device, job.world
-    model = Classifier(create_backbone(variant.backbone, variant.weights), num_classes=job.classes,
-                       input_size=variant.input_size).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        if world.size > 1:  # batch statistics over the global batch, as one process would compute them
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = channels_last(Classifier(create_backbone(variant.backbone, variant.weights), num_classes=job.classes,
+                                     input_size=variant.input_size).to(device))
+    if device.type == "cuda" and world.size > 1:  # batch statistics over the global batch, as one process would
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # compute them
     policy = None
     if variant.augment:
         policy = load_policy(job.policy)

@@ -37,7 +37,7 @@ from pipeline.runtime.checkpoint import (
     restore_random,
     save_checkpoint,
 )
-from pipeline.runtime.compute import World, autocast, random_states, recalibrating_batch_norm
+from pipeline.runtime.compute import World, autocast, channels_last, random_states, recalibrating_batch_norm
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import FinetuneParams
 from pipeline.runtime.progress import Progress
@@ -164,9 +164,8 @@ def seed_worker(worker_id: int) -> None:
 
 def to_batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 N x H x W x C (moved as bytes: 4x less traffic) -> float N x C x H x W in [0, 1] on `device`,
-    channels-last on CUDA (what its convolution kernels prefer)."""
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
+    channels-last (what the convolution kernels prefer, on the CPU as on CUDA)."""
+    return channels_last(images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255))
 
 
 # --------------------------------------------------------------------------------------------------

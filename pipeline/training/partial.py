@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.runtime.compute import seed_everything
+from pipeline.runtime.compute import channels_last, seed_everything
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.fingerprint import fingerprint
 from pipeline.training.backbones import Classifier, create_backbone, weights_source
@@ -182,8 +182,8 @@ def partial(job):
     params, variant, device = job.params, job.variant, job.device
     start = time.perf_counter()
     seed_everything(params.seed)  # the new head's initial weights
-    model = Classifier(create_backbone(variant.backbone, variant.weights), num_classes=job.classes,
-                       input_size=variant.input_size).to(device)
+    model = channels_last(Classifier(create_backbone(variant.backbone, variant.weights), num_classes=job.classes,
+                                     input_size=variant.input_size).to(device))
     split = Split(model, params.partial_blocks)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.runtime import atomic
-from pipeline.runtime.compute import autocast
+from pipeline.runtime.compute import autocast, channels_last
 from pipeline.runtime.fingerprint import fingerprint
 from pipeline.training.backbones import Classifier, create_backbone, weights_source
 
@@ -32,9 +32,7 @@ class ImageFeatures:
 
     def __init__(self, backbone: str, input_size: int, device: torch.device, weights: str = "packaged"):
         self.model = Classifier(create_backbone(backbone, weights), num_classes=0, input_size=input_size)
-        self.model.eval().to(device)
-        if device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
+        channels_last(self.model.eval().to(device))
         self.device = device
         self.dimensions = self.model.backbone.num_features
         # what, besides the pixels, the features depend on: the weights' contents, and bf16 on CUDA is not fp32

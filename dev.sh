@@ -2,7 +2,7 @@
 # One entry point that sets itself up: creates .venv (first run), installs the project under constraints.txt
 # (again only when pyproject.toml or constraints.txt changed), then runs what you asked for. Safe to run twice.
 #
-#   ./dev.sh repro [dvc repro args]   run the whole pipeline with DVC
+#   ./dev.sh repro [dvc repro args]   run the whole pipeline with DVC (WARM=0: without the warm stage server)
 #   ./dev.sh repro --jobs N [...]     the same, N stages at a time on this machine (Ray; python -m pipeline.distributed -h)
 #   ./dev.sh repro --cluster ADDR     the same on a running Ray cluster, through a shared DVC remote (--remote URL)
 #   ./dev.sh test [pytest args]       run the test suite
@@ -32,8 +32,11 @@ cmd="${1:-}"; shift || true
 case "$cmd" in
   repro)  if printf '%s\n' "$@" | grep -qE '^(--jobs|-j|--cluster)(=|$)|^-j[0-9]'; then
             python -m pipeline.distributed "$@"   # stages as Ray tasks; ends with a dvc repro that runs nothing
-          else
+          elif [ "${WARM:-1}" = 0 ]; then
             dvc repro "$@"
+          else  # each stage forked from one process that imported torch once (pipeline/runtime/warm.py)
+            mkdir -p .dvc/tmp
+            python -m pipeline.runtime.warm run --log .dvc/tmp/warm-server.log -- dvc repro "$@"
           fi  # then the report's first sections, less images; the whole of it is reports/report.html
           [ ! -f reports/report.md ] || sed '/^## Where the errors are/,$d' reports/report.md | grep -v '^!\[' ;;
   test)   python -m pytest "$@" ;;

@@ -53,18 +53,23 @@ def test_dev_sh_preset_applies_a_preset_with_the_venvs_python(tmp_path):
     assert Path(ran).resolve() == python.resolve() and args == ["-m", "pipeline.presets", "photos"]
 
 
-@pytest.mark.parametrize("args, runs", [
-    (["--jobs", "2", "final"], ["python", "-m", "pipeline.distributed", "--jobs", "2", "final"]),
-    (["-j2"], ["python", "-m", "pipeline.distributed", "-j2"]),
-    (["--cluster=10.0.0.1:6379"], ["python", "-m", "pipeline.distributed", "--cluster=10.0.0.1:6379"]),
-    (["--force", "evaluate"], ["dvc", "repro", "--force", "evaluate"]),  # no --jobs: DVC itself, one stage at a time
+WARM_RUN = ["python", "-m", "pipeline.runtime.warm", "run", "--log", ".dvc/tmp/warm-server.log", "--"]
+
+
+@pytest.mark.parametrize("args, warm, runs", [
+    (["--jobs", "2", "final"], "1", ["python", "-m", "pipeline.distributed", "--jobs", "2", "final"]),
+    (["-j2"], "1", ["python", "-m", "pipeline.distributed", "-j2"]),
+    (["--cluster=10.0.0.1:6379"], "1", ["python", "-m", "pipeline.distributed", "--cluster=10.0.0.1:6379"]),
+    # no --jobs: DVC itself, one stage at a time, its stages forked from a warm server unless WARM=0
+    (["--force", "evaluate"], "1", [*WARM_RUN, "dvc", "repro", "--force", "evaluate"]),
+    (["--force", "evaluate"], "0", ["dvc", "repro", "--force", "evaluate"]),
 ])
-def test_dev_sh_repro_goes_to_ray_only_with_jobs_or_a_cluster(tmp_path, args, runs):
+def test_dev_sh_repro_goes_to_ray_only_with_jobs_or_a_cluster(tmp_path, args, warm, runs):
     fake_venv(tmp_path / "env")
     dvc = tmp_path / "env" / "bin" / "dvc"
     dvc.write_text('#!/bin/sh\necho "$0 $*"\n')
     dvc.chmod(0o755)
-    env = {**os.environ, "VENV": str(tmp_path / "env"), "PYTHON": sys.executable}
+    env = {**os.environ, "VENV": str(tmp_path / "env"), "PYTHON": sys.executable, "WARM": warm}
     result = subprocess.run([str(ROOT / "dev.sh"), "repro", *args], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr

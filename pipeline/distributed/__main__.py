@@ -26,13 +26,16 @@ def parse(argv: list[str] | None) -> Options:
     parser.add_argument("--retries", type=int, default=1, help="runs again a failed stage this many times (1)")
     parser.add_argument("--source", default="", help="git URL workers fetch the commit from (a cluster without "
                         "this folder: push HEAD there first); default: this repository's folder")
+    parser.add_argument("--warm-idle", type=float, default=60.0,
+                        help="each machine runs stages from one warm process that has imported torch once; it stops "
+                        "after this many idle seconds (60; 0: every stage starts its own Python)")
     parser.add_argument("targets", nargs="*", help="stages or dvc.yaml files (default: the whole pipeline)")
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         parser.error("--jobs must be at least 1")
     return Options(jobs=args.jobs or 0, cluster=args.cluster or "", remote=args.remote,
                    cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task, retries=args.retries,
-                   source=args.source, targets=tuple(args.targets))
+                   source=args.source, targets=tuple(args.targets), warm_idle=args.warm_idle)
 
 
 def main(argv: list[str] | None) -> None:

@@ -36,6 +36,7 @@ class Options:
     retries: int = 1                 # a failed task, or one whose worker died, runs again this many times
     source: str = ""                 # git URL workers fetch the snapshot from; default: this repository's folder
     targets: tuple[str, ...] = ()    # stages or dvc.yaml files to reproduce (default: the whole pipeline)
+    warm_idle: float = 60.0          # each machine's warm stage server stops after this many idle seconds (0: none)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def reproduce(root: Path, options: Options) -> Outcome:
             snapshot.snapshot(root)
             source, ref = str(root), snapshot.REF
         finished = _run_on_ray(to_run, options, lambda plan, cpus: StageTask(
-            plan.name, plan.upstream, source, ref, remote, cpus))
+            plan.name, plan.upstream, source, ref, remote, cpus, warm_idle=options.warm_idle))
     final = _dvc(root, dvc_env, "repro", "--pull", *options.targets)
     ran = [line for line in final.splitlines() if line.startswith("Running stage")]
     if ran:  # a run-cache miss: DVC ran it here, correctly but serially; say so, it should not happen

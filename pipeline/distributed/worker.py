@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.runtime import warm
+
 LOG_TAIL_LINES = 60  # what a failure report shows of the stage's log
 
 
@@ -29,6 +31,7 @@ class StageTask:
     remote: str                # the shared DVC remote's URL: a folder, s3://..., ssh://...
     cpus: int                  # CPU cores given to the task: torch threads follow it, never more
     scratch: str = ""          # where clones go on the worker ("" = the system's temporary folder)
+    warm_idle: float = 60.0    # the machine's warm stage server stops after this many idle seconds (0: no server)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ def run_stage(task: StageTask) -> StageResult:
         start = time.perf_counter()
         _checkout(task, work)
         env = _stage_env(work, task.cpus)
+        if task.warm_idle > 0:  # the machine's server has torch imported: stages skip that (pipeline/runtime/warm.py)
+            env[warm.ENV] = str(warm.node_socket())
+            warm.ensure_server(warm.node_socket(), task.warm_idle, root / "warm-server.log", cwd=work)
         setup = time.perf_counter()
         log = _dvc(work, env, task, "repro", "--pull", "--single-item", *task.upstream, task.stage)
         repro = time.perf_counter()

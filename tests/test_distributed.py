@@ -262,8 +262,9 @@ def free_port() -> int:
 
 
 def kill_a_worker_mid_stage(kind: str, killed: list) -> None:
-    """Once a `kind` stage's process has done a second of work, SIGKILL the Ray worker running it with every
-    process under it, as if its machine had died."""
+    """Once a `kind` stage's command has run for two seconds, SIGKILL the Ray worker running it with every process
+    under it, as if its machine had died. (The command has handed its work to the machine's warm stage server,
+    whose child for it must then die too: pipeline/runtime/warm.py.)"""
     import psutil
 
     deadline = time.monotonic() + 600
@@ -271,7 +272,7 @@ def kill_a_worker_mid_stage(kind: str, killed: list) -> None:
         for proc in psutil.process_iter(["cmdline"]):
             if f"pipeline.stages.{kind}" in " ".join(proc.info["cmdline"] or []):
                 try:
-                    if sum(proc.cpu_times()[:2]) < 1.0:
+                    if time.time() - proc.create_time() < 2.0:
                         continue
                     worker = next(p for p in proc.parents() if "ray::" in " ".join(p.cmdline())
                                   or "default_worker.py" in " ".join(p.cmdline()))

@@ -33,6 +33,7 @@ def server():
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert path.exists(), log.read_text()
+    assert path.stat().st_mode & 0o077 == 0  # only its own user may connect: a command runs with its environment
     yield path, log
     process.terminate()
     assert process.wait(timeout=30) == 0
@@ -74,6 +75,18 @@ def test_a_failing_stage_fails_the_same_way_on_the_server(tmp_path, inputs, serv
     message = "fold 7 of repeat 0 is not in the collected data"
     assert message in fresh.stderr and message in served.stderr
     assert re.search(r"pid (\d+) exited with 2", log.read_text())
+
+
+def test_a_command_without_stdin_is_served_too(tmp_path, inputs, server):  # noqa: F811
+    """A command started with its standard input closed (as some schedulers do) hands /dev/null over instead."""
+    path, log = server
+    work = stage_workspace(tmp_path, inputs.collected, inputs.policy)
+    done = subprocess.run([sys.executable, "-m", "pipeline.stages.finetune", "--fold", "7", "--variant", "cnn"],
+                          cwd=work, env=served_env(path), capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.close(0))
+    assert done.returncode == 2 and "fold 7 of repeat 0 is not in the collected data" in done.stderr
+    assert "not reachable" not in done.stderr
+    assert f"runs pipeline.stages.finetune --fold 7 --variant cnn in {work}" in log.read_text()
 
 
 def test_killing_the_command_kills_its_stage_and_the_server_serves_on(tmp_path, inputs, server):  # noqa: F811

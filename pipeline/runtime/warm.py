@@ -76,21 +76,35 @@ def hand_over_if_served() -> None:
     command = stage_command(getattr(sys, "orig_argv", []))
     if not path or command is None:
         return
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         client.connect(path)
-    except OSError as err:
+        _send(client, *command)
+    except OSError as err:  # nothing started there: run here
+        client.close()
         print(f"warm stage server {path} not reachable ({err}); running {command[0]} in this process",
               file=sys.stderr, flush=True)
         return
-    sys.exit(_run_on(client, *command))
+    sys.exit(_wait(client, command[0]))
 
 
-def _run_on(client: socket.socket, module: str, args: list[str]) -> int:
+def _send(client: socket.socket, module: str, args: list[str]) -> None:
     request = json.dumps({"module": module, "args": args, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    streams = [fd if _is_open(fd) else os.open(os.devnull, os.O_RDWR) for fd in (0, 1, 2)]  # e.g. no stdin
+    socket.send_fds(client, [HEADER.pack(len(request))], streams)
+    client.sendall(request)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _wait(client: socket.socket, module: str) -> int:
     with client:
-        socket.send_fds(client, [HEADER.pack(len(request))], [0, 1, 2])
-        client.sendall(request)
         reply = _receive(client, STATUS.size)
     if reply is None:
         print(f"warm stage server stopped while running {module}", file=sys.stderr, flush=True)
@@ -132,21 +146,22 @@ class Server:
             self._reap()
 
     def _start(self, conn: socket.socket, _address) -> None:
-        request = _read_request(conn)
+        request = _read_request(conn) if _same_user(conn) else None
         if request is None:
             conn.close()
             return
         sys.stdout.flush()
         sys.stderr.flush()
+        server = os.getpid()
         pid = os.fork()
         if pid == 0:
             for held in (self.listener, conn, *self.running.values()):
                 held.close()
+            _die_with_parent(server)
             _run_child(*request, self.site_path)  # never returns
         for fd in request[1]:
             os.close(fd)
-        print(f"warm stage server: pid {pid} runs {request[0]['module']} {' '.join(request[0]['args'])} in "
-              f"{request[0]['cwd']}", file=sys.stderr, flush=True)
+        _say(f"pid {pid} runs {request[0]['module']} {' '.join(request[0]['args'])} in {request[0]['cwd']}")
         conn.settimeout(None)
         self.running[pid] = conn
         self.last_active = time.monotonic()
@@ -170,11 +185,29 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)  # anything the stage left running
             code = os.waitstatus_to_exitcode(status)
-            print(f"warm stage server: pid {pid} exited with {code}", file=sys.stderr, flush=True)
+            _say(f"pid {pid} exited with {code}")
             with contextlib.suppress(OSError):
                 conn.sendall(STATUS.pack(code if code >= 0 else 128 - code))  # killed by signal N: 128 + N
             conn.close()
             self.last_active = time.monotonic()
+
+
+def _same_user(conn: socket.socket) -> bool:
+    """Only the server's own user may hand it commands (on Linux the kernel says who connected; the socket is
+    also created readable and writable by that user alone)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return True
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid != os.getuid():
+        _say(f"refused a command from user id {uid}")
+        return False
+    return True
+
+
+def _say(message: str) -> None:
+    """A line of the server's log (its stderr): the time, then what happened. Printed, not logged: the server
+    leaves `logging` unconfigured, because each child configures it as its stage does and would inherit it."""
+    print(f"{time.strftime('%H:%M:%S')} warm stage server: {message}", file=sys.stderr, flush=True)
 
 
 def _read_request(conn: socket.socket) -> tuple[dict, list[int]] | None:
@@ -190,9 +223,9 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]] | None:
         if isinstance(request, dict) and len(fds) == 3 and stage_command(["", "-m", request.get("module", "")]):
             return request, fds
     except (OSError, ValueError) as err:
-        print(f"warm stage server: a request failed: {err}", file=sys.stderr, flush=True)
+        _say(f"a request failed: {err}")
     else:
-        print("warm stage server: ignored a request that is no stage command", file=sys.stderr, flush=True)
+        _say("ignored a request that is no stage command")
     for fd in fds:
         os.close(fd)
     return None
@@ -203,7 +236,6 @@ def _run_child(request: dict, fds: list[int], site_path: list[str]) -> None:
     code = 1
     try:
         os.setpgid(0, 0)
-        _die_with_parent()
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
@@ -245,10 +277,12 @@ def _exit_code(code) -> int:
     return 1
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(server: int) -> None:
     """Linux: the kernel kills this child if the server dies, so no stage outlives its server unseen."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server:  # it died before the request above took hold
+        os._exit(1)
 
 
 def _set_threads() -> None:
@@ -271,9 +305,13 @@ def serve(path: Path, idle_exit: float) -> None:
     site_path = [entry for entry in sys.path[1:] if entry not in _python_path()]
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
+    umask = os.umask(0o177)  # the socket is born rw------- : no other user can connect
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(umask)
     listener.listen(64)
-    print(f"warm stage server: listening on {path}", file=sys.stderr, flush=True)
+    _say(f"listening on {path}")
     try:
         import importlib
 

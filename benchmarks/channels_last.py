@@ -27,7 +27,7 @@ from pipeline.runtime.compute import autocast, pick_device  # noqa: E402
 from pipeline.training.backbones import Classifier, create_backbone  # noqa: E402
 from pipeline.training.loop import EVAL_BATCH  # noqa: E402
 
-from benchmarks.finetune_speed import CLASSES, digits, sync  # noqa: E402
+from benchmarks.finetune_speed import CLASSES, digits, images_per_second, sync  # noqa: E402
 
 TRAIN_BATCH = 32
 
@@ -58,14 +58,7 @@ def train_speed(case: tuple, images: np.ndarray, targets: np.ndarray, steps: int
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    for i in range(2):  # first calls pick kernels and allocate memory
-        step(i)
-    sync(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    sync(device)
-    return steps * TRAIN_BATCH / (time.perf_counter() - start)
+    return images_per_second(step, steps, TRAIN_BATCH, device, warm_up=2)
 
 
 @torch.inference_mode()

@@ -71,7 +71,12 @@ def bare_loop(model_name: str, images: np.ndarray, targets: np.ndarray, size: in
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    for i in range(3):  # first calls pick kernels and allocate memory
+    return images_per_second(step, steps, batch, device)
+
+
+def images_per_second(step, steps: int, batch: int, device: torch.device, warm_up: int = 3) -> float:
+    """Call step(i) `warm_up` times (first calls pick kernels and allocate memory), then time `steps` calls."""
+    for i in range(warm_up):
         step(i)
     sync(device)
     start = time.perf_counter()

@@ -134,6 +134,29 @@ def test_a_rerun_after_the_coordinator_died_restores_what_finished(tmp_path):
     assert "Data and pipelines are up to date" in dvc(repo, "repro")
 
 
+def threads_stage(out: str, *deps: str) -> dict:
+    """A stage that writes the torch/BLAS thread count its task was given."""
+    return {"cmd": f"python -c \"import os; open('{out}', 'w').write(os.environ.get('OMP_NUM_THREADS', '-'))\"",
+            "deps": list(deps), "outs": [out]}
+
+
+@pytest.mark.slow
+def test_side_by_side_stages_share_the_cores_and_a_stage_alone_gets_them_all(tmp_path):
+    """--jobs 2: `left` and `right` are ready together and get half the cores each; `join` can run beside
+    nothing, so it gets them all (the last stages of the pipeline, evaluate and final, are such stages)."""
+    repo = toy_repo(tmp_path / "repo")
+    pipeline = {"stages": {**TOY["stages"], "left": threads_stage("left.txt", "a.txt"),
+                           "right": threads_stage("right.txt", "a.txt"),
+                           "join": threads_stage("join.txt", "b.txt", "left.txt", "right.txt")}}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    run("git", "commit", "-qam", "a fork and a join", cwd=repo)
+    outcome = reproduce(repo, Options(jobs=2, remote=str(tmp_path / "remote")))
+    assert sorted(r.stage for r in outcome.finished if r.ran) == ["double", "draw", "join", "left", "right"]
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert (repo / "left.txt").read_text() == (repo / "right.txt").read_text() == str(share)
+    assert (repo / "join.txt").read_text() == str(2 * share)
+
+
 @pytest.mark.slow
 def test_data_dvc_tracks_reaches_the_workers_through_the_shared_remote(tmp_path):
     repo, remote = toy_repo(tmp_path / "repo"), tmp_path / "remote"

@@ -111,13 +111,18 @@ def _run_on_ray(to_run: list[stages.StagePlan], options: Options, make_task) -> 
     _start_ray(options, cpus)
     try:
         gpus = _gpus_per_task(options)
-        log.info("each task: %d CPU core(s) (torch threads likewise), %.3g GPU for training stages", cpus, gpus)
+        # on one machine a stage that nothing can run beside (collect at the start, evaluate and final at the end)
+        # gets every core rather than its share; on a cluster a task never knows what else shares its node
+        machine = None if options.cluster or options.cpus_per_task else cpus * (options.jobs or 1)
+        log.info("each task: %d CPU core(s) (torch threads likewise%s), %.3g GPU for training stages", cpus,
+                 f"; a stage that runs alone: all {machine}" if machine else "", gpus)
         task_fn = ray.remote(_run_stage_on_ray)
         names = {p.name for p in to_run}
         pending = {p.name: p for p in to_run}
         running, finished, failed, skipped, done = {}, [], {}, {}, set()
         started = time.perf_counter()
         while pending or running:
+            ready = []
             for name, plan in list(pending.items()):
                 inside = [u for u in plan.upstream if u in names]
                 broken = next((u for u in inside if u in failed or u in skipped), None)
@@ -125,11 +130,16 @@ def _run_on_ray(to_run: list[stages.StagePlan], options: Options, make_task) -> 
                     skipped[name] = broken
                     del pending[name]
                 elif done.issuperset(inside):
-                    ref = task_fn.options(num_cpus=cpus, num_gpus=gpus if plan.accelerated else 0,
-                                          max_retries=options.retries, retry_exceptions=True,
-                                          name=name).remote(make_task(plan, cpus))
-                    running[ref] = plan
+                    ready.append(plan)
                     del pending[name]
+            for plan in ready:
+                # alone: every stage still pending waits for it (had one not, it would be ready too)
+                alone = bool(machine) and not running and len(ready) == 1
+                task_cpus = machine if alone else cpus
+                ref = task_fn.options(num_cpus=task_cpus, num_gpus=gpus if plan.accelerated else 0,
+                                      max_retries=options.retries, retry_exceptions=True,
+                                      name=plan.name).remote(make_task(plan, task_cpus))
+                running[ref] = plan
             if not running:
                 break
             (ref,), _ = ray.wait(list(running), num_returns=1)

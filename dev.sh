@@ -8,7 +8,7 @@
 #   ./dev.sh test [pytest args]       run the test suite
 #   ./dev.sh dvc ARGS...              any dvc command inside the environment (exp run, metrics show, ...)
 #   ./dev.sh python ARGS...           the environment's python
-#   ./dev.sh preset NAME              apply presets/NAME.yaml to params.yaml (e.g. photos)
+#   ./dev.sh preset NAME              apply presets/NAME.yaml to params.yaml (photos, study)
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -5,7 +5,7 @@
    against a bare PyTorch loop over the same timm model at the same resolution and batch, with the same
    optimizer, on data already preprocessed in memory. Ratio of images per second; the target is >= 0.95.
 2. The `linear_probe` strategy against `full` fine-tuning, both as the default variants run them (`probe` and
-   `baseline` in params.yaml) on the same training images; the probe's time includes computing its features
+   `augment` in params.yaml) on the same training images; the probe's time includes computing its features
    (no cache). Ratio of times; the target is >= 10.
 
     python benchmarks/finetune_speed.py [--device auto] [--size 48] [--batch 32] [--steps 40] [--also-224]
@@ -110,10 +110,10 @@ def our_loop(model_name: str, images: np.ndarray, targets: np.ndarray, size: int
 
 
 def probe_versus_full(images: np.ndarray, targets: np.ndarray, device: torch.device, params) -> tuple[float, float]:
-    """Seconds to train the default `baseline` (full) and `probe` (linear_probe) variants on the same images
+    """Seconds to train the default `augment` (full) and `probe` (linear_probe) variants on the same images
     (each model built beforehand); the probe twice, its first pass cold."""
     variants = params.variants
-    full, probe = variants["baseline"], variants["probe"]
+    full, probe = variants["augment"], variants["probe"]
     torch.manual_seed(0)
     model = Classifier(create_backbone(full.backbone, full.weights), num_classes=CLASSES,
                        input_size=full.input_size).to(device)
@@ -156,7 +156,7 @@ def main() -> None:
         print(f"{size:4d} px  pipeline.training.fit, whole call   {whole:9.1f} images/s  ratio {whole / bare:.3f}")
     train_images, train_targets = images[:80], targets[:80]  # one default fold's training part: 8 per class
     full_seconds, (cold, warm) = probe_versus_full(train_images, train_targets, device, params)
-    print(f"80 training images: full fine-tuning (variant baseline)  {full_seconds:7.2f} s (baseline)")
+    print(f"80 training images: full fine-tuning (variant augment)   {full_seconds:7.2f} s (baseline)")
     print(f"80 training images: linear probe (variant probe), cold   {cold:7.2f} s  {full_seconds / cold:.1f}x faster")
     print(f"80 training images: linear probe (variant probe), warm   {warm:7.2f} s  {full_seconds / warm:.1f}x faster")
 

@@ -2,8 +2,8 @@
 
     python benchmarks/tuning.py --workspace DIR [--only cnn_epochs lite0_size ...] [--folds 0 1 2 3 4]
 
-DIR is a repository where the default `dvc repro` has run (`python benchmarks/pipeline_time.py --keep DIR` makes
-one): its collected data, augmentation policy, GAN samples and default fold predictions are reused. Each question
+DIR is a repository where the full study has run (`python benchmarks/pipeline_time.py --preset study --keep DIR`
+makes one; questions on the default's own variants work on a default run too): its collected data, augmentation policy, GAN samples and default fold predictions are reused. Each question
 trains its alternatives on the same folds (outside DVC, in DIR/tuning/) and prints, per setting, the
 cross-validated accuracy (mean over folds), the development part's accuracy (fold models' mean and their
 ensemble) and the training time.
@@ -48,7 +48,11 @@ class Question:
 
 QUESTIONS = {
     "cnn_epochs": Question("cnn", {"100 epochs": ["variants.cnn.epochs=100"]},
-                           "the compact CNN's epochs (default 200)"),
+                           "the compact CNN's epochs (the study preset's 200; the default takes 100 for its time "
+                           "budget)"),
+    "lite0_epochs": Question("augment", {"20 epochs": ["variants.augment.epochs=20"],
+                                         "15 epochs": ["variants.augment.epochs=15"]},
+                             "EfficientNet-Lite0's epochs of full fine-tuning (default 30)"),
     "lite0_size": Question("augment", {"48 px": ["variants.augment.input_size=48"]},
                            "EfficientNet-Lite0's input size (default 64 px, chosen here against 48)"),
     "gan_samples": Question("synthetic", {"up to 50 per class": ["synthesize.candidates_per_class=128",
@@ -134,6 +138,11 @@ def score(folders: list[Path], targets: np.ndarray, seconds: float) -> Scored:
 
 
 def ask(ws: Path, name: str, question: Question, folds: list[int]) -> None:
+    variants = load_params(ws / "params.yaml").variants
+    if question.variant not in variants:
+        sys.exit(f"{name}: the workspace's params have no variant {question.variant!r} (it has "
+                 f"{', '.join(variants)}); run this question on a workspace of the study preset "
+                 f"(`python benchmarks/pipeline_time.py --keep DIR --preset study`)")
     data = load_collected(ws / paths.COLLECTED)
     targets = data.manifest.target.to_numpy()
     external = data.external

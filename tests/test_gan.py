@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -20,6 +21,7 @@ from pipeline.gan.conditional import (
     sample_grid,
     train_gan,
 )
+from pipeline.gan.projected import FeatureDiscriminator
 
 CPU = torch.device("cpu")
 
@@ -36,6 +38,9 @@ class GanCfg:
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     diffaugment: str = "color,translation,cutout"
+    discriminator: str = "pixels"
+    feature_backbone: str = "efficientnet_lite0"  # the feature discriminator's (packaged weights)
+    feature_size: int = 32
     ada_target: float = 0.6
     ada_images: int = 200
     ada_interval: int = 2
@@ -131,6 +136,45 @@ def test_networks_reject_unsupported_resolution():
         Generator(num_classes=2, channels=1, resolution=24, z_dim=8, base_channels=8)
     with pytest.raises(ValueError, match="channels"):
         Discriminator(num_classes=2, channels=2, resolution=16, base_channels=8)
+
+
+def test_the_feature_discriminator_trains_its_heads_only_and_passes_gradients_to_the_images():
+    """Projected GAN's discriminator: the packaged Lite0 stays frozen in eval mode (weights and batch-norm
+    statistics), through a discriminator step and the generator step's requires_grad_ toggling; the heads learn;
+    the class enters by projection; the generator's gradient reaches the pixels."""
+    torch.manual_seed(0)
+    d = FeatureDiscriminator(num_classes=3, base_channels=8, feature_size=32).train()
+    frozen = {k: v.clone() for k, v in d.features.state_dict().items()}
+    heads = {k: v.clone() for k, v in d.heads.state_dict().items()}
+    assert not d.features.training and d.heads.training
+    x, y = torch.rand(6, 1, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 2])
+    optimizer = torch.optim.Adam(d.parameters(), lr=1e-2)
+    logits = d(x, y)
+    assert logits.shape == (6,) and torch.isfinite(logits).all()
+    F.relu(1 - logits).mean().backward()
+    optimizer.step()
+    d.requires_grad_(False)  # the generator step
+    fake = x.clone().requires_grad_(True)
+    d(fake, y).mean().backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+    d.requires_grad_(True)
+    assert not any(p.requires_grad for p in d.features.parameters())
+    assert not any(p.requires_grad for p in [*d.channel_mix.parameters(), *d.scale_mix.parameters()])
+    assert all(torch.equal(v, d.features.state_dict()[k]) for k, v in frozen.items())  # BN statistics included
+    assert any(not torch.equal(v, d.heads.state_dict()[k]) for k, v in heads.items())
+    with torch.no_grad():
+        same = d(x[:1].repeat(3, 1, 1, 1), torch.tensor([0, 1, 2]))
+    assert len(set(same.tolist())) == 3
+
+
+def test_train_gan_with_the_feature_discriminator_gives_the_same_run_twice():
+    images, labels = make_dataset(channels=3)
+    cfg = GanCfg(discriminator="features", steps=4)
+    first = train_gan(images, labels, 2, cfg, CPU)
+    again = train_gan(images, labels, 2, cfg, CPU)
+    assert [h["loss_d"] for h in first.history] == [h["loss_d"] for h in again.history]
+    samples = [generate(t.generator, per_class=2, z_dim=cfg.z_dim, seed=1, device=CPU)[0] for t in (first, again)]
+    assert np.array_equal(*samples)
 
 
 # ------------------------------------------------------------------------------------- DiffAugment

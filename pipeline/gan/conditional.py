@@ -398,6 +398,20 @@ class _Models:
         return getattr(self.generator, "module", self.generator)
 
 
+def _feature_discriminator(cfg: GanConfig, *, num_classes: int, channels: int, resolution: int) -> nn.Module:
+    from pipeline.gan.projected import FeatureDiscriminator  # loads timm: only when asked for
+
+    _check_architecture(num_classes=num_classes, channels=channels, resolution=resolution)
+    return FeatureDiscriminator(num_classes=num_classes, base_channels=cfg.base_channels,
+                                backbone=cfg.feature_backbone, feature_size=cfg.feature_size)
+
+
+DISCRIMINATORS = {  # synthesize.discriminator -> a builder of (cfg, num_classes, channels, resolution)
+    "pixels": lambda cfg, **shape: Discriminator(base_channels=cfg.base_channels, **shape),
+    "features": _feature_discriminator,
+}
+
+
 def _build_models(
     cfg: GanConfig, *, num_classes: int, channels: int, resolution: int, device: torch.device, world: World
 ) -> _Models:
@@ -405,9 +419,8 @@ def _build_models(
         num_classes=num_classes, channels=channels, resolution=resolution,
         z_dim=cfg.z_dim, base_channels=cfg.base_channels,
     ).to(device)
-    discriminator = Discriminator(
-        num_classes=num_classes, channels=channels, resolution=resolution, base_channels=cfg.base_channels,
-    ).to(device)
+    discriminator = DISCRIMINATORS[cfg.discriminator](cfg, num_classes=num_classes, channels=channels,
+                                                      resolution=resolution).to(device)
     ema = copy.deepcopy(generator).requires_grad_(False)
     augment = AdaptiveAugment(cfg.diffaugment, target=cfg.ada_target, speed_images=cfg.ada_images,
                               interval=cfg.ada_interval).to(device)

@@ -160,6 +160,7 @@ class SynthesizeParams:
     lr_g: float
     lr_d: float
     diffaugment: str
+    discriminator: Literal["pixels", "features"]
     ada_target: float
     ada_images: int
     ada_interval: int

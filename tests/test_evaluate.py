@@ -20,7 +20,9 @@ def test_a_variant_better_by_construction_is_significant_and_an_identical_one_is
     ev = known_answers.evaluation
     by_pair = {(c["a"], c["b"]): c for c in ev["comparisons"]}
     better = by_pair[("coin", "good")]  # differ in augmentation alone: 50% against 95% right
-    assert better["what"] == "augmentation: off → on" and better["significant"]
+    assert better["what"] == "augmentation: off → on" and better["setting"] == "augment" and better["significant"]
+    assert by_pair[("coin", "twin")]["setting"] == "epochs"  # the final stage reads which setting a pair isolates
+    assert all(c["setting"] is None for c in ev["comparisons"] if c["what"].startswith("best"))
     assert 0.35 < better["difference"] < 0.55 and better["low"] > 0 and better["p_holm"] < 0.001
     assert better["corrected_t"]["p_value"] < 0.001 and better["bootstrap"]["p_value"] < 0.01
     same = by_pair[("coin", "twin")]  # differ in epochs alone, same predictions

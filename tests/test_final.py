@@ -144,6 +144,30 @@ def test_a_variant_with_gan_samples_gets_a_gan_trained_on_every_labelled_image(t
     assert (tmp_path / "model" / "model.onnx").exists()
 
 
+def gan_comparison(difference: float, significant: bool) -> dict:
+    """evaluate's record of cnn -> cnn_synthetic (the one setting `synthetic` changed)."""
+    return {"what": "GAN samples: off → on", "setting": "synthetic", "a": "cnn", "b": "cnn_synthetic",
+            "difference": difference, "p_holm": 0.01 if significant else 0.4, "significant": significant}
+
+
+def test_a_gan_variant_that_won_by_noise_gives_way_to_its_twin_without_gan_samples():
+    variants, final_params = make_params().variants, make_params().final
+    evaluation = fake_evaluation("cnn_synthetic", "cnn + GAN")
+    best_vs_other = {"what": "best (cnn_synthetic) against probe", "setting": None, "a": "probe",
+                     "b": "cnn_synthetic", "difference": 0.2, "p_holm": 0.01, "significant": True}
+    evaluation["comparisons"] = [gan_comparison(0.01, False), best_vs_other]
+    assert model_card.choose(final_params, variants, evaluation) == "cnn"
+    assert "not a significant gain, so the model is cnn" in model_card.choice_note("cnn", evaluation)
+    evaluation["comparisons"] = [gan_comparison(-0.03, True), best_vs_other]  # significantly worse cannot win either
+    assert model_card.choose(final_params, variants, evaluation) == "cnn"
+    evaluation["comparisons"] = [gan_comparison(0.03, True), best_vs_other]  # a significant gain: the GAN stays
+    assert model_card.choose(final_params, variants, evaluation) == "cnn_synthetic"
+    assert model_card.choice_note("cnn_synthetic", evaluation) is None
+    # named explicitly, a GAN variant is what the user asked for
+    evaluation["comparisons"] = [gan_comparison(0.01, False)]
+    assert model_card.choose(make_params(final__variant="cnn_synthetic").final, variants, evaluation) == "cnn_synthetic"
+
+
 def test_best_means_the_evaluations_first_and_unknown_names_are_refused():
     variants = make_params().variants
     assert model_card.choose(make_params().final, variants, fake_evaluation("probe", "")) == "probe"

@@ -198,19 +198,20 @@ def comparisons(results: dict[str, VariantResult], variants: dict[str, Variant],
     the fold ensembles are also compared on each part (paired bootstrap over its groups of images): the development
     part's difference is for choosing, the final test's only reports."""
     pairs = [(f"{SETTING_WORDS.get(s, s)}: {_setting(asdict(variants[a])[s])} → {_setting(asdict(variants[b])[s])}",
-              a, b)
+              a, b, s)
              for s, a, b in single_changes(variants)]
-    seen = {frozenset((a, b)) for _, a, b in pairs}
-    pairs += [(f"best ({best}) against {other}", other, best) for other in results
+    seen = {frozenset((a, b)) for _, a, b, _ in pairs}
+    pairs += [(f"best ({best}) against {other}", other, best, None) for other in results
               if other != best and frozenset((other, best)) not in seen]
     out = []
-    for what, a, b in pairs:
+    for what, a, b, setting in pairs:
         ra, rb = results[a], results[b]
         diffs = [sb["accuracy"] - sa["accuracy"] for sa, sb in zip(ra.fold_scores, rb.fold_scores)]
         t_test = corrected_t_test(diffs, ra.test_train_ratio, params.confidence)
         boot = paired_bootstrap(ra.oof_targets, ra.oof_probs, rb.oof_probs, "accuracy", params.confidence,
                                 params.bootstrap, groups=ra.oof_groups)
-        record = {"what": what, "a": a, "b": b, "corrected_t": asdict(t_test), "bootstrap": asdict(boot)}
+        record = {"what": what, "setting": setting, "a": a, "b": b, "corrected_t": asdict(t_test),
+                  "bootstrap": asdict(boot)}
         if ra.external is not None and rb.external is not None:
             # beside the CV test, not instead of it: the external images say whether the verdict held on new data
             record["external"] = {}

@@ -14,10 +14,25 @@ from pipeline.runtime.params import FinalParams, FinetuneParams, Variant
 
 
 def choose(params: FinalParams, variants: dict[str, Variant], evaluation: dict) -> str:
-    name = evaluation["best"] if params.variant == "best" else params.variant
+    """The variant the final model trains: the one params name, or with `best` the evaluation's winner, unless
+    the winner's edge is GAN samples that did not earn it (see `unearned_gan`)."""
+    name = params.variant
+    if name == "best":
+        name = unearned_gan(evaluation) or evaluation["best"]
     if name not in variants:
         raise PipelineError(f"final.variant: {name!r} is not in params `variants` ({', '.join(variants)})")
     return name
+
+
+def unearned_gan(evaluation: dict) -> str | None:
+    """When the CV winner trains on GAN samples and the evaluation compared it with the same recipe without them,
+    that twin, unless the samples' gain was significant: a winner by noise should not bring a GAN into the model
+    people use. None when the winner uses no GAN samples or has no such twin."""
+    best = evaluation["best"]
+    for c in evaluation.get("comparisons", []):
+        if c.get("setting") == "synthetic" and c["b"] == best and not (c["significant"] and c["difference"] > 0):
+            return c["a"]
+    return None
 
 
 def manifest_hash(sha256: list[str]) -> str:
@@ -37,7 +52,18 @@ def model_card(name: str, variant: Variant, model, finetune: FinetuneParams, ima
             "trained_on_images": trained_on, "data_sha256": data_hash,
             "params": {"variant": asdict(variant), "finetune": asdict(finetune)},
             "cross_validation": {"oof": cv["oof"], "cv": cv["cv"], DEV: cv[DEV], TEST: cv[TEST]},
-            "selection": selection_note(name, evaluation)}
+            "selection": selection_note(name, evaluation), "choice": choice_note(name, evaluation)}
+
+
+def choice_note(name: str, evaluation: dict) -> str | None:
+    """Why the model is not the CV winner, when `unearned_gan` passed the winner over."""
+    best = evaluation["best"]
+    if name == best or unearned_gan(evaluation) != name:
+        return None
+    c = next(c for c in evaluation["comparisons"] if c.get("setting") == "synthetic" and c["b"] == best)
+    return (f"{best} did best in cross-validation, but its GAN samples' difference against {name}, the same recipe "
+            f"without them, was {c['difference']:+.3f} (Holm-corrected p {c['p_holm']:.3f}): not a significant gain, "
+            f"so the model is {name}, which needs no GAN")
 
 
 def selection_note(name: str, evaluation: dict) -> dict | None:
@@ -69,6 +95,8 @@ def card_markdown(card: dict) -> str:
                      f"figure above is optimistic; the choose-then-train procedure, estimated by "
                      f"{card['selection']['method']}: {aware['mean']:.3f} per fold model ({aware['low']:.3f} to "
                      f"{aware['high']:.3f})")
+    if card.get("choice"):
+        lines.append(f"- Why this variant: {card['choice']}")
     final = card.get("final_accuracy", {})
     if DEV in final:
         lines.append(f"- This model on the development part of the external images (settings may have been chosen "

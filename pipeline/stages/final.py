@@ -1,6 +1,8 @@
 """Stage 6, final: train the chosen variant on every labelled image and save it for use.
 
-`final.variant` names a variant, or `best` for the one the evaluation ranked first. The model is trained exactly
+`final.variant` names a variant, or `best` for the one the evaluation ranked first (unless that one's lead is GAN
+samples that did not earn it: a significant gain over the same recipe without them; then that recipe, and the
+model card says why). The model is trained exactly
 as in cross-validation (same recipe, same number of epochs), only on all the labelled images instead of k-1
 folds of them, so the CV figures describe it (slightly pessimistically: it saw 1/k more data). A variant with
 GAN samples gets a GAN trained on every labelled image, filtered as in synthesize. Writes

@@ -1,7 +1,8 @@
 """Does the data-efficient GAN earn its keep? The same GAN, same steps and seeds, with DiffAugment and adaptive
-augmentation strength, with DiffAugment at a fixed strength, and without augmentation, on the default folds.
+augmentation strength, with DiffAugment at a fixed strength, without augmentation, and with the discriminator on
+frozen pretrained features (Projected GAN, `synthesize.discriminator: features`), on the default folds.
 
-    python benchmarks/gan_ablation.py [--folds 0 1 2 3 4] [--set synthesize.steps=400 ...]
+    python benchmarks/gan_ablation.py [--folds 0 1 2 3 4] [--versions 0 3] [--set synthesize.steps=400 ...]
 
 For each fold it runs the synthesize stage once per version (in a temporary folder) and prints, for each: FID
 and KID of all candidates against the fold's real training images (the same number of images on both sides, so
@@ -36,9 +37,10 @@ VERSIONS = {  # name -> overrides of the synthesize params
     "DiffAugment + adaptive p (default)": {},
     "DiffAugment, fixed p = 1": {"ada_target": 0.0},
     "no augmentation": {"diffaugment": "", "ada_target": 0.0},
+    "feature discriminator (Projected GAN)": {"discriminator": "features"},
 }
 SHOWN = ["fid_candidates", "kid_candidates", "acceptance", "cas_synthetic", "cas_real", "cas_candidates_dev",
-         "cas_synthetic_dev", "cas_real_dev", "augment_p"]
+         "cas_synthetic_dev", "cas_real_dev", "augment_p", "seconds"]
 
 
 def load(settings: list[str]):
@@ -49,13 +51,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--set", action="append", default=[], help="override a param, e.g. synthesize.steps=800")
+    parser.add_argument("--versions", type=int, nargs="+", default=list(range(len(VERSIONS))),
+                        help="which versions, by number: " + "; ".join(f"{i} {n}" for i, n in enumerate(VERSIONS)))
     args = parser.parse_args()
+    versions = {name: overrides for i, (name, overrides) in enumerate(VERSIONS.items()) if i in args.versions}
     params = load(args.set)
     work = Path(tempfile.mkdtemp(prefix="gan-ablation-"))
     collect.run(params.collect, work / "collected", work / "collect-reports")
-    results: dict[str, list[dict]] = {name: [] for name in VERSIONS}
+    results: dict[str, list[dict]] = {name: [] for name in versions}
     for fold in args.folds:
-        for number, (name, overrides) in enumerate(VERSIONS.items()):
+        for number, (name, overrides) in enumerate(versions.items()):
             version = dataclasses.replace(params.synthesize, **overrides)
             folder = work / f"fold{fold}-version{number}"
             start = time.perf_counter()

@@ -155,6 +155,11 @@ def test_side_by_side_stages_share_the_cores_and_a_stage_alone_gets_them_all(tmp
     share = max(1, (os.cpu_count() or 1) // 2)
     assert (repo / "left.txt").read_text() == (repo / "right.txt").read_text() == str(share)
     assert (repo / "join.txt").read_text() == str(2 * share)
+    # threads fixed by --cpus-per-task (what a byte-for-byte comparison with a serial run needs): alone or not
+    (repo / "seed.txt").write_text("8")
+    run("git", "commit", "-qam", "another seed: every stage runs again", cwd=repo)
+    reproduce(repo, Options(jobs=2, cpus_per_task=1, remote=str(tmp_path / "remote")))
+    assert [(repo / f).read_text() for f in ("left.txt", "right.txt", "join.txt")] == ["1", "1", "1"]
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ def parse(argv: list[str] | None) -> Options:
     parser.add_argument("--remote", default="", help="shared DVC remote (a folder, s3://..., ssh://...); default: "
                         f"the project's default remote, else {LOCAL_REMOTE}")
     parser.add_argument("--cpus-per-task", type=int, default=0,
-                        help="CPU cores per stage, and its torch threads (default: cores / jobs; 2 on a cluster)")
+                        help="CPU cores per stage, and its torch threads (default: cores / jobs, and all of them "
+                        "for a stage that runs alone; 2 on a cluster); given, every task keeps exactly this many")
     parser.add_argument("--gpus-per-task", type=float, default=-1.0,
                         help="GPU share of a training stage, e.g. 0.25 puts four on one GPU (default: GPUs / jobs, "
                         "at most 1; 0.25 on a cluster with GPUs)")

@@ -1,6 +1,8 @@
 """Does the data-efficient GAN earn its keep? The same GAN, same steps and seeds, with DiffAugment and adaptive
 augmentation strength, with DiffAugment at a fixed strength, without augmentation, and with the discriminator on
-frozen pretrained features (Projected GAN, `synthesize.discriminator: features`), on the default folds.
+frozen pretrained features (Projected GAN, `synthesize.discriminator: features`), and the default GAN with its
+filter also asking that a sample lie near a real image of its class (`synthesize.near_real: 1`), on the default
+folds.
 
     python benchmarks/gan_ablation.py [--folds 0 1 2 3 4] [--versions 0 3] [--set synthesize.steps=400 ...]
 
@@ -38,6 +40,7 @@ VERSIONS = {  # name -> overrides of the synthesize params
     "DiffAugment, fixed p = 1": {"ada_target": 0.0},
     "no augmentation": {"diffaugment": "", "ada_target": 0.0},
     "feature discriminator (Projected GAN)": {"discriminator": "features"},
+    "default, filter also near the real images": {"near_real": 1.0},
 }
 SHOWN = ["fid_candidates", "kid_candidates", "acceptance", "cas_synthetic", "cas_real", "cas_candidates_dev",
          "cas_synthetic_dev", "cas_real_dev", "augment_p", "seconds"]

@@ -61,6 +61,8 @@ QUESTIONS = {
     "synthetic_share": Question("cnn_synthetic", {"share 0.1": ["finetune.synthetic_share=0.1"],
                                                   "share 0.5": ["finetune.synthetic_share=0.5"]},
                                 "the share of GAN samples in each batch (default 0.25)"),
+    "near_real": Question("cnn_synthetic", {"near_real 1.0": ["synthesize.near_real=1.0"]},
+                          "the GAN samples' filter also asking for nearness to a real image (default: off)", gan=True),
     "regularisers": Question("cnn", {"early stopping": ["finetune.inner_val=0.2", "finetune.patience=20"],
                                      "EMA 0.99": ["finetune.ema_decay=0.99"], "mixup 0.2": ["finetune.mixup=0.2"]},
                              "the compact CNN with the optional regularisers (default: all off)"),
@@ -141,7 +143,7 @@ def score(folders: list[Path], targets: np.ndarray, seconds: float) -> Scored:
 
 
 def ask(ws: Path, name: str, question: Question, folds: list[int]) -> None:
-    variants = load_params(ws / "params.yaml").variants
+    variants = yaml.safe_load((ws / "params.yaml").read_text())["variants"]
     if question.variant not in variants:
         sys.exit(f"{name}: the workspace's params have no variant {question.variant!r} (it has "
                  f"{', '.join(variants)}); run this question on a workspace of the study preset "

@@ -22,6 +22,7 @@ from pipeline.gan.quality import (
     classification_accuracy_score,
     fid_kid,
     inception_fid_kid,
+    near_real,
     select_samples,
 )
 from pipeline.runtime.checkpoint import Checkpointing, load_checkpoint
@@ -273,6 +274,22 @@ def test_a_probe_of_some_classes_never_predicts_the_others(digit_features):
     assert set(probe.predict(test_f)) <= {0, 1, 2}
     assert (probe.predict(test_f[seen]) == test_y[seen]).mean() > 0.5  # chance: 1/3; it scores 0.62
     assert (class_probability(probe, test_f, np.full(len(test_y), 7)) == 0).all()
+
+
+def test_near_real_keeps_digits_near_their_class_and_refuses_noise_and_wrong_labels(digit_features):
+    extract, train_f, train_y, test_f, test_y, test_images = digit_features
+    noise = extract(np.random.default_rng(0).integers(0, 256, test_images.shape, dtype=np.uint8))
+    near = near_real(train_f, train_y, test_f, test_y, quantile=1.0)
+    assert near.mean() > 0.5  # unseen real digits lie mostly within their class's own spread
+    assert near_real(train_f, train_y, noise, test_y, quantile=1.0).mean() < 0.05  # noise does not
+    # under a wrong label less often than under their own (tiny 16 px digits: 0.48 against 0.80 here)
+    assert near_real(train_f, train_y, test_f, (test_y + 1) % 10, quantile=1.0).mean() < 0.7 * near.mean()
+    tighter = near_real(train_f, train_y, test_f, test_y, quantile=0.5)
+    assert tighter.mean() < near.mean() and not (tighter & ~near).any()  # a lower quantile only removes
+    # with it, select_samples accepts only what both the probe and the distance accept
+    chosen = select_samples(np.ones(len(test_y)), test_y, 10, min_confidence=0.5, keep_per_class=1000,
+                            eligible=near)
+    assert set(chosen.keep) == set(np.flatnonzero(near))
 
 
 def test_select_samples_known_answer():

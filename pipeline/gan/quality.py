@@ -6,7 +6,7 @@ training images, and measure them (FID, KID, CAS) in the feature space of a pret
   `fid_features: inception` switches FID and KID to them (torchmetrics + torch-fidelity).
 - Filter: logistic regression on those features (the linear probe of pipeline/training/probe.py), fitted on the
   fold's real training images; a sample is kept when it gives the sample's conditioning class a probability of at
-  least `min_confidence`.
+  least `min_confidence`, and, with `near_real`, when it also lies near the real images of its class (`near_real`).
 - FID and KID (torchmetrics' implementations, fed our features through an identity extractor) between samples
   and the fold's real training images. With a few dozen images FID is strongly biased upwards (it estimates
   1280-dimensional covariances); compare it only between runs with the same numbers of images. KID is unbiased.
@@ -66,13 +66,36 @@ class Selection:
     acceptance: dict[int, float]  # class -> share of its candidates at or above the threshold
 
 
+def near_real(real: np.ndarray, real_targets: np.ndarray, fake: np.ndarray, fake_labels: np.ndarray,
+              quantile: float) -> np.ndarray:
+    """Which candidates lie near the real images of their class in feature space: the cosine distance to the
+    nearest real image of the class at most the `quantile` of the class's own spread (each real image's distance to
+    its nearest other real image of the class). A class with fewer than two real images accepts none."""
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    real, fake = unit(real.astype(np.float64)), unit(fake.astype(np.float64))
+    near = np.zeros(len(fake), dtype=bool)
+    for label in np.unique(fake_labels):
+        mine, theirs = fake_labels == label, real[real_targets == label]
+        if len(theirs) < 2:
+            continue
+        among = 1 - theirs @ theirs.T
+        np.fill_diagonal(among, np.inf)
+        limit = np.quantile(among.min(axis=1), quantile)
+        near[mine] = (1 - fake[mine] @ theirs.T).min(axis=1) <= limit
+    return near
+
+
 def select_samples(scores: np.ndarray, labels: np.ndarray, num_classes: int, min_confidence: float,
-                   keep_per_class: int) -> Selection:
-    """Accept candidates scoring at least `min_confidence`; keep the best `keep_per_class` of each class."""
+                   keep_per_class: int, eligible: np.ndarray | None = None) -> Selection:
+    """Accept candidates scoring at least `min_confidence` (and `eligible`, when given: e.g. `near_real`); keep the
+    best `keep_per_class` of each class."""
+    passed = scores >= min_confidence if eligible is None else (scores >= min_confidence) & eligible
     keep, acceptance = [], {}
     for label in range(num_classes):
         mine = np.flatnonzero(labels == label)
-        accepted = mine[scores[mine] >= min_confidence]
+        accepted = mine[passed[mine]]
         acceptance[label] = len(accepted) / max(1, len(mine))
         keep.append(accepted[np.argsort(-scores[accepted], kind="stable")][:keep_per_class])
     return Selection(np.concatenate(keep).astype(np.int64), scores, acceptance)

@@ -20,6 +20,7 @@ from pipeline.gan.quality import (
     classification_accuracy_score,
     fid_kid,
     inception_fid_kid,
+    near_real,
     select_samples,
 )
 from pipeline.runtime.checkpoint import Checkpointing
@@ -82,8 +83,9 @@ def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake
     real_f, fake_f = extract(train_images), extract(fake)
     probe = SeenClassesProbe.fit(real_f, train_targets, device)
     scores = class_probability(probe, fake_f, fake_labels)
+    eligible = near_real(real_f, train_targets, fake_f, fake_labels, params.near_real) if params.near_real else None
     chosen = select_samples(scores, fake_labels, len(collected.classes), params.min_confidence,
-                            params.keep_per_class)
+                            params.keep_per_class, eligible)
     kept = chosen.keep
     if params.fid_features == "inception":
         before, after = (inception_fid_kid(train_images, fake[i], params.seed) for i in (slice(None), kept))

@@ -170,6 +170,7 @@ class SynthesizeParams:
     candidates_per_class: int
     keep_per_class: int
     min_confidence: float
+    near_real: float  # 0 = off; else a sample must lie this quantile of its class's spread from a real image
     image_size: int  # the GAN's resolution, a power of two from 16 to 128; 0 = from collect.image_size (gan_side)
     feature_backbone: str
     feature_size: int
@@ -187,6 +188,7 @@ class SynthesizeParams:
         _require(0 <= self.ema_decay < 1, "synthesize.ema_decay", "in [0, 1)", self.ema_decay)
         _require(0 <= self.ada_target < 1, "synthesize.ada_target", "in [0, 1) (0 = fixed p = 1)", self.ada_target)
         _require(0 <= self.min_confidence < 1, "synthesize.min_confidence", "in [0, 1)", self.min_confidence)
+        _require(0 <= self.near_real <= 1, "synthesize.near_real", "in [0, 1] (0 = off)", self.near_real)
         _require(self.keep_per_class <= self.candidates_per_class, "synthesize.keep_per_class",
                  f"at most candidates_per_class ({self.candidates_per_class})", self.keep_per_class)
         _require(16 <= self.feature_size <= 512, "synthesize.feature_size", "from 16 to 512", self.feature_size)

@@ -66,7 +66,7 @@ def checkpoint_fingerprint(params: SynthesizeParams, images: np.ndarray, targets
     `steps`: a killed run may be resumed with more steps."""
     shaping = {k: v for k, v in dataclasses.asdict(params).items()
                if k not in {"steps", "log_every", "checkpoint_every", "candidates_per_class", "keep_per_class",
-                            "min_confidence", "feature_backbone", "feature_size", "fid_features", "device"}}
+                            "min_confidence", "near_real", "feature_backbone", "feature_size", "fid_features", "device"}}
     return fingerprint(data=(images, targets), params=[shaping, world.size], device=device)
 
 

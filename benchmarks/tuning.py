@@ -3,7 +3,8 @@
     python benchmarks/tuning.py --workspace DIR [--only cnn_epochs lite0_size ...] [--folds 0 1 2 3 4]
 
 DIR is a repository where the full study has run (`python benchmarks/pipeline_time.py --preset study --keep DIR`
-makes one; questions on the default's own variants work on a default run too): its collected data, augmentation policy, GAN samples and default fold predictions are reused. Each question
+makes one; questions on the default's own variants work on a default run too): its collected data, augmentation
+policy, GAN samples and default fold predictions are reused. Each question
 trains its alternatives on the same folds (outside DVC, in DIR/tuning/) and prints, per setting, the
 cross-validated accuracy (mean over folds), the development part's accuracy (fold models' mean and their
 ensemble) and the training time.

@@ -6,7 +6,7 @@ training images, and measure them (FID, KID, CAS) in the feature space of a pret
   `fid_features: inception` switches FID and KID to them (torchmetrics + torch-fidelity).
 - Filter: logistic regression on those features (the linear probe of pipeline/training/probe.py), fitted on the
   fold's real training images; a sample is kept when it gives the sample's conditioning class a probability of at
-  least `min_confidence`, and, with `near_real`, when it also lies near the real images of its class (`near_real`).
+  least `min_confidence` and, with `near_real`, lies near the real images of its class.
 - FID and KID (torchmetrics' implementations, fed our features through an identity extractor) between samples
   and the fold's real training images. With a few dozen images FID is strongly biased upwards (it estimates
   1280-dimensional covariances); compare it only between runs with the same numbers of images. KID is unbiased.

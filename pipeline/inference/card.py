@@ -28,11 +28,16 @@ def unearned_gan(evaluation: dict) -> str | None:
     """When the CV winner trains on GAN samples and the evaluation compared it with the same recipe without them,
     that twin, unless the samples' gain was significant: a winner by noise should not bring a GAN into the model
     people use. None when the winner uses no GAN samples or has no such twin."""
+    unearned = _unearned_gan_comparison(evaluation)
+    return unearned["a"] if unearned else None
+
+
+def _unearned_gan_comparison(evaluation: dict) -> dict | None:
+    """The evaluation's comparison of the winner against its twin without GAN samples, if it found no significant
+    gain."""
     best = evaluation["best"]
-    for c in evaluation.get("comparisons", []):
-        if c.get("setting") == "synthetic" and c["b"] == best and not (c["significant"] and c["difference"] > 0):
-            return c["a"]
-    return None
+    return next((c for c in evaluation.get("comparisons", []) if c.get("setting") == "synthetic" and c["b"] == best
+                 and not (c["significant"] and c["difference"] > 0)), None)
 
 
 def manifest_hash(sha256: list[str]) -> str:
@@ -57,10 +62,10 @@ def model_card(name: str, variant: Variant, model, finetune: FinetuneParams, ima
 
 def choice_note(name: str, evaluation: dict) -> str | None:
     """Why the model is not the CV winner, when `unearned_gan` passed the winner over."""
-    best = evaluation["best"]
-    if name == best or unearned_gan(evaluation) != name:
+    c = _unearned_gan_comparison(evaluation)
+    if c is None or c["a"] != name:
         return None
-    c = next(c for c in evaluation["comparisons"] if c.get("setting") == "synthetic" and c["b"] == best)
+    best = evaluation["best"]
     return (f"{best} did best in cross-validation, but its GAN samples' difference against {name}, the same recipe "
             f"without them, was {c['difference']:+.3f} (Holm-corrected p {c['p_holm']:.3f}): not a significant gain, "
             f"so the model is {name}, which needs no GAN")

@@ -165,6 +165,12 @@ def test_the_gan_fingerprint_ignores_steps_but_not_the_data_the_processes_or_the
     assert synthesize.checkpoint_fingerprint(params, images[1:], targets[1:], World(), CPU) != base
     assert synthesize.checkpoint_fingerprint(params, images, targets, World(0, 2), CPU) != base
     assert synthesize.checkpoint_fingerprint(params, images, targets, World(), torch.device("cuda")) != base
+    # the filter's feature side shapes nothing the pixel discriminator trains, but everything the feature one does
+    smaller = dataclasses.replace(params, feature_size=params.feature_size // 2)
+    assert synthesize.checkpoint_fingerprint(smaller, images, targets, World(), CPU) == base
+    features = dataclasses.replace(params, discriminator="features")
+    assert synthesize.checkpoint_fingerprint(features, images, targets, World(), CPU) != synthesize.checkpoint_fingerprint(
+        dataclasses.replace(smaller, discriminator="features"), images, targets, World(), CPU)
 
 
 def test_the_finetuning_fingerprint_covers_the_policy_only_when_the_variant_augments(digits, tmp_path):  # noqa: F811

@@ -63,10 +63,13 @@ def checkpoint_fingerprint(params: SynthesizeParams, images: np.ndarray, targets
                            device: torch.device) -> str:
     """What a checkpoint must match to be resumed: the training data, the number of processes, every setting that
     shapes training, the device and its precision, and the library versions (pipeline/runtime/fingerprint.py). Not
-    `steps`: a killed run may be resumed with more steps."""
-    shaping = {k: v for k, v in dataclasses.asdict(params).items()
-               if k not in {"steps", "log_every", "checkpoint_every", "candidates_per_class", "keep_per_class",
-                            "min_confidence", "near_real", "feature_backbone", "feature_size", "fid_features", "device"}}
+    `steps`: a killed run may be resumed with more steps. The filter's backbone and side shape training only when the
+    discriminator is built on them."""
+    ignored = {"steps", "log_every", "checkpoint_every", "candidates_per_class", "keep_per_class", "min_confidence",
+               "near_real", "fid_features", "device"}
+    if params.discriminator != "features":
+        ignored |= {"feature_backbone", "feature_size"}
+    shaping = {k: v for k, v in dataclasses.asdict(params).items() if k not in ignored}
     return fingerprint(data=(images, targets), params=[shaping, world.size], device=device)
 
 

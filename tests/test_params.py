@@ -56,6 +56,7 @@ def test_the_study_preset_adds_the_recipes_the_default_leaves_out_and_changes_no
     ({"finetune.warmup_epochs": -1}, r"`finetune.warmup_epochs` must be >= 0"),
     ({"finetune.device": "tpu"}, r"`finetune.device` must be one of 'auto', 'cpu', 'cuda'"),
     ({"finetune.synthetic_share": 1.0}, r"`finetune.synthetic_share` must be in \[0, 1\)"),
+    ({"finetune.synthetic_weight": 0.0}, r"`finetune.synthetic_weight` must be in \(0, 1\]"),
     ({"finetune.inner_val": 0.9}, r"`finetune.inner_val` must be from 0 \(off\) to 0.5"),
     ({"finetune.ema_decay": 1}, r"`finetune.ema_decay` must be a number|`finetune.ema_decay` must be in \[0, 1\)"),
     ({"finetune.mixup": -0.2}, r"`finetune.mixup` must be >= 0"),

@@ -12,7 +12,7 @@ from pipeline.runtime.compute import World, channels_last
 from pipeline.runtime.errors import PipelineError
 from pipeline.training import loop as training
 from pipeline.training.backbones import Classifier, create_backbone
-from pipeline.training.loop import BatchPlan, FitSetup, MixupCutmix, TrainingSet, fit, lr_lambda, predict
+from pipeline.training.loop import BatchPlan, FitSetup, MixupCutmix, SyntheticLoss, TrainingSet, fit, lr_lambda, predict
 
 from conftest import make_params
 
@@ -61,6 +61,35 @@ def test_mixup_and_cutmix_give_soft_targets_that_match_the_pixels():
     for _ in range(3):
         assert torch.equal(a(x, targets)[0], b(x, targets)[0])
     assert not MixupCutmix(0, 0, seed=0).enabled
+
+
+def test_gan_samples_weigh_less_and_carry_the_filters_confidence_when_asked():
+    images = np.zeros((6, 8, 8, 1), np.uint8)
+    data = TrainingSet(images[:4], np.array([0, 1, 2, 0]), images[4:], np.array([1, 2]), images[:0],
+                       np.array([], np.int64), synthetic_confidence=np.array([0.9, 0.6], np.float32))
+    ids, y = torch.tensor([0, 4, 1, 5]), torch.tensor([0, 1, 1, 2])
+    logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    per_image = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+
+    weighted = SyntheticLoss(data, make_params(finetune__synthetic_weight=0.25).finetune, 3, CPU)
+    assert weighted.active
+    hard = weighted.targets(y, ids)
+    assert torch.equal(hard, torch.nn.functional.one_hot(y, 3).float())  # not soft unless asked
+    expected = (per_image * torch.tensor([1, 0.25, 1, 0.25])).mean()
+    assert torch.allclose(weighted(logits, hard, ids, 0.0), expected)
+
+    soft = SyntheticLoss(data, make_params(finetune__synthetic_soft=True).finetune, 3, CPU)
+    targets = soft.targets(y, ids)
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+    assert torch.allclose(targets[1], torch.tensor([0.05, 0.9, 0.05]))  # GAN sample 0: class 1 at 0.9
+    assert torch.allclose(targets[3], torch.tensor([0.2, 0.2, 0.6]))
+    assert torch.equal(targets[[0, 2]], hard[[0, 2]])  # real images stay one-hot
+
+    assert not SyntheticLoss(data, make_params().finetune, 3, CPU).active  # the defaults train as before
+    no_scores = TrainingSet(*[getattr(data, f) for f in ("images", "targets", "synthetic", "synthetic_targets",
+                                                          "inner", "inner_targets")])
+    with pytest.raises(PipelineError, match="synthetic_soft needs the GAN samples' filter confidences"):
+        SyntheticLoss(no_scores, make_params(finetune__synthetic_soft=True).finetune, 3, CPU)
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():

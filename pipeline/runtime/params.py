@@ -213,6 +213,8 @@ class FinetuneParams:
     inner_val: float  # early stopping: share of the fold's training images held out; 0 = off
     patience: int  # epochs without a better inner-validation loss before stopping
     synthetic_share: float  # share of each batch drawn from the GAN's samples (synthetic variants)
+    synthetic_weight: float  # loss weight of a GAN sample, against 1 for a real image
+    synthetic_soft: bool  # a GAN sample's target is the filter's confidence in its class, the rest spread evenly
     probe_views: int  # linear_probe or partial + augment: augmented copies of each training image
     partial_blocks: int  # partial: the backbone's last stages that train (with the head) on the frozen trunk's outputs
     partial_head: Literal["probe", "random"]  # partial: the head starts as a linear probe (LP-FT) or random
@@ -237,6 +239,7 @@ class FinetuneParams:
         _require(0 <= self.inner_val <= 0.5, "finetune.inner_val", "from 0 (off) to 0.5", self.inner_val)
         _require(self.patience >= 1, "finetune.patience", ">= 1 epoch", self.patience)
         _require(0 <= self.synthetic_share < 1, "finetune.synthetic_share", "in [0, 1)", self.synthetic_share)
+        _require(0 < self.synthetic_weight <= 1, "finetune.synthetic_weight", "in (0, 1]", self.synthetic_weight)
         _require(self.probe_views >= 1, "finetune.probe_views", ">= 1", self.probe_views)
         _require(self.partial_blocks >= 1, "finetune.partial_blocks", ">= 1 stage", self.partial_blocks)
         _require(self.probe_c > 0, "finetune.probe_c", "> 0", self.probe_c)

@@ -59,14 +59,15 @@ class FinalOutputs:
     checkpoints: Path | None = None
 
 
-def gan_samples(settings: FinalSettings, collected: Collected, device) -> tuple[np.ndarray, np.ndarray, dict]:
+def gan_samples(settings: FinalSettings, collected: Collected,
+                device) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """The accepted samples of a GAN trained on every labelled image (no validation images are left to measure
     CAS on, so only the external set's CAS is recorded, where there is one)."""
     seed_everything(settings.synthesize.seed)
     labelled = collected.labelled
     made = make_samples(settings.synthesize, collected, (labelled, labelled.iloc[:0]), device, None)
     quality = {k: v for k, v in made.quality.items() if v is not None and k != "acceptance_per_class"}
-    return made.fake[made.kept], made.labels[made.kept].astype(np.int64), quality
+    return made.fake[made.kept], made.labels[made.kept].astype(np.int64), made.scores[made.kept], quality
 
 
 def run(settings: FinalSettings, inputs: FinalInputs, outputs: FinalOutputs) -> dict:
@@ -85,8 +86,9 @@ def run(settings: FinalSettings, inputs: FinalInputs, outputs: FinalOutputs) -> 
     data = real_training_set(images, targets, rows["group"].to_numpy(), finetune, variant, finetune.seed)
     gan = {}
     if variant.synthetic:
-        fake, fake_targets, gan = gan_samples(settings, collected, device)
-        data = dataclasses.replace(data, synthetic=fake, synthetic_targets=fake_targets)
+        fake, fake_targets, confidence, gan = gan_samples(settings, collected, device)
+        data = dataclasses.replace(data, synthetic=fake, synthetic_targets=fake_targets,
+                                   synthetic_confidence=confidence.astype(np.float32))
     seed_everything(finetune.seed)
     external_images, external_targets = collected.select(collected.external)
     job = Job(finetune, variant, data, (external_images, images[:0]), len(collected.classes), inputs.policy,

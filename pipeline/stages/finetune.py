@@ -59,16 +59,18 @@ def outputs_for(repeat: int, fold: int, variant: str) -> FinetuneOutputs:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_synthetic(inputs: FinetuneInputs, fold: int, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def load_synthetic(inputs: FinetuneInputs, fold: int,
+                   like: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fold's accepted GAN samples, their classes and the sample filter's confidence in those classes."""
     try:
         with np.load(inputs.synthetic / paths.SAMPLES_FILE) as data:
-            fake, labels = data["images"], data["labels"].astype(np.int64)
+            fake, labels, scores = data["images"], data["labels"].astype(np.int64), data["scores"]
     except FileNotFoundError:
         raise PipelineError(f"{inputs.synthetic}: no GAN samples for fold {fold}; run `dvc repro synthesize`") from None
     if fake.shape[1:] != like.shape[1:]:
         raise PipelineError(f"GAN samples are {fake.shape[1:]} but the data is {like.shape[1:]}; "
                             "re-run `dvc repro synthesize`")
-    return fake, labels
+    return fake, labels, scores.astype(np.float32)
 
 
 def training_set(collected: Collected, inputs: FinetuneInputs, fold: int, repeat: int, variant: Variant,
@@ -77,8 +79,9 @@ def training_set(collected: Collected, inputs: FinetuneInputs, fold: int, repeat
     images, targets = collected.select(rows)
     data = real_training_set(images, targets, rows["group"].to_numpy(), params, variant, seed)
     if variant.synthetic:
-        fake, fake_targets = load_synthetic(inputs, fold, images)
-        data = dataclasses.replace(data, synthetic=fake, synthetic_targets=fake_targets)
+        fake, fake_targets, confidence = load_synthetic(inputs, fold, images)
+        data = dataclasses.replace(data, synthetic=fake, synthetic_targets=fake_targets,
+                                   synthetic_confidence=confidence)
     return data
 
 

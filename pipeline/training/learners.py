@@ -99,6 +99,8 @@ def checkpoint_fingerprint(params: FinetuneParams, variant: Variant, data: Train
     starting weights' contents, the processes, the device and its precision, and the library versions."""
     shaping = {k: v for k, v in asdict(params).items() if k not in ("workers", "checkpoint_every", "compile")}
     arrays = (data.images, data.targets, data.synthetic, data.synthetic_targets, data.inner, data.inner_targets)
+    if params.synthetic_soft and data.synthetic_confidence is not None:
+        arrays += (data.synthetic_confidence,)  # the soft targets are made of them
     return fingerprint(data=arrays, params=[shaping, variant, world.size], policy=policy if variant.augment else None,
                        weights=weights_source(variant.backbone, variant.weights), device=device)
 

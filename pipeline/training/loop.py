@@ -61,6 +61,7 @@ class TrainingSet:
     synthetic_targets: np.ndarray
     inner: np.ndarray  # held out from `images` for early stopping (0 rows: no early stopping)
     inner_targets: np.ndarray
+    synthetic_confidence: np.ndarray | None = None  # the sample filter's confidence in each GAN sample's class
 
     @property
     def all_images(self) -> np.ndarray:
@@ -136,20 +137,21 @@ class AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitems__(self, items: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, items: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's images, targets and indices (GAN samples are indexed after the real images)."""
         indices = np.fromiter((index for index, _ in items), dtype=np.int64, count=len(items))
         if self.policy is None:
             images = self.images[indices]
         else:
             images = np.stack([augment_seeded(self.policy, self.images[index], seed) for index, seed in items])
-        return torch.from_numpy(images), torch.from_numpy(self.targets[indices])
+        return torch.from_numpy(images), torch.from_numpy(self.targets[indices]), torch.from_numpy(indices)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, targets = self.__getitems__([item])
-        return images[0], targets[0]
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, targets, indices = self.__getitems__([item])
+        return images[0], targets[0], indices[0]
 
 
-def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def whole_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """The DataLoader's collate_fn: __getitems__ already made the batch."""
     return batch
 
@@ -392,6 +394,38 @@ def _wrap(model: Classifier, setup: FitSetup) -> nn.Module:
     return trained
 
 
+class SyntheticLoss:
+    """How GAN samples count in the loss: each weighs `synthetic_weight` against 1 for a real image, and with
+    `synthetic_soft` its target puts the sample filter's confidence on its class and spreads the rest evenly
+    over the others (a sample the filter barely accepted teaches less certainty). Real images keep their one-hot
+    targets; label smoothing applies to every target, as for real images."""
+
+    def __init__(self, data: TrainingSet, params: FinetuneParams, num_classes: int, device: torch.device):
+        self.real, self.num_classes = len(data.images), num_classes
+        total = self.real + len(data.synthetic)
+        self.weight = torch.ones(total, device=device)
+        self.weight[self.real:] = params.synthetic_weight
+        self.confidence = torch.ones(total, device=device)
+        if params.synthetic_soft and len(data.synthetic):
+            if data.synthetic_confidence is None:
+                raise PipelineError("finetune.synthetic_soft needs the GAN samples' filter confidences "
+                                    "(scores in samples.npz); re-run `dvc repro synthesize`")
+            self.confidence[self.real:] = torch.as_tensor(data.synthetic_confidence, dtype=torch.float32,
+                                                          device=device).clamp(1 / num_classes, 1)
+        self.active = len(data.synthetic) > 0 and (params.synthetic_weight != 1 or params.synthetic_soft)
+
+    def targets(self, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Soft targets: one-hot for real images, the filter's confidence for GAN samples."""
+        confidence = self.confidence[ids].unsqueeze(1)
+        rest = (1 - confidence) / max(self.num_classes - 1, 1)
+        one_hot = F.one_hot(y, self.num_classes).float()
+        return one_hot * confidence + (1 - one_hot) * rest
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, smoothing: float) -> torch.Tensor:
+        per_image = F.cross_entropy(logits, target, label_smoothing=smoothing, reduction="none")
+        return (per_image * self.weight[ids]).mean()
+
+
 def _loader(data: TrainingSet, setup: FitSetup, plan: BatchPlan, start: int) -> DataLoader:
     workers = setup.params.workers
     return DataLoader(AugmentedImages(data.all_images, data.all_targets, setup.policy),
@@ -403,7 +437,7 @@ def _loader(data: TrainingSet, setup: FitSetup, plan: BatchPlan, start: int) -> 
 
 
 def _train_epoch(state: TrainState, trained: nn.Module, batches, steps: int, setup: FitSetup,
-                 num_classes: int) -> dict:
+                 num_classes: int, synthetic: SyntheticLoss) -> dict:
     """One epoch of optimiser steps; the epoch's mean loss and training accuracy (over every process)."""
     device, smoothing = setup.device, setup.params.label_smoothing
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -411,14 +445,18 @@ def _train_epoch(state: TrainState, trained: nn.Module, batches, steps: int, set
     seen = 0
     state.model.train()
     for _ in range(steps):
-        images, y = next(batches)
+        images, y, ids = next(batches)
         x, y = to_batch(images, device), y.to(device, non_blocking=True)
-        target = y
+        ids = ids.to(device, non_blocking=True)
+        target = synthetic.targets(y, ids) if synthetic.active else y
         if state.mix.enabled:
-            x, target = state.mix(x, F.one_hot(y, num_classes).float())
+            x, target = state.mix(x, target if synthetic.active else F.one_hot(y, num_classes).float())
         with autocast(device):
             logits = trained(x)
-        loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+        if synthetic.active:
+            loss = synthetic(logits.float(), target, ids, smoothing)
+        else:
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -463,13 +501,14 @@ def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
         for record in state.history:  # the curves so far, so the log is whole after a resume
             setup.on_epoch(record)
     trained = _wrap(model, setup)
+    synthetic = SyntheticLoss(data, setup.params, num_classes, setup.device)
     batches = iter(_loader(data, setup, plan, state.epoch))
     stopped, step_seconds = False, 0.0
     progress = Progress(range(state.epoch, setup.epochs), desc="finetune", unit="epoch", logger=log,
                         disable=None if setup.world.is_main else True)
     for _ in progress:
         started = time.perf_counter()
-        record = _train_epoch(state, trained, batches, plan.steps_per_epoch, setup, num_classes)
+        record = _train_epoch(state, trained, batches, plan.steps_per_epoch, setup, num_classes, synthetic)
         step_seconds += time.perf_counter() - started
         state.epoch += 1
         if len(data.inner):

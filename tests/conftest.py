@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "collect.images_per_class": 4,
     "collect.external_limit": 300,
+    "collect.unlabelled_limit": 200,
     "collect.folds": [0, 1],
     "collect.image_size": 16,
     "synthesize.steps": 20,

@@ -42,13 +42,18 @@ def test_mnist_draws_a_scarce_stratified_set_and_keeps_the_rest_external(collect
     # every fold holds 2 images of every class (4 per class, 2 folds)
     assert (labelled.groupby([fold_column(0), "label"]).size() == 2).all()
     assert not set(labelled.path) & set(external.path)
-    assert data.images.shape == (340, 16, 16, 1) and data.images.dtype == np.uint8
+    assert data.images.shape == (540, 16, 16, 1) and data.images.dtype == np.uint8
     assert set(data.manifest.source) == {"mnist"}
     # the manifest's hash is the hash of the stored pixels
     for row in data.manifest.sample(5, random_state=0).itertuples():
         assert row.sha256 == pixel_sha256(data.images[row.index])
     summary = json.loads((collected_dir / "summary.json").read_text())
-    assert summary["inputs"] == 5000 and summary["accepted"] == 5000 and summary["external_not_kept"] == 4660
+    # the rest of MNIST: 200 form the unlabelled pool (collect.unlabelled_limit), the others are not kept
+    assert summary["inputs"] == 5000 and summary["accepted"] == 5000 and summary["unlabelled"] == 200
+    assert summary["not_kept"] == 5000 - 40 - 300 - 200
+    pool = data.unlabelled
+    assert len(pool) == 200 and (pool.label == "").all() and (pool.target == -1).all()
+    assert not set(pool.path) & (set(labelled.path) | set(external.path))
     card = (collected_dir.parent / "reports" / "data_card.md").read_text()
     assert "5000 inputs = 5000 accepted + 0 rejected + 0 exact duplicates collapsed" in card
     assert (collected_dir.parent / "reports" / "data_card" / "class_9.png").exists()
@@ -304,6 +309,65 @@ def test_train_and_test_folders_make_a_leak_free_hold_out_set(tmp_path):
     assert not set(data.external.group) & set(data.labelled.group)
 
 
+def test_unlabelled_pool_is_checked_like_the_rest_and_kept_apart_from_what_it_is_scored_on(tmp_path):
+    """Planted leaks: a pool image copied from a training image collapses into it; one re-encoded from a test
+    image is rejected; one re-encoded from a training image stays in the pool but leaves the fold that validates
+    on its twin; a broken file is rejected as in a class folder."""
+    root = tmp_path / "raw"
+    write_split_folder(root)
+    pool = root / "unlabelled" / "batch 1"
+    pool.mkdir(parents=True)
+    for i, pixels in enumerate(mnist_digits(4, 4) + mnist_digits(5, 4)):  # classes the labels never name
+        Image.fromarray(pixels).save(pool / f"fresh{i}.png")
+    (pool / "copy.png").write_bytes((root / "train" / "d2" / "1.png").read_bytes())
+    Image.open(root / "test" / "d0" / "6.png").convert("RGB").save(pool / "test-twin.jpg", quality=85)
+    Image.open(root / "train" / "d2" / "3.png").convert("RGB").save(pool / "train-twin.jpg", quality=85)
+    (pool / "broken.png").write_bytes(b"not a picture")
+    summary, data, rejects = run_collect(tmp_path, collect__source="folder", collect__folder=str(root),
+                                         collect__folds=[0, 1, 2])
+    assert_accounted(summary)
+    category = dict(zip(rejects.path.map(os.path.basename), rejects.category))
+    assert category["test-twin.jpg"] == "pool leak into test set" and "6.png" in rejects.detail[
+        rejects.path.str.endswith("test-twin.jpg")].item()
+    assert category["broken.png"] == "not an image"
+    duplicates = pd.read_csv(tmp_path / "out" / "duplicates.csv")
+    assert duplicates.path.map(os.path.basename).tolist()[-1] == "copy.png"  # collapsed into the labelled copy
+    names = data.unlabelled.path.map(os.path.basename)
+    assert sorted(names) == sorted([f"fresh{i}.png" for i in range(8)] + ["train-twin.jpg"])
+    assert summary["unlabelled"] == 9 and len(data.labelled) == 15 and data.classes == ("d0", "d1", "d2")
+    assert (data.unlabelled.target == -1).all() and (data.unlabelled[fold_column(0)] == -1).all()
+    twin = data.unlabelled[names == "train-twin.jpg"].iloc[0]
+    original = data.labelled[data.labelled.group == twin.group]
+    assert len(original) == 1 and original.path.item().endswith("d2/3.png")  # the pool twin joined its group
+    validating = int(original[fold_column(0)].item())
+    for fold in data.folds:
+        used = set(data.pool_for(fold).path.map(os.path.basename))
+        assert ("train-twin.jpg" in used) == (fold != validating) and len(used) == 9 - (fold == validating)
+    assert len(data.pool_for(None)) == 9  # the final model validates on nothing
+    card = (tmp_path / "out-reports" / "data_card.md").read_text()
+    assert "9 are unlabelled" in card
+
+
+def test_csv_rows_without_a_label_form_the_unlabelled_pool_and_the_limit_is_seeded(tmp_path):
+    root = tmp_path / "root"
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for label, images in digit_images(10).items():
+        for i, pixels in enumerate(images):
+            Image.fromarray(pixels).save(root / "img" / f"{label}_{i}.png")
+            rows.append((f"img/{label}_{i}.png", f"c{label}" if i < 5 else ""))
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(root / "manifest.csv", index=False)
+    settings = dict(collect__source="csv", collect__folder=str(root), collect__folds=[0, 1])
+    summary, data, _ = run_collect(tmp_path, **settings, collect__unlabelled_limit=0)
+    assert_accounted(summary)
+    assert len(data.labelled) == 15 and summary["unlabelled"] == 15 and summary["not_kept"] == 0
+    assert set(data.unlabelled.path) == {p for p, label in rows if not label}
+    summary, limited, _ = run_collect(tmp_path, "limited", **settings, collect__unlabelled_limit=6)
+    _, again, _ = run_collect(tmp_path, "again", **settings, collect__unlabelled_limit=6)
+    assert len(limited.unlabelled) == 6 and summary["not_kept"] == 9 and summary["rejected"] == 0
+    assert limited.unlabelled.path.tolist() == again.unlabelled.path.tolist()  # the same seeded draw
+
+
 def test_class_with_fewer_groups_than_folds_names_class_and_fix(tmp_path):
     raw = tmp_path / "raw"
     for label, images in digit_images(5).items():
@@ -387,11 +451,13 @@ def test_csv_manifest_with_paths_urls_and_groups(tmp_path, image_server):
                                          collect__download__retries=0)
     assert_accounted(summary)
     assert summary["inputs"] == len(rows) == 25 and len(data.labelled) == 18
+    # the row without a label names a labelled picture: it joins the pool as an exact copy, which collapses
+    assert data.unlabelled.empty and summary["duplicates_collapsed"] == 1
     assert (data.manifest.source == "url").sum() == 3 and (data.manifest.source == "csv").sum() == 15
     category = dict(zip(rejects.path, rejects.category))
     assert category == {"../secret.png": "outside data root", str(outside): "outside data root",
                         "img/link out.png": "outside data root", "img/absent.png": "missing file",
-                        "img/2_0.png": "no label", f"{base}/absent.png": "download failed",
+                        f"{base}/absent.png": "download failed",
                         "ftp://example.com/x.png": "download failed"}
     assert "404" in rejects.detail[rejects.path == f"{base}/absent.png"].item()
     pair = data.manifest[data.manifest.path.isin(["img/0_0.png", "img/0_1.png"])]

@@ -28,8 +28,12 @@ MANIFEST_COLUMNS = ["index", "path", "label", "target", "group", "sha256", "widt
                     "part"]
 FOLD_PREFIX = "fold_r"
 # external: a fixed set (the rest of a bundled dataset, a folder's test/) that no variant, fold or final model
-# trains on; collect.dev_fraction of it is the development part, the rest the final test
-LABELLED, EXTERNAL = "labelled", "external"
+# trains on; collect.dev_fraction of it is the development part, the rest the final test.
+# unlabelled: the pool without labels (data/raw/unlabelled/, a CSV's rows without a label, a bundled dataset's
+# images beyond the external set) that semi-supervised variants learn from and "what to label next" ranks;
+# label "" and target -1, its part is `unlabelled` too. A pool image near-duplicating an external image is
+# rejected; one near-duplicating a labelled image is left out of the folds that validate on that image.
+LABELLED, EXTERNAL, UNLABELLED = "labelled", "external", "unlabelled"
 CV, DEV, TEST = "cv", "dev", "test"
 EXTERNAL_PARTS = (DEV, TEST)
 
@@ -66,6 +70,20 @@ class Collected:
     @property
     def external(self) -> pd.DataFrame:
         return self.manifest[self.manifest.split == EXTERNAL]
+
+    @property
+    def unlabelled(self) -> pd.DataFrame:
+        return self.manifest[self.manifest.split == UNLABELLED]
+
+    def pool_for(self, fold: int | None, repeat: int = 0) -> pd.DataFrame:
+        """The unlabelled rows a fold may learn from: none in a group (near-duplicates) with one of the fold's
+        validation images, whose score would otherwise see its own twin in training. `fold=None` (the final
+        model, which validates on nothing): the whole pool."""
+        pool = self.unlabelled
+        if fold is None:
+            return pool
+        validation = self.fold_split(fold, repeat)[1]
+        return pool[~pool.group.isin(set(validation.group))]
 
     def part(self, name: str) -> pd.DataFrame:
         """The external images of one part (DEV or TEST), in manifest order."""

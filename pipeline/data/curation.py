@@ -1,5 +1,6 @@
 """From what a source offered to the dataset: label conflicts, exact copies collapsed, near-duplicate groups, the
-labelled draw of a bundled dataset, test images that leak, folds, and the count that proves nothing was lost.
+labelled draw of a bundled dataset, test images that leak (and pool images that would), folds, and the count
+that proves nothing was lost.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipeline.data.collected import CV, DEV, EXTERNAL, LABELLED, TEST, fold_column, natural_key
+from pipeline.data.collected import CV, DEV, EXTERNAL, LABELLED, TEST, UNLABELLED, fold_column, natural_key
 from pipeline.data.decode import hamming_pairs, pixel_sha256
 from pipeline.data.folds import assign_folds, check_group_counts, dev_part
-from pipeline.data.sources import POOL, Intake
+from pipeline.data.sources import BUNDLED, POOL, Intake
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import CollectParams
 
-KEEP_FIRST = {LABELLED: 0, POOL: 1, EXTERNAL: 2}  # of exact copies, keep a training copy over a test copy
+# of exact copies, keep a training copy over a test copy, and either over an unlabelled one
+KEEP_FIRST = {LABELLED: 0, POOL: 1, EXTERNAL: 2, UNLABELLED: 3}
 
 
 REJECT_COLUMNS = ["path", "category", "detail"]
@@ -48,9 +50,10 @@ def candidate_table(intake: Intake) -> pd.DataFrame:
 
 
 def resolve_conflicts(table: pd.DataFrame, intake: Intake, policy: str) -> pd.DataFrame:
-    """The same picture under two labels: reject every copy (`drop`) or stop (`error`)."""
-    labels = table.groupby("sha256").label.unique()
-    conflicted = table.sha256.map(labels.map(len)) > 1
+    """The same picture under two labels: reject every copy (`drop`) or stop (`error`). An unlabelled copy
+    names no label, so it conflicts with nothing (it collapses into a labelled copy as an exact duplicate)."""
+    labels = table[table.label != ""].groupby("sha256").label.unique()
+    conflicted = table.sha256.map(labels.map(len)).fillna(0) > 1
     if not conflicted.any():
         return table
     if policy == "error":
@@ -120,12 +123,33 @@ def remove_test_leaks(table: pd.DataFrame, intake: Intake) -> pd.DataFrame:
     return table[~leaks & ~unknown]
 
 
-def limit_external(table: pd.DataFrame, params: CollectParams) -> pd.DataFrame:
-    external = table.index[table.split == EXTERNAL]
-    if not params.external_limit or len(external) <= params.external_limit:
-        return table
-    rng = np.random.default_rng(params.seed + 1)
-    return table.drop(rng.choice(external.to_numpy(), len(external) - params.external_limit, replace=False))
+def _over_limit(table: pd.DataFrame, split: str, limit: int, seed: int) -> np.ndarray:
+    """Index labels of the `split` rows beyond `limit` (0 = no limit), drawn seeded."""
+    rows = table.index[table.split == split]
+    if not limit or len(rows) <= limit:
+        return rows[:0].to_numpy()
+    return np.random.default_rng(seed).choice(rows.to_numpy(), len(rows) - limit, replace=False)
+
+
+def limit_external(table: pd.DataFrame, params: CollectParams) -> tuple[pd.DataFrame, int]:
+    """(the table, external rows not kept): external rows beyond collect.external_limit leave the external set;
+    a bundled dataset's become its unlabelled pool, anyone else's are not kept."""
+    over = _over_limit(table, EXTERNAL, params.external_limit, params.seed + 1)
+    if params.source in BUNDLED:
+        return table.assign(split=table.split.where(~table.index.isin(over), UNLABELLED)), 0
+    return table.drop(over), len(over)
+
+
+def remove_pool_leaks(table: pd.DataFrame, intake: Intake) -> pd.DataFrame:
+    """Unlabelled pictures near-duplicating an external (development or test) picture are rejected: a
+    semi-supervised variant would otherwise learn the test image's pseudo-label from its twin."""
+    external = table[table.split == EXTERNAL].drop_duplicates("group").set_index("group").path
+    leaks = (table.split == UNLABELLED) & table.group.isin(external.index)
+    for row in table[leaks].itertuples():
+        intake.reject(row.path, "pool leak into test set",
+                      f"an unlabelled near-duplicate of external image {external[row.group]}; kept out of the pool "
+                      "so no variant learns from a twin of an image it is scored on")
+    return table[~leaks]
 
 
 def build_manifest(table: pd.DataFrame, params: CollectParams) -> tuple[pd.DataFrame, list[str]]:
@@ -144,8 +168,10 @@ def build_manifest(table: pd.DataFrame, params: CollectParams) -> tuple[pd.DataF
     # seeded apart from the folds (seed + 2; + 1 limits the external set), so changing one never moves the other
     external["part"] = np.where(dev_part(external.label, external.group, params.dev_fraction, params.seed + 2),
                                 DEV, TEST)
-    manifest = pd.concat([labelled, external], ignore_index=True)
-    manifest["target"] = manifest.label.map({c: i for i, c in enumerate(classes)})
+    unlabelled = table[table.split == UNLABELLED].assign(part=UNLABELLED, label="",
+                                                         **{fold_column(r): -1 for r in params.repeats})
+    manifest = pd.concat([labelled, external, unlabelled], ignore_index=True)
+    manifest["target"] = manifest.label.map({c: i for i, c in enumerate(classes)}).fillna(-1).astype(int)
     manifest["index"] = range(len(manifest))
     return manifest, classes
 
@@ -158,8 +184,11 @@ def decide(params: CollectParams, intake: Intake) -> Outcome:
     if (table.split == POOL).any():
         table["split"] = draw_labelled(table, params)
     table = remove_test_leaks(table, intake)
-    accepted = len(table)
-    manifest, classes = build_manifest(limit_external(table, params), params)
+    table, external_not_kept = limit_external(table, params)
+    table = remove_pool_leaks(table, intake)
+    accepted = len(table) + external_not_kept
+    table = table.drop(_over_limit(table, UNLABELLED, params.unlabelled_limit, params.seed + 3))
+    manifest, classes = build_manifest(table, params)
     rejects = pd.DataFrame(intake.rejects, columns=REJECT_COLUMNS)
     images = np.stack([intake.pictures[i].decoded.pixels for i in manifest.picture])
     summary = summarise(params, intake, manifest, duplicates, accepted=accepted, classes=classes,
@@ -170,11 +199,12 @@ def decide(params: CollectParams, intake: Intake) -> Outcome:
 def summarise(params: CollectParams, intake: Intake, manifest: pd.DataFrame, duplicates: pd.DataFrame,
               accepted: int, classes: list[str], stored: tuple[int, int, int]) -> dict:
     labelled = manifest[manifest.split == LABELLED]
-    not_kept = accepted - len(manifest)  # external pictures beyond collect.external_limit
+    not_kept = accepted - len(manifest)  # pictures beyond collect.external_limit and collect.unlabelled_limit
     summary = {
         "source": params.source, "inputs": intake.inputs, "accepted": accepted, "rejected": len(intake.rejects),
         "duplicates_collapsed": len(duplicates), "labelled": len(labelled),
-        "external": int((manifest.split == EXTERNAL).sum()), "external_not_kept": not_kept,
+        "external": int((manifest.split == EXTERNAL).sum()), "not_kept": not_kept,
+        "unlabelled": int((manifest.split == UNLABELLED).sum()),
         "dev": int((manifest.part == DEV).sum()), "test": int((manifest.part == TEST).sum()),
         "groups": int(labelled.group.nunique()), "classes": classes,
         "labelled_per_class": {c: int((labelled.label == c).sum()) for c in classes},

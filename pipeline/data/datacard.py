@@ -117,10 +117,13 @@ def write_data_card(reports, images: np.ndarray, manifest: pd.DataFrame, classes
         f"Source `{s['source']}`: **{s['inputs']} inputs = {s['accepted']} accepted + {s['rejected']} rejected + "
         f"{s['duplicates_collapsed']} exact duplicates collapsed.** Of those accepted, {s['labelled']} are labelled "
         f"(cross-validated in {s['folds']} folds, {s['repeats']} repeat(s)) and {s['external']} form an external set no "
-        f"variant, fold or final model trains on" + (f" ({s['external_not_kept']} more not kept, "
-                                                     "collect.external_limit)" if s["external_not_kept"] else "")
-        + f": {s['dev']} in the development part, on which settings are chosen, and {s['test']} in the final test, "
-        "which only reports (collect.dev_fraction).",
+        f"variant, fold or final model trains on: {s['dev']} in the development part, on which settings are "
+        f"chosen, and {s['test']} in the final test, which only reports (collect.dev_fraction). "
+        f"{s['unlabelled']} are unlabelled: the pool that semi-supervised variants learn from and that \"what to "
+        "label next\" ranks; a pool image near-duplicating an external image is rejected, one near-duplicating a "
+        "labelled image is left out of the folds that validate on it."
+        + (f" {s['not_kept']} more were not kept (collect.external_limit, collect.unlabelled_limit)."
+           if s["not_kept"] else ""),
         "", *_settings_section(s), *_class_section(manifest, classes), "",
         "## Image sizes", "", f"![sizes]({figures}/sizes.png)", "",
         *_duplicates_section(manifest, duplicates), "", *_rejects_section(rejects), "",

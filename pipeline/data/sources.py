@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.collected import EXTERNAL, LABELLED
+from pipeline.data.collected import EXTERNAL, LABELLED, UNLABELLED
 from pipeline.data.decode import Decoded, Normalise, Unusable, decode_file, decode_image
 from pipeline.data.download import DownloadSettings, fetch_all, is_url
 from pipeline.data.settings import Looked, choose
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 POOL = "pool"  # split of a bundled dataset's pictures before the stage draws the labelled subset
 SPLIT_FOLDERS = {"train": LABELLED, "test": EXTERNAL}
+UNLABELLED_FOLDER = "unlabelled"  # inside collect.folder: pictures without labels, in any nesting
 PARALLEL_FROM = 64  # below this many files, starting worker processes costs more than it saves
 
 
@@ -160,10 +161,12 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
-def _class_tasks(folder: Path, split: str, intake: Intake) -> list[FileTask]:
-    """Tasks for the class subfolders of `folder`; files directly inside it are misplaced."""
+def _class_tasks(folder: Path, split: str, intake: Intake, skip: str = "") -> list[FileTask]:
+    """Tasks for the class subfolders of `folder` (but `skip`); files directly inside it are misplaced."""
     tasks = []
     for entry in sorted(folder.iterdir()):
+        if entry.name == skip and entry.is_dir():
+            continue
         if entry.is_dir():
             tasks += [FileTask(f, str(f), entry.name, "folder", split) for f in walk_files(entry, intake)]
         else:
@@ -173,17 +176,27 @@ def _class_tasks(folder: Path, split: str, intake: Intake) -> list[FileTask]:
     return tasks
 
 
+def _unlabelled_tasks(root: Path, intake: Intake) -> list[FileTask]:
+    """Every file under root/unlabelled/ (any nesting), as a picture without a label."""
+    folder = root / UNLABELLED_FOLDER
+    if not folder.is_dir():
+        return []
+    return [FileTask(f, str(f), "", "folder", UNLABELLED) for f in walk_files(folder, intake)]
+
+
 def folder_source(params: CollectParams) -> Intake:
     root = Path(params.folder)
     if not root.is_dir():
         raise PipelineError(f"collect.folder: {root} is not a folder; put one subfolder per class in it "
                             "(e.g. data/raw/cat/*.jpg, data/raw/dog/*.jpg)")
     intake = Intake()
+    tasks = _unlabelled_tasks(root, intake)
     if not (root / "train").is_dir():
-        tasks = _class_tasks(root, LABELLED, intake)
-    else:  # train/<class>/ and optionally test/<class>/; anything else at the top is misplaced
-        tasks = []
+        tasks += _class_tasks(root, LABELLED, intake, skip=UNLABELLED_FOLDER)
+    else:  # train/<class>/ and optionally test/<class>/ (and unlabelled/); anything else at the top is misplaced
         for entry in sorted(root.iterdir()):
+            if entry.name == UNLABELLED_FOLDER and entry.is_dir():
+                continue
             if entry.name in SPLIT_FOLDERS and entry.is_dir():
                 tasks += _class_tasks(entry, SPLIT_FOLDERS[entry.name], intake)
                 continue
@@ -245,22 +258,21 @@ def csv_source(params: CollectParams) -> Intake:
     urls = sorted({loc for loc in table.location if is_url(loc)})
     fetched = fetch_all(urls, download_settings(params)) if urls else {}
     for row in table.itertuples():
-        if not row.label:
-            intake.reject(row.location, "no label", f"row {row.Index + 2} of {params.csv} has an empty label")
-        elif not row.location:
+        split = LABELLED if row.label else UNLABELLED  # a row without a label joins the unlabelled pool
+        if not row.location:
             intake.reject(f"{params.csv}:{row.Index + 2}", "missing file", "empty path")
         elif is_url(row.location):
             file = fetched[row.location]
             if isinstance(file, str):
                 intake.reject(row.location, "download failed", file)
             else:
-                tasks.append(FileTask(file, row.location, row.label, "url", LABELLED, row.group))
+                tasks.append(FileTask(file, row.location, row.label, "url", split, row.group))
         else:
             file = resolve_inside(root, row.location)
             if isinstance(file, str):
                 intake.reject(row.location, "outside data root", file)
             else:
-                tasks.append(FileTask(file, row.location, row.label, "csv", LABELLED, row.group))
+                tasks.append(FileTask(file, row.location, row.label, "csv", split, row.group))
     decode_own_files(tasks, params, intake)
     return intake
 

@@ -98,6 +98,7 @@ class CollectParams:
     csv: str
     images_per_class: int
     external_limit: int
+    unlabelled_limit: int  # keep at most this many unlabelled (pool) images, drawn seeded; 0 = all
     dev_fraction: float
     folds: tuple[int, ...]
     repeats: tuple[int, ...]
@@ -121,6 +122,8 @@ class CollectParams:
                  self.images_per_class)
         _require(self.external_limit >= 0, "collect.external_limit", ">= 0 (0 keeps them all)",
                  self.external_limit)
+        _require(self.unlabelled_limit >= 0, "collect.unlabelled_limit", ">= 0 (0 keeps them all)",
+                 self.unlabelled_limit)
         _require(0 <= self.dev_fraction < 1, "collect.dev_fraction",
                  "from 0 (the whole external set is the final test) to below 1", self.dev_fraction)
         own = self.source in ("folder", "csv")

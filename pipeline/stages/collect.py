@@ -48,10 +48,10 @@ def run(params: CollectParams, output: Path, reports: Path) -> dict:
     outcome = decide(params, intake)
     write(outcome, Path(output), Path(reports))
     s = outcome.summary
-    log.info("collect: %d inputs = %d accepted (%d labelled, %d external: %d development + %d final test, %d not "
-             "kept) + %d rejected + %d duplicates collapsed; %d classes, %d groups", s["inputs"], s["accepted"],
-             s["labelled"], s["external"], s["dev"], s["test"], s["external_not_kept"], s["rejected"],
-             s["duplicates_collapsed"], len(s["classes"]), s["groups"])
+    log.info("collect: %d inputs = %d accepted (%d labelled, %d external: %d development + %d final test, %d "
+             "unlabelled, %d not kept) + %d rejected + %d duplicates collapsed; %d classes, %d groups", s["inputs"],
+             s["accepted"], s["labelled"], s["external"], s["dev"], s["test"], s["unlabelled"], s["not_kept"],
+             s["rejected"], s["duplicates_collapsed"], len(s["classes"]), s["groups"])
     for category, count in s["rejects_by_category"].items():
         log.warning("rejected %d: %s (see %s)", count, category, Path(reports) / paths.REJECTS_FILE)
     return s

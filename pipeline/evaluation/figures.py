@@ -151,3 +151,20 @@ def training_png(curves: dict[str, np.ndarray], names: Sequence[str]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def thumbnails_png(images: np.ndarray, captions: Sequence[str], columns: int = 8) -> bytes:
+    """A grid of uint8 N x H x W x C images, each under a short caption (a label check, a pool image to label);
+    an empty list gives a one-line "none" picture, so a report's section is never a broken image."""
+    plt = _pyplot()
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.55 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
+                  vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=6.5)
+    if not len(images):
+        axes.flat[0].text(0, 0.5, "none", fontsize=9)
+    return _png(fig)

@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `pipeline` importable
+from pipeline import presets  # noqa: E402
 from pipeline.runtime.compute import World, autocast, channels_last, pick_device  # noqa: E402
-from pipeline.runtime.params import load_params  # noqa: E402
+from pipeline.runtime.params import load_params, parse_params  # noqa: E402
 from pipeline.training.backbones import Classifier, create_backbone  # noqa: E402
 from pipeline.training.loop import FitSetup, TrainingSet, fit  # noqa: E402
 from pipeline.training.probe import FeatureCache, ImageFeatures, LinearProbe  # noqa: E402
@@ -110,7 +112,7 @@ def our_loop(model_name: str, images: np.ndarray, targets: np.ndarray, size: int
 
 
 def probe_versus_full(images: np.ndarray, targets: np.ndarray, device: torch.device, params) -> tuple[float, float]:
-    """Seconds to train the default `augment` (full) and `probe` (linear_probe) variants on the same images
+    """Seconds to train the study's `augment` (full) and `probe` (linear_probe) variants on the same images
     (each model built beforehand); the probe twice, its first pass cold."""
     variants = params.variants
     full, probe = variants["augment"], variants["probe"]
@@ -155,8 +157,9 @@ def main() -> None:
         print(f"{size:4d} px  pipeline.training.fit, its steps    {ours:9.1f} images/s  ratio {ours / bare:.3f}")
         print(f"{size:4d} px  pipeline.training.fit, whole call   {whole:9.1f} images/s  ratio {whole / bare:.3f}")
     train_images, train_targets = images[:80], targets[:80]  # one default fold's training part: 8 per class
-    full_seconds, (cold, warm) = probe_versus_full(train_images, train_targets, device, params)
-    print(f"80 training images: full fine-tuning (variant augment)   {full_seconds:7.2f} s (baseline)")
+    study = parse_params(presets.merged(yaml.safe_load(Path("params.yaml").read_text()), "study"))  # has augment
+    full_seconds, (cold, warm) = probe_versus_full(train_images, train_targets, device, study)
+    print(f"80 training images: full fine-tuning (study variant augment) {full_seconds:7.2f} s (baseline)")
     print(f"80 training images: linear probe (variant probe), cold   {cold:7.2f} s  {full_seconds / cold:.1f}x faster")
     print(f"80 training images: linear probe (variant probe), warm   {warm:7.2f} s  {full_seconds / warm:.1f}x faster")
 

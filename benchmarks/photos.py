@@ -111,7 +111,7 @@ def main() -> None:
     device = pick_device(args.device)
     params = preset_params(args.set)
     variants = {n: v for n, v in params.variants.items() if not v.synthetic}  # no GAN here: one per draw is slow
-    variants["full"] = Variant("efficientnet_lite0", "packaged", "full", 0, 15, True, False)
+    variants["full"] = Variant("efficientnet_lite0", "packaged", "full", 0, 15, True, False, False)
     recipes = args.recipes or ["reference", *[n for n in variants if n != "full"]] + (
         ["full"] if device.type == "cuda" else [])
     images, targets, classes = load_photos(args.photos, args.limit)

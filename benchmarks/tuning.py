@@ -67,6 +67,10 @@ QUESTIONS = {
                                  "the GAN samples' loss weight against 1 for a real image (default 1)"),
     "synthetic_soft": Question("cnn_synthetic", {"soft targets": ["finetune.synthetic_soft=true"]},
                                "the GAN samples' targets: the filter's confidence in their class (default: one-hot)"),
+    "semi_supervised": Question("cnn_pool", {"threshold 0.8": ["finetune.pseudo_threshold=0.8"],
+                                             "pool from 25%": ["finetune.unlabelled_start=0.25"]},
+                                "the semi-supervised variant's pseudo-label threshold (default 0.7) and when the pool "
+                                "joins (default half way)"),
     "near_real": Question("cnn_synthetic", {"near_real 1.0": ["synthesize.near_real=1.0"]},
                           "the GAN samples' filter also asking for nearness to a real image (default: off)", gan=True),
     "regularisers": Question("cnn", {"early stopping": ["finetune.inner_val=0.2", "finetune.patience=20"],

@@ -42,8 +42,12 @@ def write_predictions(root: Path, collected_dir: Path, name: str, correct: tuple
             test = data.external["index"].to_numpy()
             folder = root / f"r{repeat}-fold{fold}-{name}"
             folder.mkdir(parents=True)
+            pool = data.unlabelled["index"].to_numpy()
+            # the pool's guesses: unknown answers, varied certainty (a stream apart, so the others draw as before)
+            logits = np.random.default_rng([seed, repeat, fold]).normal(0, 2, (len(pool), 10))
+            pool_probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
             np.savez(folder / "predictions.npz", val_index=val, val_probs=probs(val, correct[0]), test_index=test,
-                     test_probs=probs(test, external_share))
+                     test_probs=probs(test, external_share), pool_index=pool, pool_probs=pool_probs)
             (folder / "history.json").write_text("[]")
 
 
@@ -58,7 +62,7 @@ def outputs_in(root: Path) -> EvaluateOutputs:
     reports = root / "reports"
     return EvaluateOutputs(reports / "metrics.json", reports / "test_metrics.json", reports / "evaluation.json",
                            reports / "report.md",
-                           reports / "report.html", reports / "figures", reports / "plots")
+                           reports / "report.html", reports / "figures", reports / "plots", reports / "labelling")
 
 
 def evaluate_known_answers(root: Path) -> Evaluated:
@@ -79,7 +83,7 @@ def evaluate_known_answers(root: Path) -> Evaluated:
     for name, correct, seed in (("coin", (0.5, 0.5, 0.5), 1), ("good", (0.95, 0.95, 0.95), 2),
                                 ("twin", (0.5, 0.5, 0.5), 1), ("overfit", (0.95, 0.3, 0.6), 3)):
         write_predictions(preds, root / "collected", name, correct, seed)
-    base = dataclasses.replace(params.variants["augment"], augment=False)
+    base = dataclasses.replace(make_params("study").variants["augment"], augment=False)
     variants = {"coin": base, "good": base.__class__(**{**base.__dict__, "augment": True}),
                 "twin": base.__class__(**{**base.__dict__, "epochs": base.epochs + 1}),
                 "overfit": params.variants["cnn"]}

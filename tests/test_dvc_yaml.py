@@ -25,7 +25,8 @@ def test_stage_outputs_are_the_paths_the_code_writes():
     assert s["synthesize"]["outs"] == [str(paths.synthetic_dir("${item.repeat}", "${item.fold}"))]
     assert s["finetune"]["outs"] == [str(paths.finetune_dir("${item.repeat}", "${item.fold}", "${item.variant}"))]
     assert s["evaluate"]["metrics"] == [str(paths.METRICS), str(paths.TEST_METRICS)]
-    assert set(s["evaluate"]["outs"]) == {str(paths.REPORT), str(paths.REPORT_HTML), str(paths.EVALUATION)}
+    assert set(s["evaluate"]["outs"]) == {str(paths.REPORT), str(paths.REPORT_HTML), str(paths.EVALUATION),
+                                         str(paths.LABELLING)}
     declared = [p if isinstance(p, str) else next(iter(p)) for p in s["evaluate"]["plots"]]
     assert declared == [str(paths.FIGURES)] + [str(paths.PLOTS / k) for k in ("confusion", "roc", "calibration",
                                                                              "scarcity")]

@@ -201,3 +201,50 @@ def test_selection_aware_estimate_sees_through_a_winner_chosen_by_noise():
     assert {c["variant"] for c in found["chosen"]} == {"better"} and found["accuracy"]["mean"] == pytest.approx(0.85)
     near_perfect = analysis.selection_aware({"x": fold_result("x", [1, 1, 0.9, 1])}, 4, params)["accuracy"]
     assert near_perfect["high"] == 1.0 and near_perfect["low"] < 0.95  # the t interval clipped to what accuracy can be
+
+
+def test_the_best_variants_doubtful_labels_and_the_pool_images_to_label_next_are_listed(known_answers):
+    """Known answers: the best variant's wrong out-of-fold predictions say target + 1, so any label it doubts is
+    an image it got wrong; five planted confident errors are all found, with the class they point to; the
+    pool's guesses are random, so the images chosen to label next must be less certain than the pool's typical
+    one."""
+    import torch
+
+    from pipeline.data.collected import load_collected
+    from pipeline.evaluation import labelling
+    from pipeline.evaluation.label_next import margin_uncertainty
+
+    from reporting import CV
+
+    ev, inputs, folder = known_answers.evaluation, known_answers.inputs, known_answers.outputs.labelling
+    collected = load_collected(inputs.collected)
+    best = analysis.load_variant(ev["best"], collected, inputs.finetune)
+    oof = best.oof_probs.mean(0)
+    given = oof[np.arange(len(oof)), best.oof_targets]
+    doubted = set(collected.labelled["index"].to_numpy()[given < 0.5])  # wrong in at least one repeat
+    errors = pd.read_csv(folder / "label_errors.csv", dtype={"given": str, "suggested": str})
+    assert list(errors.columns) == ["index", "path", "given", "suggested", "given_probability",
+                                    "suggested_probability"]
+    assert set(errors["index"]) <= doubted
+    # a split vote (right in one repeat, wrong in the other) is no confident error; plant five that are
+    planted = best.oof_probs.copy()
+    rows = np.random.default_rng(0).choice(len(oof), 5, replace=False)
+    planted[:, rows] = 0.01
+    planted[:, rows, (best.oof_targets[rows] + 3) % 10] = 0.91
+    lists = labelling.review(collected, planted, best.pool_probs, make_params(**CV).evaluate, torch.device("cpu"))
+    found = lists.errors[lists.errors["index"].isin(collected.labelled["index"].to_numpy()[rows])]
+    assert len(found) == 5 and (found.suggested.astype(int) == (found.given.astype(int) + 3) % 10).all()
+    assert lists.errors.given_probability.is_monotonic_increasing  # most doubtful first
+    assert set(lists.errors["index"]) - set(found["index"]) <= doubted
+
+    chosen = pd.read_csv(folder / "label_next.csv")
+    pool = collected.unlabelled
+    assert len(chosen) == 50 and chosen["index"].is_unique and set(chosen["index"]) <= set(pool["index"])
+    assert ev["labelling"]["next_strategy"] == "uncertainty_diversity"  # 10 labelled per class >= cold_start 5
+    margins = pd.Series(margin_uncertainty(best.pool_probs), index=pool["index"].to_numpy())
+    assert margins[chosen["index"]].median() < margins.quantile(0.25)
+    assert chosen["rank"].tolist() == list(range(1, 51))
+    report_md = known_answers.outputs.report_md.read_text()
+    assert "## Labels to check" in report_md and "## What to label next" in report_md
+    for png in ("label_errors.png", "label_next.png"):
+        assert (known_answers.outputs.figures / png).stat().st_size > 1000

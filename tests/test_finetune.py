@@ -62,7 +62,7 @@ def test_predictions_cover_the_folds_validation_images_and_the_external_set(tmp_
 
 
 def test_same_params_same_predictions_on_cpu(tmp_path, inputs):
-    params = make_params(variants__augment__epochs=2)
+    params = make_params("study", variants__augment__epochs=2)
     for name in ("a", "b"):
         finetune.run(params.finetune, params.variants["augment"], 1, inputs, tmp_path / name)
     with np.load(tmp_path / "a" / "predictions.npz") as a, np.load(tmp_path / "b" / "predictions.npz") as b:
@@ -138,11 +138,12 @@ def test_linear_probe_caches_features_and_learns(tmp_path, inputs):
     probe = params.variants["probe"]
     cache = tmp_path / "cache"
     first = finetune.run(params.finetune, probe, 0, inputs, FinetuneOutputs(tmp_path / "a", tmp_path / "la", None, cache))
-    assert first["feature_cache_misses"] == 3 and first["feature_cache_hits"] == 0  # training, validation, external
+    # training, validation, external and the unlabelled pool (which every variant predicts)
+    assert first["feature_cache_misses"] == 4 and first["feature_cache_hits"] == 0
     second = finetune.run(params.finetune, probe, 1, inputs, FinetuneOutputs(tmp_path / "b", tmp_path / "lb", None, cache))
-    # with two folds, fold 1 trains on fold 0's validation images and validates on its training images: all three
-    # feature sets (and the external set's) come from fold 0's cache
-    assert second["feature_cache_hits"] == 3 and second["feature_cache_misses"] == 0
+    # with two folds, fold 1 trains on fold 0's validation images and validates on its training images: all four
+    # feature sets (the external set's and the pool's too) come from fold 0's cache
+    assert second["feature_cache_hits"] == 4 and second["feature_cache_misses"] == 0
     uncached = finetune.run(params.finetune, probe, 1, inputs, FinetuneOutputs(tmp_path / "c", tmp_path / "lc"))
     with np.load(tmp_path / "b" / "predictions.npz") as b, np.load(tmp_path / "c" / "predictions.npz") as c:
         assert np.allclose(b["test_probs"], c["test_probs"], atol=1e-6)
@@ -403,9 +404,9 @@ def test_partial_fine_tuning_trains_only_the_top_on_cached_trunk_outputs(tmp_pat
     from pipeline.training.backbones import create_backbone
 
     params = make_params(finetune__probe_views=2, finetune__partial_blocks=2)
-    variant = params.variants["augment"].__class__(backbone="efficientnet_lite0", weights="packaged",
+    variant = params.variants["cnn"].__class__(backbone="efficientnet_lite0", weights="packaged",
                                                    strategy="partial", input_size=64, epochs=4, augment=True,
-                                                   synthetic=False)
+                                                   synthetic=False, unlabelled=False)
     data = load_collected(inputs.collected)
     train_rows, val_rows = data.fold_split(0)
     images, targets = data.select(train_rows)
@@ -443,3 +444,31 @@ def test_partial_fine_tuning_trains_only_the_top_on_cached_trunk_outputs(tmp_pat
                                                                          "weights": "none"}),
                                     training, held_out, 10, inputs.policy, learners.Workspace(), torch.device("cpu"),
                                     World()))
+
+
+def test_a_semi_supervised_variant_learns_from_the_folds_pool_and_every_variant_predicts_the_pool(tmp_path, inputs):
+    params = make_params(finetune__unlabelled_start=0.3, finetune__pseudo_threshold=0.3)
+    data = load_collected(inputs.collected)
+    meta = finetune.run(params.finetune, params.variants["cnn_pool"], 0, inputs, tmp_path / "pool")
+    assert meta["train_unlabelled"] == len(data.pool_for(0)) > 0 and meta["train_real"] == 20
+    history = json.loads((tmp_path / "pool" / "history.json").read_text())
+    assert "pool_pass_rate" in history[-1] and "pool_pass_rate" not in history[0]
+    plain = finetune.run(params.finetune, params.variants["cnn"], 0, inputs, tmp_path / "plain")
+    assert plain["train_unlabelled"] == 0
+    for out in ("pool", "plain"):
+        with np.load(tmp_path / out / "predictions.npz") as p:
+            assert np.array_equal(p["pool_index"], data.unlabelled["index"].to_numpy())
+            assert p["pool_probs"].shape == (len(data.unlabelled), 10)
+            assert np.allclose(p["pool_probs"].sum(1), 1, atol=1e-4)
+
+
+def test_a_semi_supervised_variant_without_a_pool_says_how_to_get_one(tmp_path, inputs, collected_dir):
+    params = make_params(collect__unlabelled_limit=0, collect__external_limit=0)
+    empty = tmp_path / "collected"
+    from pipeline.stages import collect
+
+    collect.run(params.collect, empty, tmp_path / "reports")
+    assert load_collected(empty).unlabelled.empty
+    with pytest.raises(PipelineError, match="unlabelled: true but the collected data has no unlabelled images"):
+        finetune.run(params.finetune, params.variants["cnn_pool"], 0,
+                     FinetuneInputs(empty, inputs.policy, inputs.synthetic), tmp_path / "out")

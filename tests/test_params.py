@@ -12,8 +12,8 @@ def test_default_params_yaml_is_valid():
     params = load_params("params.yaml")
     assert params.collect.folds == (0, 1, 2, 3, 4)
     assert params.collect.images_per_class == 10
-    assert params.variants["augment"].backbone == "efficientnet_lite0" and params.variants["augment"].augment
-    assert set(params.variants) == {"augment", "probe", "cnn", "cnn_synthetic"}
+    assert params.variants["probe"].backbone == "efficientnet_lite0" and params.variants["cnn_pool"].unlabelled
+    assert set(params.variants) == {"probe", "cnn", "cnn_synthetic", "cnn_pool"}
     assert params.variants["probe"].strategy == "linear_probe" and params.variants["cnn_synthetic"].synthetic
     assert params.scarcity.variants == ("probe",)
     assert [t.name for t in params.augment.transforms][0] == "affine"
@@ -22,10 +22,11 @@ def test_default_params_yaml_is_valid():
 def test_the_study_preset_adds_the_recipes_the_default_leaves_out_and_changes_nothing_else():
     default, study = raw_params(), raw_params("study")
     params = parse_params(study)
-    assert set(params.variants) == {"scratch", "baseline", "augment", "synthetic", "probe", "cnn", "cnn_synthetic"}
+    assert set(params.variants) == {"scratch", "baseline", "augment", "synthetic", "probe", "cnn", "cnn_synthetic",
+                                    "cnn_pool"}
     assert params.variants["scratch"].weights == "none" and not params.variants["baseline"].augment
     assert params.variants["cnn"].epochs == 200 and params.scarcity.variants == ("probe", "cnn")
-    assert params.scarcity.images_per_class == (5, 10, 20, 50) and params.collect.external_limit == 0
+    assert params.scarcity.images_per_class == (5, 10, 20, 50) and params.collect.external_limit == 3900
     # the default's own recipes are the study's, apart from the CNN's epochs
     for name, variant in default["variants"].items():
         assert {**variant, "epochs": 0} == {**study["variants"][name], "epochs": 0}, name
@@ -57,13 +58,23 @@ def test_the_study_preset_adds_the_recipes_the_default_leaves_out_and_changes_no
     ({"finetune.device": "tpu"}, r"`finetune.device` must be one of 'auto', 'cpu', 'cuda'"),
     ({"finetune.synthetic_share": 1.0}, r"`finetune.synthetic_share` must be in \[0, 1\)"),
     ({"finetune.synthetic_weight": 0.0}, r"`finetune.synthetic_weight` must be in \(0, 1\]"),
+    ({"finetune.pseudo_threshold": 0.95}, r"`finetune.pseudo_threshold` must be between 0 and 1 - "
+                                          r"finetune.label_smoothing \(0.9\), which caps the teacher's confidence"),
+    ({"finetune.unlabelled_ratio": 0}, r"`finetune.unlabelled_ratio` must be >= 1"),
+    ({"variants.probe.unlabelled": True}, r"`variants.probe.unlabelled` must be false unless strategy is full"),
+    ({"scarcity.variants": ["cnn_pool"]}, r"`scarcity.variants \(cnn_pool\)` must be variants without the "
+                                          r"unlabelled pool"),
+    ({"collect.unlabelled_limit": -1}, r"`collect.unlabelled_limit` must be >= 0"),
+    ({"evaluate.label_next": -5}, r"`evaluate.label_next` must be >= 0"),
+    ({"evaluate.feature_backbone": "resnet18"}, r"`evaluate.feature_backbone` must be one with packaged weights "
+                                                r"\(efficientnet_lite0"),
     ({"finetune.inner_val": 0.9}, r"`finetune.inner_val` must be from 0 \(off\) to 0.5"),
     ({"finetune.ema_decay": 1}, r"`finetune.ema_decay` must be a number|`finetune.ema_decay` must be in \[0, 1\)"),
     ({"finetune.mixup": -0.2}, r"`finetune.mixup` must be >= 0"),
     ({"finetune.compile": "yes"}, r"`finetune.compile` must be of type bool"),
-    ({"variants.augment.weights": "imagenet"}, r"`variants.augment.weights` must be packaged, hub, none or file:PATH"),
-    ({"variants.augment.weights": "file:"}, r"`variants.augment.weights` must be packaged, hub, none or file:PATH"),
-    ({"variants.augment.strategy": "lora"}, r"`variants.augment.strategy` must be one of 'full', 'partial', 'linear_probe'"),
+    ({"variants.probe.weights": "imagenet"}, r"`variants.probe.weights` must be packaged, hub, none or file:PATH"),
+    ({"variants.probe.weights": "file:"}, r"`variants.probe.weights` must be packaged, hub, none or file:PATH"),
+    ({"variants.probe.strategy": "lora"}, r"`variants.probe.strategy` must be one of 'full', 'partial', 'linear_probe'"),
     ({"variants.cnn.input_size": 8}, r"`variants.cnn.input_size` must be from 16 to 1024, or 0"),
     ({"variants.cnn.optimizer": "sgd"}, r"unknown key `variants.cnn.optimizer`"),
     ({"augment.transforms.rotate90": {"p": 1}}, r"unknown transform `augment.transforms.rotate90`; allowed: affine"),
@@ -78,13 +89,13 @@ def test_the_study_preset_adds_the_recipes_the_default_leaves_out_and_changes_no
     ({"evaluate.alpha": 0.5}, r"`evaluate.alpha` must be in \(0, 0.5\)"),
     ({"collect.dev_fraction": 1.0}, r"`collect.dev_fraction` must be from 0 \(the whole external set is the final test\)"),
     # a misspelt backbone is refused when params are read, naming the close matches, not at finetune
-    ({"variants.augment.backbone": "efficentnet_lite0"},
-     r"`variants.augment.backbone` 'efficentnet_lite0' is not a timm model nor compact_cnn; did you mean "
+    ({"variants.probe.backbone": "efficentnet_lite0"},
+     r"`variants.probe.backbone` 'efficentnet_lite0' is not a timm model nor compact_cnn; did you mean "
      r"efficientnet_lite0 or efficientnet_lite\d or efficientnet_lite\d\?"),
     ({"variants.cnn.backbone": "compactcnn"}, r"did you mean compact_cnn"),
-    ({"variants.augment.backbone": "zzzz_no_such_model"}, r"is not a timm model nor compact_cnn \(see timm"),
-    ({"variants.augment.backbone": "resnet18"},
-     r"`variants.augment.weights` must be hub, none or file:PATH for resnet18 \(packaged ImageNet weights exist for "
+    ({"variants.probe.backbone": "zzzz_no_such_model"}, r"is not a timm model nor compact_cnn \(see timm"),
+    ({"variants.probe.backbone": "resnet18"},
+     r"`variants.probe.weights` must be hub, none or file:PATH for resnet18 \(packaged ImageNet weights exist for "
      r"efficientnet_lite0, efficientnet_lite1, efficientnet_lite2\)"),
     ({"synthesize.feature_backbone": "efficientnet_lite9"},
      r"`synthesize.feature_backbone` 'efficientnet_lite9' is not a timm model nor compact_cnn; did you mean"),
@@ -104,8 +115,8 @@ def test_the_backbone_lists_agree_with_the_installed_timm_and_the_packaged_weigh
     assert params.timm_models() == frozenset(timm.list_models()) - set(params.OWN_BACKBONES), (
         "pipeline/runtime/timm_models.txt is stale: regenerate it from timm.list_models()")
     assert set(params.PACKAGED_BACKBONES) == set(backbones.PACKAGED_WEIGHTS)
-    assert parse_params(with_overrides(raw_params(), {"variants.augment.backbone": "resnet18",
-                                                      "variants.augment.weights": "hub"}))
+    assert parse_params(with_overrides(raw_params(), {"variants.probe.backbone": "resnet18",
+                                                      "variants.probe.weights": "hub"}))
 
 
 def test_missing_key_is_named():

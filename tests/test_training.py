@@ -1,6 +1,8 @@
 """The fine-tuning engine on real digits: batch plans, mixup/cutmix, checkpoints with exact resume, workers,
 early stopping and EMA."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from pipeline.runtime.errors import PipelineError
 from pipeline.training import loop as training
 from pipeline.training.backbones import Classifier, create_backbone
 from pipeline.training.loop import BatchPlan, FitSetup, MixupCutmix, SyntheticLoss, TrainingSet, fit, lr_lambda, predict
+from pipeline.training.semi import FixMatch, PoolBatches
 
 from conftest import make_params
 
@@ -225,3 +228,61 @@ def test_cuda_training_with_compile_workers_and_pinned_memory_matches_its_own_re
     assert np.isfinite(probs).all() and np.allclose(probs.sum(1), 1, atol=1e-3)
     assert (probs.argmax(1) == external_targets).mean() > 0.6  # the same run on the CPU (no compile): 0.915
     assert next(result.model.parameters()).device.type == "cuda"
+
+
+def test_pool_views_are_seeded_by_step_and_the_weak_one_is_a_shift_of_the_image(digits):
+    images = digits[2][:40]
+    batches = PoolBatches(images, build_policy(make_params().augment.transforms, 0), 8, seed=3, world=World())
+    weak, strong = batches.views(epoch=2, step=5)
+    again = batches.views(epoch=2, step=5)
+    assert torch.equal(weak, again[0]) and torch.equal(strong, again[1])
+    assert not torch.equal(weak, batches.views(epoch=2, step=6)[0])
+    assert weak.shape == strong.shape == (8, 16, 16, 1) and weak.dtype == torch.uint8
+    other_rank = PoolBatches(images, None, 8, seed=3, world=World(1, 2))
+    assert not np.array_equal(other_rank.indices(2, 5), batches.indices(2, 5))  # each process its own images
+    for picked, view in zip(images[batches.indices(2, 5)], weak.numpy()):
+        padded = np.pad(picked, ((2, 2), (2, 2), (0, 0)), mode="reflect")  # at most 16 / 8 = 2 px each way
+        assert any(np.array_equal(view, padded[2 + dy:18 + dy, 2 + dx:18 + dx])
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+    assert (weak.numpy() != strong.numpy()).any(axis=(1, 2, 3)).all()  # augmented and cut out
+
+
+def test_only_pseudo_labels_the_teacher_is_sure_of_teach_the_student():
+    params = make_params(finetune__pseudo_threshold=0.8, finetune__unlabelled_weight=2.0,
+                         finetune__unlabelled_start=0.5).finetune
+    semi = FixMatch(params, np.zeros((4, 8, 8, 1), np.uint8), None, total_steps=100, world=World())
+    assert not semi.active(49) and semi.active(50)
+    teacher = torch.tensor([[6.0, 0.0, 0.0], [0.5, 0.0, 0.0]])  # sure of class 0 (0.995), then unsure (0.45)
+    student = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    loss, passed = semi.loss(student, teacher)
+    sure = torch.nn.functional.cross_entropy(student[:1], torch.tensor([0]))
+    assert passed.item() == 0.5 and torch.allclose(loss, 2.0 * sure / 2)
+
+
+def test_with_a_pool_the_teacher_is_kept_and_a_killed_run_resumes_exactly(digits, tmp_path, monkeypatch):
+    images, targets, external, _ = digits
+    data = dataclasses.replace(training_set(images, targets), unlabelled=external[:120])
+    pooled = dict(unlabelled_start=0.5, pseudo_threshold=0.3, unlabelled_ratio=1)
+    straight = fit(small_cnn(), data, setup_for(epochs=4, **pooled))
+    rates = [h.get("pool_pass_rate") for h in straight.history]
+    assert rates[:2] == [None, None] and all(r is not None and 0 <= r <= 1 for r in rates[2:])
+    lrs = [h["lr_head"] for h in straight.history]
+    assert lrs[0] > lrs[1] < lrs[2]  # the labels' own schedule ends; the rate warms up again with the pool
+    plain = fit(small_cnn(), training_set(images, targets), setup_for(epochs=4, **pooled))
+    assert not np.allclose(predict(plain.model, external, CPU, 10), predict(straight.model, external, CPU, 10))
+    checkpoint = Checkpointing(tmp_path, every=2, fingerprint="pool")
+    real_epoch, calls = training._train_epoch, []
+
+    def dies_in_epoch_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_train_epoch", dies_in_epoch_4)
+        with pytest.raises(KeyboardInterrupt):
+            fit(small_cnn(), data, setup_for(epochs=4, checkpoint=checkpoint, **pooled))
+    resumed = fit(small_cnn(), data, setup_for(epochs=4, checkpoint=checkpoint, **pooled))
+    assert resumed.resumed_from == 2 and resumed.history == straight.history
+    assert np.array_equal(predict(resumed.model, external, CPU, 10), predict(straight.model, external, CPU, 10))

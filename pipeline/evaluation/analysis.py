@@ -44,6 +44,7 @@ class VariantResult:
     oof_probs: np.ndarray  # repeats x images x classes: each image predicted by the fold that did not train on it
     external: HeldOut | None  # every fold model's predictions of the external images; None without an external set
     loss_curve: np.ndarray | None  # training loss per epoch, mean over folds (full fine-tuning only)
+    pool_probs: np.ndarray | None = None  # fold models x unlabelled pool images x classes; None without a pool
 
 
 @dataclass
@@ -89,7 +90,7 @@ def _loss_curve(folders: list[Path]) -> np.ndarray | None:
 
 
 def load_variant(name: str, collected: Collected, finetune_dir: FoldDir) -> VariantResult:
-    fold_scores, ext_probs, ratios, folders = [], [], [], []
+    fold_scores, ext_probs, pool_probs, ratios, folders = [], [], [], [], []
     targets = collected.manifest.target.to_numpy()
     labelled = collected.labelled["index"].to_numpy()  # labelled rows come first, so index == position here
     external = collected.external["index"].to_numpy()
@@ -107,6 +108,11 @@ def load_variant(name: str, collected: Collected, finetune_dir: FoldDir) -> Vari
             oof[repeat, pred["val_index"]] = pred["val_probs"]
             folders.append(folder)
             ext_probs.append(pred["test_probs"])
+            if len(collected.unlabelled):
+                if not np.array_equal(pred.get("pool_index", []), collected.unlabelled["index"].to_numpy()):
+                    raise PipelineError(f"{folder} predicted another unlabelled pool than the collected data's; "
+                                        "re-run `dvc repro`")
+                pool_probs.append(pred["pool_probs"])
     held_out = None
     if len(external):
         manifest = collected.manifest.iloc[external]
@@ -114,7 +120,7 @@ def load_variant(name: str, collected: Collected, finetune_dir: FoldDir) -> Vari
                            np.stack(ext_probs))
     groups = collected.manifest.group.to_numpy()[labelled]
     return VariantResult(name, fold_scores, float(np.mean(ratios)), targets[labelled], groups, oof, held_out,
-                         _loss_curve(folders))
+                         _loss_curve(folders), np.stack(pool_probs) if pool_probs else None)
 
 
 def _interval(value: float, bounds: tuple[float, float]) -> dict[str, float]:
@@ -175,7 +181,7 @@ def _setting(value) -> str:
 
 SETTING_WORDS = {"weights": "pretrained weights", "augment": "augmentation", "synthetic": "GAN samples",
                  "strategy": "training strategy", "backbone": "backbone", "epochs": "epochs",
-                 "input_size": "input size"}
+                 "input_size": "input size", "unlabelled": "unlabelled pool"}
 
 
 def single_changes(variants: dict[str, Variant]) -> list[tuple[str, str, str]]:

@@ -95,7 +95,7 @@ def data_summary(collected: Collected) -> dict:
             "test": len(collected.part(TEST)), "classes": list(collected.classes),
             "per_class": {c: int((labelled.target == i).sum()) for i, c in enumerate(collected.classes)},
             "folds": len(collected.folds), "repeats": len(collected.repeats),
-            "groups": int(labelled.group.nunique())}
+            "groups": int(labelled.group.nunique()), "unlabelled": len(collected.unlabelled)}
 
 
 def recipe(variant: Variant) -> str:
@@ -104,7 +104,8 @@ def recipe(variant: Variant) -> str:
              f"{variant.input_size} px" if variant.input_size else "its own input size"]
     if variant.strategy != "linear_probe":
         parts.append(f"{variant.epochs} epochs")
-    parts += [name for name, on in (("+augment", variant.augment), ("+GAN samples", variant.synthetic)) if on]
+    parts += [name for name, on in (("+augment", variant.augment), ("+GAN samples", variant.synthetic),
+                                    ("+unlabelled pool", variant.unlabelled)) if on]
     return ", ".join(parts)
 
 
@@ -338,13 +339,43 @@ def error_blocks(ev: dict, figures: Path) -> list:
     return blocks
 
 
+def labelling_blocks(ev: dict, figures: Path) -> list:
+    """The labels to check and the pool images to label next, from the best variant."""
+    lab, best = ev.get("labelling"), ev["best"]
+    if lab is None:
+        return []
+    errors = lab["label_errors"]
+    blocks = [Heading("Labels to check"),
+              Text(f"{len(errors)} labelled images whose label the out-of-fold predictions of {best} doubt "
+                   "(confident learning: the number is estimated from how often each class is confidently "
+                   "predicted as another; these are the least self-confident images). Each shows its given label, "
+                   "the class the predictions suggest and that class's probability. A wrong label costs much "
+                   "when there are ten per class: look at each, fix it in your data and re-run. The full list is "
+                   "reports/labelling/label_errors.csv.")]
+    if (figures / "label_errors.png").exists() and errors:
+        blocks.append(Figure(figures / "label_errors.png", "Likely label errors, most doubtful first"))
+    if lab["label_next"]:
+        how = {"typicality": "the most typical image of each of the largest regions of feature space that no "
+                             "labelled image covers yet (TypiClust: with this few labels a model's uncertainty is not "
+                             "worth much yet)",
+               "uncertainty_diversity": f"the images {best}'s fold ensemble is least sure about (smallest margin "
+                                        "between its top two classes), spread over feature space so they are not "
+                                        "near-copies of one confusing shape"}[lab["next_strategy"]]
+        blocks += [Heading("What to label next"),
+                   Text(f"{len(lab['label_next'])} unlabelled pool images worth labelling first, in order: {how}. "
+                        "Each shows the ensemble's guess and its probability. Label them, move them into their class "
+                        "folders and re-run. The full list is reports/labelling/label_next.csv."),
+                   Figure(figures / "label_next.png", "Pool images to label next")]
+    return blocks
+
+
 def data_blocks(ev: dict, assets: Assets) -> list:
     d = ev["data"]
     per_class = ", ".join(f"{c}: {n}" for c, n in d["per_class"].items())
     blocks = [Heading("The data"),
               Text(f"{d['labelled']} labelled images ({per_class}) in {d['groups']} near-duplicate groups, which "
                    f"folds keep together; {d['external']} external images ({d['dev']} development, {d['test']} final "
-                   "test).")]
+                   f"test); {d.get('unlabelled', 0)} unlabelled pool images.")]
     blocks += [Figures([Figure(p, p.stem.replace("_", " ")) for p in assets.data_card])] if assets.data_card else []
     if assets.preview is not None:
         blocks += [Heading("Augmentation", 3), Text("Training images (top of each pair) and augmented versions."),
@@ -385,6 +416,7 @@ def document(ev: dict, figures: Path, assets: Assets) -> list:
     blocks += final_test_blocks(ev)
     blocks += scarcity_blocks(ev, figures)
     blocks += error_blocks(ev, figures)
+    blocks += labelling_blocks(ev, figures)
     blocks += [Heading("Calibration and ranking"),
                Figures([Figure(figures / "reliability.png", "Reliability (out-of-fold)"),
                         Figure(figures / "roc.png", "ROC, micro-averaged one-vs-rest (out-of-fold)")])]

@@ -76,6 +76,27 @@ def recalibrating_batch_norm(model):
         model.eval()
 
 
+@contextlib.contextmanager
+def batch_statistics(model):
+    """Inside the block, `model` is in eval mode (no dropout) but its batch norms normalise with each batch's
+    own statistics and leave their running statistics as they are (train mode, momentum 0): how a teacher labels
+    a batch of images unlike those its running averages were gathered on. Afterwards, eval mode throughout."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    model.eval()
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.train()
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place in a data-parallel run (torchrun); one process by default."""

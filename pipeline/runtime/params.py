@@ -218,6 +218,11 @@ class FinetuneParams:
     synthetic_share: float  # share of each batch drawn from the GAN's samples (synthetic variants)
     synthetic_weight: float  # loss weight of a GAN sample, against 1 for a real image
     synthetic_soft: bool  # a GAN sample's target is the filter's confidence in its class, the rest spread evenly
+    unlabelled_ratio: int  # semi-supervised variants: pool images per labelled image in each step
+    unlabelled_start: float  # semi-supervised variants: share of the steps on labels alone before the pool joins
+    pseudo_threshold: float  # semi-supervised variants: the teacher's confidence a pseudo-label needs
+    unlabelled_weight: float  # semi-supervised variants: weight of the pool's loss
+    teacher_decay: float  # semi-supervised variants: EMA decay of the teacher (the kept model)
     probe_views: int  # linear_probe or partial + augment: augmented copies of each training image
     partial_blocks: int  # partial: the backbone's last stages that train (with the head) on the frozen trunk's outputs
     partial_head: Literal["probe", "random"]  # partial: the head starts as a linear probe (LP-FT) or random
@@ -243,6 +248,14 @@ class FinetuneParams:
         _require(self.patience >= 1, "finetune.patience", ">= 1 epoch", self.patience)
         _require(0 <= self.synthetic_share < 1, "finetune.synthetic_share", "in [0, 1)", self.synthetic_share)
         _require(0 < self.synthetic_weight <= 1, "finetune.synthetic_weight", "in (0, 1]", self.synthetic_weight)
+        _require(self.unlabelled_ratio >= 1, "finetune.unlabelled_ratio", ">= 1", self.unlabelled_ratio)
+        _require(0 <= self.unlabelled_start < 1, "finetune.unlabelled_start", "in [0, 1)", self.unlabelled_start)
+        # label smoothing caps a model's confidence near 1 - label_smoothing: a threshold above it passes nothing
+        _require(0 < self.pseudo_threshold < 1 - self.label_smoothing, "finetune.pseudo_threshold",
+                 f"between 0 and 1 - finetune.label_smoothing ({1 - self.label_smoothing:g}), which caps the teacher's "
+                 "confidence: above it no pseudo-label would ever pass", self.pseudo_threshold)
+        _require(self.unlabelled_weight > 0, "finetune.unlabelled_weight", "> 0", self.unlabelled_weight)
+        _require(0 < self.teacher_decay < 1, "finetune.teacher_decay", "in (0, 1)", self.teacher_decay)
         _require(self.probe_views >= 1, "finetune.probe_views", ">= 1", self.probe_views)
         _require(self.partial_blocks >= 1, "finetune.partial_blocks", ">= 1 stage", self.partial_blocks)
         _require(self.probe_c > 0, "finetune.probe_c", "> 0", self.probe_c)
@@ -259,6 +272,7 @@ class Variant:
     epochs: int  # full fine-tuning only
     augment: bool
     synthetic: bool
+    unlabelled: bool  # semi-supervised: also learn from the unlabelled pool (pipeline/training/semi.py)
 
 
 @dataclass(frozen=True)
@@ -288,9 +302,20 @@ class EvaluateParams:
     bootstrap: int  # resamples of the bootstrap intervals and of the paired bootstrap test
     test: Literal["corrected_t", "bootstrap"]  # the test that decides "significant" in the report's words
     alpha: float  # significance level, after Holm's correction over the report's comparisons
+    errors_shown: int  # likely label errors shown as thumbnails (the CSV lists them all)
+    label_next: int  # pool images listed as the most worth labelling next (0 = none)
+    cold_start: int  # below this many labelled images in the smallest class, choose them by typicality
+    feature_backbone: str  # packaged backbone whose features spread the next images over the pool
+    feature_size: int  # images are resized to this side for those features
+    seed: int
 
     def __post_init__(self) -> None:
         _require(0.5 <= self.confidence < 1, "evaluate.confidence", "in [0.5, 1)", self.confidence)
+        for key in ("errors_shown", "label_next", "cold_start"):
+            _require(getattr(self, key) >= 0, f"evaluate.{key}", ">= 0", getattr(self, key))
+        _require(self.feature_backbone in PACKAGED_BACKBONES, "evaluate.feature_backbone",
+                 f"one with packaged weights ({', '.join(PACKAGED_BACKBONES)})", self.feature_backbone)
+        _require(16 <= self.feature_size <= 1024, "evaluate.feature_size", "from 16 to 1024", self.feature_size)
         _require(100 <= self.bootstrap <= 100_000, "evaluate.bootstrap", "from 100 to 100000 resamples", self.bootstrap)
         _require(0 < self.alpha < 0.5, "evaluate.alpha", "in (0, 0.5)", self.alpha)
 
@@ -317,6 +342,8 @@ class Params:
             _require(variant.input_size == 0 or 16 <= variant.input_size <= 1024, f"variants.{name}.input_size",
                      "from 16 to 1024, or 0 for the model's own (from its timm config)", variant.input_size)
             _require(variant.epochs >= 1, f"variants.{name}.epochs", ">= 1", variant.epochs)
+            _require(not variant.unlabelled or variant.strategy == "full", f"variants.{name}.unlabelled",
+                     "false unless strategy is full (the pool is learnt from by gradient steps)", variant.unlabelled)
         self._check_scarcity()
         _require(self.final.variant == "best" or self.final.variant in self.variants, "final.variant",
                  f"best or a name from `variants` ({', '.join(self.variants)})", self.final.variant)
@@ -328,6 +355,9 @@ class Params:
             _require(not self.variants[name].synthetic, f"scarcity.variants ({name})",
                      "variants without synthetic data: each fold's GAN is trained on the whole fold, so its samples "
                      "would carry more real images into training than the curve's point allows", name)
+            _require(not self.variants[name].unlabelled, f"scarcity.variants ({name})",
+                     "variants without the unlabelled pool: the curve draws its images from the bundled pool, so "
+                     "the pool would hold the curve's own test and training images", name)
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:

@@ -37,6 +37,7 @@ EVALUATION = REPORTS / "evaluation.json"  # evaluate: every number of the report
 REPORT = REPORTS / "report.md"
 REPORT_HTML = REPORTS / "report.html"  # the same report, one self-contained file
 FIGURES = REPORTS / "figures"  # evaluate: the report's PNGs (DVC image plots)
+LABELLING = REPORTS / "labelling"  # evaluate: likely label errors, and pool images to label next (CSV)
 FINAL_METRICS = REPORTS / "final.json"  # final: the final model's external accuracy
 PLOTS = REPORTS / "plots"  # evaluate: data for DVC plots (confusion, roc, calibration, scarcity)
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.data.collected import load_collected
-from pipeline.evaluation import report
+from pipeline.evaluation import labelling, report
 from pipeline.evaluation.analysis import (
     Diagrams,
     FoldDir,
@@ -42,6 +42,7 @@ from pipeline.evaluation.analysis import (
 )
 from pipeline.runtime import atomic, paths
 from pipeline.runtime.cli import cli, stage_args
+from pipeline.runtime.compute import pick_device
 from pipeline.runtime.params import EvaluateParams, ScarcityParams, Variant
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class EvaluateOutputs:
     report_html: Path
     figures: Path
     plots: Path
+    labelling: Path  # label_errors.csv, label_next.csv
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,16 +98,21 @@ def run(params: EvaluateParams, variants: dict[str, Variant], scarcity: Scarcity
     compared = comparisons(results, variants, best, params)
     curves = scarcity_curves(collected, scarcity, inputs.scarcity, params)
     selection = selection_aware(results, len(collected.folds), params)
+    labels = labelling.review(collected, results[best].oof_probs, results[best].pool_probs, params,
+                              pick_device("auto"))
     evaluation = {"data": report.data_summary(collected), "params": asdict(params), "best": best,
                   "selection": selection,
                   "variants": {n: {"recipe": report.recipe(variants[n]), **s} for n, s in stats.items()},
-                  "comparisons": compared, "scarcity": curves}
+                  "comparisons": compared, "scarcity": curves, "labelling": labels.summary()}
     diagrams = {name: Diagrams.of(r) for name, r in results.items()}
-    pictures = make_figures(results, diagrams, stats, compared, curves, collected, params)
+    pictures = make_figures(results, diagrams, stats, compared, curves, collected, params) | labels.figures
     with atomic.atomic_dir(outputs.figures) as tmp:
         for name, png in pictures.items():
             atomic.write_bytes(tmp / name, png)
     write_plots(outputs.plots, results, diagrams, collected.classes, curves)
+    with atomic.atomic_dir(outputs.labelling) as tmp:
+        atomic.write_text(tmp / labelling.ERRORS_FILE, labels.errors.to_csv(index=False))
+        atomic.write_text(tmp / labelling.NEXT_FILE, labels.next.to_csv(index=False))
     assets = report.Assets.gather(inputs.data_card, inputs.preview, inputs.synthesize_reports)
     report.write(evaluation, outputs.figures, assets, outputs.report_md, outputs.report_html)
     atomic.write_json(outputs.evaluation, evaluation, indent=1)
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = EvaluateInputs(paths.COLLECTED, paths.finetune_dir, paths.scarcity_dir, paths.AUGMENT / paths.PREVIEW_FILE,
                             paths.REPORTS / paths.DATA_CARD_DIR, paths.SYNTHESIZE_REPORTS)
     outputs = EvaluateOutputs(paths.METRICS, paths.TEST_METRICS, paths.EVALUATION, paths.REPORT, paths.REPORT_HTML,
-                              paths.FIGURES, paths.PLOTS)
+                              paths.FIGURES, paths.PLOTS, paths.LABELLING)
     run(params.evaluate, params.variants, params.scarcity, inputs, outputs)
 
 

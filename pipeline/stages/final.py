@@ -29,7 +29,7 @@ from pipeline.runtime import atomic, paths
 from pipeline.runtime.cli import cli, stage_args
 from pipeline.runtime.compute import World, pick_device, seed_everything
 from pipeline.runtime.params import FinalParams, FinetuneParams, SynthesizeParams, Variant
-from pipeline.training.learners import Job, Workspace, real_training_set, train
+from pipeline.training.learners import Job, Workspace, real_training_set, train, with_pool
 
 log = logging.getLogger(__name__)
 # The params sections this stage reads; dvc.yaml lists the same (a test checks both).
@@ -89,6 +89,8 @@ def run(settings: FinalSettings, inputs: FinalInputs, outputs: FinalOutputs) -> 
         fake, fake_targets, confidence, gan = gan_samples(settings, collected, device)
         data = dataclasses.replace(data, synthetic=fake, synthetic_targets=fake_targets,
                                    synthetic_confidence=confidence.astype(np.float32))
+    if variant.unlabelled:
+        data = with_pool(data, collected, None)
     seed_everything(finetune.seed)
     external_images, external_targets = collected.select(collected.external)
     job = Job(finetune, variant, data, (external_images, images[:0]), len(collected.classes), inputs.policy,

@@ -25,7 +25,7 @@ from pipeline.runtime.cli import cli, stage_args
 from pipeline.runtime.compute import World, leave_process_group, pick_device, seed_everything, torchrun_world
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import FinetuneParams, Variant
-from pipeline.training.learners import Job, Workspace, live_log, real_training_set, train
+from pipeline.training.learners import Job, Workspace, live_log, real_training_set, train, with_pool
 from pipeline.training.loop import TrainingSet
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,19 @@ def outputs_for(repeat: int, fold: int, variant: str) -> FinetuneOutputs:
 
 
 def load_synthetic(inputs: FinetuneInputs, fold: int,
-                   like: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The fold's accepted GAN samples, their classes and the sample filter's confidence in those classes."""
+                   like: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The fold's accepted GAN samples, their classes and the sample filter's confidence in those classes
+    (None when the samples file has none)."""
     try:
         with np.load(inputs.synthetic / paths.SAMPLES_FILE) as data:
-            fake, labels, scores = data["images"], data["labels"].astype(np.int64), data["scores"]
+            fake, labels = data["images"], data["labels"].astype(np.int64)
+            scores = data["scores"] if "scores" in data.files else None  # samples written before scores were kept
     except FileNotFoundError:
         raise PipelineError(f"{inputs.synthetic}: no GAN samples for fold {fold}; run `dvc repro synthesize`") from None
     if fake.shape[1:] != like.shape[1:]:
         raise PipelineError(f"GAN samples are {fake.shape[1:]} but the data is {like.shape[1:]}; "
                             "re-run `dvc repro synthesize`")
-    return fake, labels, scores.astype(np.float32)
+    return fake, labels, None if scores is None else scores.astype(np.float32)
 
 
 def training_set(collected: Collected, inputs: FinetuneInputs, fold: int, repeat: int, variant: Variant,
@@ -82,6 +84,8 @@ def training_set(collected: Collected, inputs: FinetuneInputs, fold: int, repeat
         fake, fake_targets, confidence = load_synthetic(inputs, fold, images)
         data = dataclasses.replace(data, synthetic=fake, synthetic_targets=fake_targets,
                                    synthetic_confidence=confidence)
+    if variant.unlabelled:
+        data = with_pool(data, collected, fold, repeat)
     return data
 
 
@@ -106,7 +110,8 @@ def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInp
     data = training_set(collected, inputs, fold, repeat, variant, params, seed)
     val_rows, external_rows = collected.fold_split(fold, repeat)[1], collected.external
     val_images, val_targets = collected.select(val_rows)
-    held_out = (val_images, collected.select(external_rows)[0])
+    pool_rows = collected.unlabelled  # every variant predicts the whole pool, for "what to label next"
+    held_out = (val_images, collected.select(external_rows)[0], collected.select(pool_rows)[0])
     workspace = Workspace(out.live, out.checkpoints, out.features)
     job = Job(params, variant, data, held_out, len(collected.classes), inputs.policy, workspace, device, world)
     outcome = train(job)
@@ -115,13 +120,15 @@ def run(params: FinetuneParams, variant: Variant, fold: int, inputs: FinetuneInp
         return {}
     meta = {"repeat": repeat, "fold": fold, "variant": asdict(variant), "device": str(device),
             "processes": world.size, "train_real": len(data.images), "train_synthetic": len(data.synthetic),
+            "train_unlabelled": len(data.unlabelled) if data.semi_supervised else 0,
             "inner_validation": len(data.inner), **outcome.meta,
             "val_accuracy": float((outcome.probs[0].argmax(1) == val_targets).mean())}
     same, run = atomic.split_run_facts(meta)
     with atomic.atomic_dir(out.folder) as tmp:
         np.savez_compressed(tmp / paths.PREDICTIONS_FILE, val_index=val_rows["index"].to_numpy(),
                             val_probs=outcome.probs[0], test_index=external_rows["index"].to_numpy(),
-                            test_probs=outcome.probs[1])
+                            test_probs=outcome.probs[1], pool_index=pool_rows["index"].to_numpy(),
+                            pool_probs=outcome.probs[2])
         atomic.write_json(tmp / "history.json", outcome.history, indent=1)
         atomic.write_json(tmp / "meta.json", same)
     atomic.write_json(paths.run_facts(out.live.parent, out.live.name), run)

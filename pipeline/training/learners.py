@@ -14,6 +14,7 @@ stages that train variants (finetune: one fold of the ablation; scarcity: the la
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.augmentation.policy import augment_seeded, load_policy
+from pipeline.data.collected import Collected
 from pipeline.runtime.checkpoint import Checkpointing
 from pipeline.runtime.compute import World, channels_last
 from pipeline.runtime.errors import PipelineError
@@ -50,7 +52,7 @@ class Job:
     params: FinetuneParams
     variant: Variant
     data: TrainingSet
-    held_out: tuple[np.ndarray, np.ndarray]  # the fold's validation images, the external test images
+    held_out: tuple[np.ndarray, ...]  # the fold's validation images, the external test images (and the pool)
     classes: int
     policy: Path  # augment's policy.json (read only when the variant augments)
     workspace: Workspace
@@ -91,6 +93,17 @@ def real_training_set(images: np.ndarray, targets: np.ndarray, groups: np.ndarra
     return TrainingSet(images, targets, images[:0], targets[:0], images[:0], targets[:0])
 
 
+def with_pool(data: TrainingSet, collected: Collected, fold: int | None, repeat: int = 0) -> TrainingSet:
+    """The training set with the pool images this fold may learn from (Collected.pool_for); no pool is an error,
+    not a quiet supervised run under a semi-supervised name."""
+    pool = collected.pool_for(fold, repeat)
+    if pool.empty:
+        raise PipelineError("a variant has unlabelled: true but the collected data has no unlabelled images: put "
+                            "them in data/raw/unlabelled/ (or CSV rows without a label), or raise "
+                            "collect.unlabelled_limit above 0 for a bundled dataset with collect.external_limit set")
+    return dataclasses.replace(data, unlabelled=collected.select(pool)[0])
+
+
 def checkpoint_fingerprint(params: FinetuneParams, variant: Variant, data: TrainingSet, policy: Path, world: World,
                            device: torch.device) -> str:
     """What a checkpoint must match to be resumed (pipeline/runtime/fingerprint.py): the data, every setting that
@@ -101,6 +114,8 @@ def checkpoint_fingerprint(params: FinetuneParams, variant: Variant, data: Train
     arrays = (data.images, data.targets, data.synthetic, data.synthetic_targets, data.inner, data.inner_targets)
     if params.synthetic_soft and data.synthetic_confidence is not None:
         arrays += (data.synthetic_confidence,)  # the soft targets are made of them
+    if data.semi_supervised:
+        arrays += (data.unlabelled,)
     return fingerprint(data=arrays, params=[shaping, variant, world.size], policy=policy if variant.augment else None,
                        weights=weights_source(variant.backbone, variant.weights), device=device)
 

@@ -37,11 +37,19 @@ from pipeline.runtime.checkpoint import (
     restore_random,
     save_checkpoint,
 )
-from pipeline.runtime.compute import World, autocast, channels_last, random_states, recalibrating_batch_norm
+from pipeline.runtime.compute import (
+    World,
+    autocast,
+    batch_statistics,
+    channels_last,
+    random_states,
+    recalibrating_batch_norm,
+)
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import FinetuneParams
 from pipeline.runtime.progress import Progress
 from pipeline.training.backbones import Classifier
+from pipeline.training.semi import FixMatch
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 256
@@ -62,6 +70,11 @@ class TrainingSet:
     inner: np.ndarray  # held out from `images` for early stopping (0 rows: no early stopping)
     inner_targets: np.ndarray
     synthetic_confidence: np.ndarray | None = None  # the sample filter's confidence in each GAN sample's class
+    unlabelled: np.ndarray | None = None  # the pool a semi-supervised variant learns from (pipeline/training/semi.py)
+
+    @property
+    def semi_supervised(self) -> bool:
+        return self.unlabelled is not None and len(self.unlabelled) > 0
 
     @property
     def all_images(self) -> np.ndarray:
@@ -215,6 +228,15 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return factor
 
 
+def two_phase_lr_lambda(total_steps: int, warmup_steps: int, pool_start: int) -> Callable[[int], float]:
+    """A semi-supervised variant's schedule: the labelled phase is a whole warm-up and cosine of its own, so the
+    teacher that starts labelling the pool has converged on the labels; then the rate restarts (Loshchilov &
+    Hutter's warm restart) for the phase with the pool, which a rate already near zero would waste."""
+    first = lr_lambda(pool_start, min(warmup_steps, max(pool_start - 1, 0)))
+    second = lr_lambda(total_steps - pool_start, min(warmup_steps, max(total_steps - pool_start - 1, 0)))
+    return lambda step: first(step) if step < pool_start else second(step - pool_start)
+
+
 def make_optimizer(model: Classifier, params: FinetuneParams, pretrained: bool) -> torch.optim.Optimizer:
     body, head = model.param_groups()
     # A randomly initialised body has nothing to preserve, so it learns at the head's rate.
@@ -229,6 +251,14 @@ def make_optimizer(model: Classifier, params: FinetuneParams, pretrained: bool) 
 
 
 @torch.no_grad()
+def calibration_images(data: TrainingSet, most: int = 2048) -> np.ndarray:
+    """The images batch norm is recalibrated on: the real training images, and with a pool (which the model
+    trained on too) up to `most` of its images in all."""
+    if not data.semi_supervised:
+        return data.images
+    return np.concatenate([data.images, data.unlabelled[:max(0, most - len(data.images))]])
+
+
 def recalibrate_batch_norm(model: nn.Module, images: np.ndarray, device: torch.device) -> None:
     """Re-estimate batch-norm statistics on un-augmented training images. After a few hundred steps the running
     averages still mix in ImageNet's statistics (momentum 0.1), which are far from small grayscale images; exact
@@ -367,17 +397,22 @@ class FitResult:
     step_seconds: float  # wall time spent in optimiser steps (data loading included), this run's epochs only
 
 
-def _build_state(model: Classifier, setup: FitSetup, steps_per_epoch: int) -> TrainState:
+def _build_state(model: Classifier, setup: FitSetup, steps_per_epoch: int, teacher: bool) -> TrainState:
+    """The optimiser, schedule, mixing and the weight average: `ema_decay`'s, or with the pool (`teacher`) the
+    teacher's at `teacher_decay` unless ema_decay asks for another."""
     params = setup.params
     optimizer = make_optimizer(model, params, setup.pretrained)
     total = setup.epochs * steps_per_epoch
     warmup = min(params.warmup_epochs, setup.epochs - 1) * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup))
+    schedule = (two_phase_lr_lambda(total, warmup, FixMatch.first_step(params, total)) if teacher
+                else lr_lambda(total, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     ema = None
-    if params.ema_decay > 0:
+    decay = params.ema_decay or (params.teacher_decay if teacher else 0)
+    if decay > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(params.ema_decay), use_buffers=True)
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     return TrainState(model, optimizer, scheduler, MixupCutmix(params.mixup, params.cutmix, params.seed), ema)
 
 
@@ -436,27 +471,60 @@ def _loader(data: TrainingSet, setup: FitSetup, plan: BatchPlan, start: int) -> 
                       generator=torch.Generator().manual_seed(setup.params.seed))  # keeps torch's global stream untouched
 
 
+@dataclass(frozen=True)
+class Losses:
+    """What a step's loss is made of besides the labelled images' cross-entropy."""
+
+    synthetic: SyntheticLoss
+    semi: FixMatch | None  # the pool's loss, for a semi-supervised variant
+
+
+def _pool_loss(state: TrainState, trained: nn.Module, x: torch.Tensor, semi: FixMatch, step: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labelled logits, the pool's loss, its pseudo-label pass rate): the teacher labels the weak views, and
+    the student sees the labelled batch and the strong views in one forward pass (one set of batch statistics,
+    as in FixMatch)."""
+    weak, strong = semi.batches.views(state.epoch, step)
+    teacher = state.ema.module
+    with torch.no_grad(), batch_statistics(teacher), autocast(device):
+        teacher_logits = teacher(to_batch(weak, device))
+    with autocast(device):
+        logits = trained(torch.cat([x, to_batch(strong, device)]))
+    pool_loss, passed = semi.loss(logits[len(x):], teacher_logits)
+    return logits[:len(x)], pool_loss, passed
+
+
 def _train_epoch(state: TrainState, trained: nn.Module, batches, steps: int, setup: FitSetup,
-                 num_classes: int, synthetic: SyntheticLoss) -> dict:
+                 num_classes: int, losses: Losses) -> dict:
     """One epoch of optimiser steps; the epoch's mean loss and training accuracy (over every process)."""
     device, smoothing = setup.device, setup.params.label_smoothing
+    synthetic, semi = losses.synthetic, losses.semi
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    passed_sum, pool_steps = torch.zeros((), dtype=torch.float64, device=device), 0
     seen = 0
     state.model.train()
-    for _ in range(steps):
+    for step in range(steps):
         images, y, ids = next(batches)
         x, y = to_batch(images, device), y.to(device, non_blocking=True)
         ids = ids.to(device, non_blocking=True)
         target = synthetic.targets(y, ids) if synthetic.active else y
         if state.mix.enabled:
             x, target = state.mix(x, target if synthetic.active else F.one_hot(y, num_classes).float())
-        with autocast(device):
-            logits = trained(x)
+        pool_loss = None
+        if semi is not None and semi.active(state.epoch * steps + step):
+            logits, pool_loss, passed = _pool_loss(state, trained, x, semi, step, device)
+            passed_sum += passed
+            pool_steps += 1
+        else:
+            with autocast(device):
+                logits = trained(x)
         if synthetic.active:
             loss = synthetic(logits.float(), target, ids, smoothing)
         else:
             loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+        if pool_loss is not None:
+            loss = loss + pool_loss
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -472,8 +540,11 @@ def _train_epoch(state: TrainState, trained: nn.Module, batches, steps: int, set
         torch.distributed.all_reduce(totals)
     loss_sum, correct, seen = totals.tolist()
     lrs = state.scheduler.get_last_lr()
-    return {"epoch": state.epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen,
-            "lr_body": lrs[0], "lr_head": lrs[1]}
+    record = {"epoch": state.epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen,
+              "lr_body": lrs[0], "lr_head": lrs[1]}
+    if pool_steps:  # the share of pool images whose pseudo-label passed, on this process
+        record["pool_pass_rate"] = float(passed_sum) / pool_steps
+    return record
 
 
 def _early_stopping(state: TrainState, record: dict, data: TrainingSet, setup: FitSetup) -> bool:
@@ -493,7 +564,7 @@ def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
     num_classes = int(model.backbone.num_classes)
     plan = BatchPlan(real=len(data.images), synthetic=len(data.synthetic), batch=setup.params.batch_size,
                      synthetic_share=setup.params.synthetic_share, seed=setup.params.seed, world=setup.world)
-    state = _build_state(model, setup, plan.steps_per_epoch)
+    state = _build_state(model, setup, plan.steps_per_epoch, teacher=data.semi_supervised)
     path = setup.checkpoint.folder / CHECKPOINT_FILE if setup.checkpoint else None
     resumed = path is not None and load_state(path, state, setup.checkpoint.fingerprint, setup.device, setup.world)
     resumed_from = state.epoch
@@ -501,14 +572,16 @@ def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
         for record in state.history:  # the curves so far, so the log is whole after a resume
             setup.on_epoch(record)
     trained = _wrap(model, setup)
-    synthetic = SyntheticLoss(data, setup.params, num_classes, setup.device)
+    semi = (FixMatch(setup.params, data.unlabelled, setup.policy, setup.epochs * plan.steps_per_epoch, setup.world)
+            if data.semi_supervised else None)
+    losses = Losses(SyntheticLoss(data, setup.params, num_classes, setup.device), semi)
     batches = iter(_loader(data, setup, plan, state.epoch))
     stopped, step_seconds = False, 0.0
     progress = Progress(range(state.epoch, setup.epochs), desc="finetune", unit="epoch", logger=log,
                         disable=None if setup.world.is_main else True)
     for _ in progress:
         started = time.perf_counter()
-        record = _train_epoch(state, trained, batches, plan.steps_per_epoch, setup, num_classes, synthetic)
+        record = _train_epoch(state, trained, batches, plan.steps_per_epoch, setup, num_classes, losses)
         step_seconds += time.perf_counter() - started
         state.epoch += 1
         if len(data.inner):
@@ -530,7 +603,7 @@ def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
     kept = state.evaluated
     if state.best is not None:
         kept.load_state_dict(state.best)
-    recalibrate_batch_norm(kept, data.images, setup.device)
+    recalibrate_batch_norm(kept, calibration_images(data), setup.device)
     if path is not None and setup.world.is_main:
         path.unlink(missing_ok=True)  # the stage's outputs now hold the result
     best_epoch = state.best_epoch if state.best is not None else state.epoch

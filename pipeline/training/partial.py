@@ -196,9 +196,9 @@ def partial(job):
                       if params.partial_head == "probe" else None)
     history = train_top(split, train_x, train_y, params, variant.epochs, device, params.seed)
     seconds = time.perf_counter() - start
-    val, external = job.held_out
+    val, *fixed = job.held_out  # the external images (and the pool) are the same for every fold: cached
     probs = (predict_top(split, outputs(val), job.classes, device),
-             predict_top(split, cached(external), job.classes, device))
+             *(predict_top(split, cached(images), job.classes, device) for images in fixed))
     for p in model.parameters():
         p.requires_grad_(True)
     meta = {"train_seconds": round(seconds, 2), "partial_blocks": params.partial_blocks,

@@ -1,0 +1,100 @@
+"""Semi-supervised training on the unlabelled pool: FixMatch (Sohn et al., NeurIPS 2020) with an EMA teacher.
+
+After `unlabelled_start` of the training steps (on labels alone, so the teacher has something to say), every
+step adds `unlabelled_ratio` pool images per labelled image. Each pool image is seen twice:
+- a weak view, shifted by up to an eighth of its side (FixMatch's flip-and-shift without the flip, which would
+  turn a digit or a letter into another), which the teacher labels; the teacher is the exponential moving
+  average of the student's weights (Mean Teacher, Tarvainen & Valpola 2017; FixMatch evaluates such an average),
+  so pseudo-labels change slowly and the model that is kept is the teacher;
+- a strong view: the variant's albumentations policy (the labelled images' augmentation) plus a cutout of up to
+  half the side, as FixMatch's strong view is RandAugment plus Cutout.
+
+The student learns the teacher's class on the strong view wherever the teacher's confidence reaches
+`pseudo_threshold`: loss = labelled loss + `unlabelled_weight` x mean over the pool batch of
+mask x cross-entropy. Like the labelled batches, each pool batch is a pure function of (seed, epoch, step), so
+a resumed run continues exactly and the number of DataLoader workers changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.augmentation.policy import augment_seeded
+from pipeline.runtime.compute import World
+from pipeline.runtime.params import FinetuneParams
+
+
+@dataclass(frozen=True)
+class PoolBatches:
+    """Weak and strong views of the pool images of every step."""
+
+    pool: np.ndarray  # uint8 N x H x W x C
+    policy: Any | None  # the variant's albumentations policy (None: the strong view is the shift and the cutout)
+    per_process: int  # pool images per step and process
+    seed: int
+    world: World
+
+    def indices(self, epoch: int, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, step, self.world.rank])
+        return rng.choice(len(self.pool), self.per_process, replace=len(self.pool) < self.per_process)
+
+    def views(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weak, strong) uint8 N x H x W x C batches of the step's pool images."""
+        rng = np.random.default_rng([self.seed, epoch, step, self.world.rank, 1])
+        images = self.pool[self.indices(epoch, step)]
+        weak = np.stack([shifted(image, rng) for image in images])
+        first = int(rng.integers(2**31))
+        strong = [augment_seeded(self.policy, image, first + i) if self.policy is not None else shifted(image, rng)
+                  for i, image in enumerate(images)]
+        strong = np.stack([cut_out(image, rng) for image in strong])
+        return torch.from_numpy(weak), torch.from_numpy(strong)
+
+
+def shifted(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image moved by up to 1/8 of its side in each direction, the uncovered border reflected."""
+    side = image.shape[0]
+    most = max(1, side // 8)
+    dy, dx = rng.integers(-most, most + 1, size=2)
+    padded = np.pad(image, ((most, most), (most, most), (0, 0)), mode="reflect")
+    return padded[most + dy:most + dy + side, most + dx:most + dx + image.shape[1]]
+
+
+def cut_out(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A square of up to half the side set to the image's mean (FixMatch's Cutout)."""
+    h, w = image.shape[:2]
+    size = int(rng.integers(1, max(2, min(h, w) // 2) + 1))
+    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    out = image.copy()
+    out[top:top + size, left:left + size] = image.mean((0, 1)).astype(image.dtype)
+    return out
+
+
+class FixMatch:
+    """When the pool joins, and the loss on its images."""
+
+    def __init__(self, params: FinetuneParams, pool: np.ndarray, policy: Any | None, total_steps: int,
+                 world: World):
+        local = params.batch_size // world.size
+        self.batches = PoolBatches(pool, policy, params.unlabelled_ratio * local, params.seed, world)
+        self.start_step = self.first_step(params, total_steps)
+        self.threshold, self.weight = params.pseudo_threshold, params.unlabelled_weight
+
+    @staticmethod
+    def first_step(params: FinetuneParams, total_steps: int) -> int:
+        """The step at which the pool joins (the learning-rate schedule restarts there too)."""
+        return round(params.unlabelled_start * total_steps)
+
+    def active(self, step: int) -> bool:
+        return step >= self.start_step
+
+    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the weighted pool loss, the share of pool images whose pseudo-label passed the threshold)."""
+        confidence, pseudo = teacher_logits.float().softmax(1).max(1)
+        mask = (confidence >= self.threshold).float()
+        per_image = F.cross_entropy(student_logits.float(), pseudo, reduction="none")
+        return self.weight * (per_image * mask).mean(), mask.mean()

@@ -246,5 +246,6 @@ def test_the_best_variants_doubtful_labels_and_the_pool_images_to_label_next_are
     assert chosen["rank"].tolist() == list(range(1, 51))
     report_md = known_answers.outputs.report_md.read_text()
     assert "## Labels to check" in report_md and "## What to label next" in report_md
+    assert ("doubt none of the 100 labels" in report_md) == errors.empty  # the report says so when none is doubted
     for png in ("label_errors.png", "label_next.png"):
         assert (known_answers.outputs.figures / png).stat().st_size > 1000

@@ -462,6 +462,17 @@ def test_a_semi_supervised_variant_learns_from_the_folds_pool_and_every_variant_
             assert np.allclose(p["pool_probs"].sum(1), 1, atol=1e-4)
 
 
+def test_a_pretrained_backbone_learns_from_the_pool_too(tmp_path, inputs):
+    params = make_params("study", finetune__unlabelled_start=0.5, finetune__pseudo_threshold=0.2)
+    variant = dataclasses.replace(params.variants["augment"], epochs=2, unlabelled=True)  # Lite0, ImageNet weights
+    meta = finetune.run(params.finetune, variant, 0, inputs, tmp_path / "lite0")
+    history = json.loads((tmp_path / "lite0" / "history.json").read_text())
+    assert meta["train_unlabelled"] > 0 and "pool_pass_rate" in history[1] and "pool_pass_rate" not in history[0]
+    with np.load(tmp_path / "lite0" / "predictions.npz") as p:  # a sane model came out: probabilities, no NaN
+        assert all(np.isfinite(p[k]).all() and np.allclose(p[k].sum(1), 1, atol=1e-4)
+                   for k in ("val_probs", "test_probs", "pool_probs"))
+
+
 def test_a_semi_supervised_variant_without_a_pool_says_how_to_get_one(tmp_path, inputs, collected_dir):
     params = make_params(collect__unlabelled_limit=0, collect__external_limit=0)
     empty = tmp_path / "collected"

@@ -154,24 +154,29 @@ def test_workers_do_not_change_the_result(digits):
     assert np.array_equal(probs[0], probs[1])
 
 
-def test_a_killed_run_resumes_exactly_where_its_checkpoint_left_off(digits, tmp_path, monkeypatch):
-    images, targets, external, _ = digits
-    straight = fit(small_cnn(), training_set(images, targets), setup_for(epochs=5, mixup=0.2, ema_decay=0.9))
-    checkpoint = Checkpointing(tmp_path, every=2, fingerprint="data+settings")
-    real_epoch = training._train_epoch
-    calls = []
+def killed_in_epoch_4(monkeypatch, train) -> None:
+    """Run `train()` until it is killed during its fourth epoch."""
+    real_epoch, calls = training._train_epoch, []
 
     def dies_in_epoch_4(*args, **kwargs):
         calls.append(1)
         if len(calls) == 4:
-            raise KeyboardInterrupt  # killed during epoch 4, with the epoch-2 checkpoint on disk
+            raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(training, "_train_epoch", dies_in_epoch_4)
         with pytest.raises(KeyboardInterrupt):
-            fit(small_cnn(), training_set(images, targets),
-                setup_for(epochs=5, mixup=0.2, ema_decay=0.9, checkpoint=checkpoint))
+            train()
+
+
+def test_a_killed_run_resumes_exactly_where_its_checkpoint_left_off(digits, tmp_path, monkeypatch):
+    images, targets, external, _ = digits
+    straight = fit(small_cnn(), training_set(images, targets), setup_for(epochs=5, mixup=0.2, ema_decay=0.9))
+    checkpoint = Checkpointing(tmp_path, every=2, fingerprint="data+settings")
+    # killed during epoch 4, with the epoch-2 checkpoint on disk
+    killed_in_epoch_4(monkeypatch, lambda: fit(small_cnn(), training_set(images, targets),
+                                               setup_for(epochs=5, mixup=0.2, ema_decay=0.9, checkpoint=checkpoint)))
     saved = tmp_path / training.CHECKPOINT_FILE
     from safetensors import safe_open
 
@@ -271,18 +276,7 @@ def test_with_a_pool_the_teacher_is_kept_and_a_killed_run_resumes_exactly(digits
     plain = fit(small_cnn(), training_set(images, targets), setup_for(epochs=4, **pooled))
     assert not np.allclose(predict(plain.model, external, CPU, 10), predict(straight.model, external, CPU, 10))
     checkpoint = Checkpointing(tmp_path, every=2, fingerprint="pool")
-    real_epoch, calls = training._train_epoch, []
-
-    def dies_in_epoch_4(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(training, "_train_epoch", dies_in_epoch_4)
-        with pytest.raises(KeyboardInterrupt):
-            fit(small_cnn(), data, setup_for(epochs=4, checkpoint=checkpoint, **pooled))
+    killed_in_epoch_4(monkeypatch, lambda: fit(small_cnn(), data, setup_for(epochs=4, checkpoint=checkpoint, **pooled)))
     resumed = fit(small_cnn(), data, setup_for(epochs=4, checkpoint=checkpoint, **pooled))
     assert resumed.resumed_from == 2 and resumed.history == straight.history
     assert np.array_equal(predict(resumed.model, external, CPU, 10), predict(straight.model, external, CPU, 10))

@@ -345,15 +345,24 @@ def labelling_blocks(ev: dict, figures: Path) -> list:
     if lab is None:
         return []
     errors = lab["label_errors"]
-    blocks = [Heading("Labels to check"),
-              Text(f"{len(errors)} labelled images whose label the out-of-fold predictions of {best} doubt "
-                   "(confident learning: the number is estimated from how often each class is confidently "
-                   "predicted as another; these are the least self-confident images). Each shows its given label, "
-                   "the class the predictions suggest and that class's probability. A wrong label costs much "
-                   "when there are ten per class: look at each, fix it in your data and re-run. The full list is "
-                   "reports/labelling/label_errors.csv.")]
-    if (figures / "label_errors.png").exists() and errors:
+    method = ("confident learning: how many labels are wrong is estimated from how often each class is "
+              "confidently predicted as another, and that many of the least self-confident images are listed")
+    if errors:
+        text = (f"{len(errors)} labelled images whose label the out-of-fold predictions of {best} doubt ({method}). "
+                "Each shows its given label, the class the predictions suggest and that class's probability. A wrong "
+                "label costs much when there are ten per class: look at each, fix it in your data and re-run. The "
+                "full list is reports/labelling/label_errors.csv.")
+    else:
+        text = f"The out-of-fold predictions of {best} doubt none of the {ev['data']['labelled']} labels ({method})."
+    blocks = [Heading("Labels to check"), Text(text)]
+    if errors and (figures / "label_errors.png").exists():
         blocks.append(Figure(figures / "label_errors.png", "Likely label errors, most doubtful first"))
+    return blocks + next_blocks(lab, best, figures)
+
+
+def next_blocks(lab: dict, best: str, figures: Path) -> list:
+    """The pool images worth labelling next, and how they were chosen."""
+    blocks = []
     if lab["label_next"]:
         how = {"typicality": "the most typical image of each of the largest regions of feature space that no "
                              "labelled image covers yet (TypiClust: with this few labels a model's uncertainty is not "

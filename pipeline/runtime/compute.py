@@ -56,45 +56,39 @@ def autocast(device):
 
 
 @contextlib.contextmanager
-def recalibrating_batch_norm(model):
-    """Inside the block, every batch norm of `model` has forgotten its running statistics and averages all the
-    batches it sees equally (train mode, momentum None); afterwards the model is in eval mode with each batch
-    norm's momentum restored. Run forward passes inside, under torch.no_grad()."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.eval()
-
-
-@contextlib.contextmanager
-def batch_statistics(model):
-    """Inside the block, `model` is in eval mode (no dropout) but its batch norms normalise with each batch's
-    own statistics and leave their running statistics as they are (train mode, momentum 0): how a teacher labels
-    a batch of images unlike those its running averages were gathered on. Afterwards, eval mode throughout."""
+def _batch_norms(model, momentum: float | None, reset: bool):
+    """Every batch norm of `model` in train mode with `momentum` (its running statistics reset first if asked),
+    the rest in eval mode; afterwards eval mode throughout, each batch norm's momentum restored."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
     model.eval()
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
+        if reset:
+            m.reset_running_stats()
         m.train()
-        m.momentum = 0.0
+        m.momentum = momentum
     try:
         yield
     finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
+        for m, saved in zip(norms, momenta):
+            m.momentum = saved
         model.eval()
+
+
+def recalibrating_batch_norm(model):
+    """Inside the block, every batch norm of `model` has forgotten its running statistics and averages all the
+    batches it sees equally (momentum None); afterwards the model is in eval mode with each batch norm's momentum
+    restored. Run forward passes inside, under torch.no_grad()."""
+    return _batch_norms(model, None, reset=True)
+
+
+def batch_statistics(model):
+    """Inside the block, `model` is in eval mode (no dropout) but its batch norms normalise with each batch's
+    own statistics and leave their running statistics as they are (momentum 0): how a teacher labels a batch of
+    images unlike those its running averages were gathered on. Afterwards, eval mode throughout."""
+    return _batch_norms(model, 0.0, reset=False)
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,17 @@ def test_a_variant_with_gan_samples_gets_a_gan_trained_on_every_labelled_image(t
     assert (tmp_path / "model" / "model.onnx").exists()
 
 
+def test_a_semi_supervised_winner_learns_from_the_whole_pool(tmp_path, collected_dir):
+    params = make_params(final__variant="cnn_pool")
+    augment.run(params.augment, collected_dir, tmp_path / "augment")
+    (tmp_path / "evaluation.json").write_text(json.dumps(fake_evaluation("cnn_pool", "cnn + unlabelled pool")))
+    inputs = final.FinalInputs(collected_dir, tmp_path / "augment" / "policy.json", tmp_path / "evaluation.json")
+    card = final.run(settings(params), inputs, final.FinalOutputs(tmp_path / "model", tmp_path / "final.json"))
+    pool = load_collected(collected_dir).unlabelled
+    assert card["variant"] == "cnn_pool" and card["unlabelled_images"] == len(pool) > 0  # no fold: all of it
+    assert f"and {len(pool)} unlabelled ones" in (tmp_path / "model" / "model_card.md").read_text()
+
+
 def gan_comparison(difference: float, significant: bool) -> dict:
     """evaluate's record of cnn -> cnn_synthetic (the one setting `synthetic` changed)."""
     return {"what": "GAN samples: off → on", "setting": "synthetic", "a": "cnn", "b": "cnn_synthetic",

@@ -92,7 +92,9 @@ def card_markdown(card: dict) -> str:
              f"{card['input_size']} px and normalised inside the model (mean {card['mean']}, std {card['std']})",
              f"- Refused, as collect refused them: files of more than {card['image']['max_pixels']:,} pixels (checked "
              f"before decoding) or with a side below {card['image']['min_side']} px",
-             f"- Trained on {card['trained_on_images']} labelled images (data sha256 {card['data_sha256'][:16]}…)",
+             f"- Trained on {card['trained_on_images']} labelled images (data sha256 {card['data_sha256'][:16]}…)"
+             + (f" and {card['unlabelled_images']} unlabelled ones (semi-supervised)"
+                if card.get("unlabelled_images") else ""),
              f"- Cross-validated accuracy of this recipe: {oof['value']:.3f} ({oof['low']:.3f} to {oof['high']:.3f})"]
     if card.get("selection"):
         aware = card["selection"]["accuracy"]

@@ -100,6 +100,8 @@ def run(settings: FinalSettings, inputs: FinalInputs, outputs: FinalOutputs) -> 
                       manifest_hash(list(rows.sha256)), len(images))
     if variant.synthetic:
         card["gan"] = {"samples": len(data.synthetic), **gan, "params": asdict(settings.synthesize)}
+    if data.semi_supervised:
+        card["unlabelled_images"] = len(data.unlabelled)
     correct = outcome.probs[0].argmax(1) == external_targets
     parts = collected.external.part.to_numpy()
     card["final_accuracy"] = {part: float(correct[parts == part].mean()) for part in EXTERNAL_PARTS

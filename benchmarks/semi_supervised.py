@@ -4,7 +4,7 @@ pipeline/training/semi.py) against the same recipe on the labels alone, on digit
     ./dev.sh python benchmarks/semi_supervised.py [--parts digits photos] [--folds 0 1 2 3 4] [--device auto]
         [--workspace DIR] [--pool N] [--full-epochs 300] [--set pseudo_threshold=0.9 ...] [--epochs-scale 1]
         [--photos ../shared/datasets/clothing-small] [--photo-size 64] [--photo-epochs 15] [--photo-seed 0]
-        [--photo-input-size 0]
+        [--photo-input-size 64]
 
 digits: the repository's params.yaml (mnist, 10 labelled per class, 5-fold CV, an external set of 2,000 images
 split into a development part and a final test, and a pool of collect.unlabelled_limit images, or --pool N) is
@@ -20,9 +20,8 @@ the rest split (seeded, per class) into halves: unlabelled/ (the pool) and test/
 a development part and a final test (collect.dev_fraction 0.5). Collected with the photos preset, stored at
 --photo-size px, with collect.folds = --folds (so they must be 0..k-1, k >= 2). Variants: EfficientNet-Lite0
 (packaged ImageNet weights) fully fine-tuned for --photo-epochs epochs, without and with the pool, at
---photo-input-size (default 0: the model's own 224 px, the stored pictures upsampled; the cost of a step does not
-shrink with --photo-size then, and on a 2-core CPU the pool variant is the slow one: --photo-input-size 64 trains
-at the stored side, 12x fewer pixels per image).
+--photo-input-size (default 64, the stored side, which a CPU affords; 0 is the model's own 224 px with the stored
+pictures upsampled, for a GPU: on a 2-core CPU a fold's pool variant then took minutes and 14-20 GB of memory).
 
 Each part prints one table (columns explained above it) and the paired differences of each pool variant against
 its labels-only reference: on cross-validation (the corrected resampled t over folds, Nadeau & Bengio) and on the
@@ -376,8 +375,8 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, default=PHOTOS)
     parser.add_argument("--photo-size", type=int, default=64, help="photos: collect.image_size")
     parser.add_argument("--photo-epochs", type=int, default=15)
-    parser.add_argument("--photo-input-size", type=int, default=0,
-                        help="photos: Lite0's input_size (0 = its own 224 px, the stored pictures upsampled)")
+    parser.add_argument("--photo-input-size", type=int, default=64,
+                        help="photos: Lite0's input_size (0 = its own 224 px, the stored pictures upsampled: a GPU's)")
     parser.add_argument("--photo-seed", type=int, default=0, help="photos: the labelled draw and the pool/test split")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

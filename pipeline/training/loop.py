@@ -250,7 +250,6 @@ def make_optimizer(model: Classifier, params: FinetuneParams, pretrained: bool) 
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def calibration_images(data: TrainingSet, most: int = 2048) -> np.ndarray:
     """The images batch norm is recalibrated on: the real training images, and with a pool (which the model
     trained on too) up to `most` of its images in all."""
@@ -259,6 +258,7 @@ def calibration_images(data: TrainingSet, most: int = 2048) -> np.ndarray:
     return np.concatenate([data.images, data.unlabelled[:max(0, most - len(data.images))]])
 
 
+@torch.no_grad()
 def recalibrate_batch_norm(model: nn.Module, images: np.ndarray, device: torch.device) -> None:
     """Re-estimate batch-norm statistics on un-augmented training images. After a few hundred steps the running
     averages still mix in ImageNet's statistics (momentum 0.1), which are far from small grayscale images; exact

@@ -30,6 +30,7 @@ from pipeline.training.probe import ImageFeatures
 log = logging.getLogger(__name__)
 ERRORS_FILE, NEXT_FILE = "label_errors.csv", "label_next.csv"
 ERRORS_PNG, NEXT_PNG = "label_errors.png", "label_next.png"
+NEXT_COLUMNS = ["rank", "index", "path", "predicted", "probability", "margin"]
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,10 @@ def next_to_label(collected: Collected, pool_probs: np.ndarray, params: Evaluate
                                    params.seed)
     mean = pool_probs.mean(0)[chosen]
     rows = pool.iloc[chosen]
-    table = pd.DataFrame({"rank": np.arange(1, len(chosen) + 1), "index": rows["index"].to_numpy(),
-                          "path": rows.path.to_numpy(),
-                          "predicted": [collected.classes[c] for c in mean.argmax(1)],
-                          "probability": mean.max(1).round(4),
-                          "margin": margin_uncertainty(pool_probs)[chosen].round(4)})
+    columns = (np.arange(1, len(chosen) + 1), rows["index"].to_numpy(), rows.path.to_numpy(),
+               [collected.classes[c] for c in mean.argmax(1)], mean.max(1).round(4),
+               margin_uncertainty(pool_probs)[chosen].round(4))
+    table = pd.DataFrame(dict(zip(NEXT_COLUMNS, columns)))
     return table, strategy
 
 
@@ -80,7 +80,7 @@ def review(collected: Collected, oof_probs: np.ndarray, pool_probs: np.ndarray |
     errors = label_errors(collected, oof_probs)
     shown = errors.head(params.errors_shown)
     figures = {ERRORS_PNG: thumbnails_png(collected.images[shown["index"].to_numpy()], captions(shown))}
-    next_table, strategy = pd.DataFrame(columns=["rank", "index", "path", "predicted", "probability", "margin"]), ""
+    next_table, strategy = pd.DataFrame(columns=NEXT_COLUMNS), ""
     if pool_probs is not None and len(collected.unlabelled) and params.label_next:
         next_table, strategy = next_to_label(collected, pool_probs, params, device)
         figures[NEXT_PNG] = thumbnails_png(collected.images[next_table["index"].to_numpy()],

@@ -3,11 +3,12 @@
     python benchmarks/gan_one_class.py [--folder ../shared/datasets/clothing-small/shoes] [--size 64]
                                        [--steps 400] [--out DIR] [--set synthesize.lr_d=0.0004 ...]
 
-Three versions of the pipeline's GAN (params.yaml's `synthesize` section otherwise), the same steps and seeds,
-one class:
+Four versions of the pipeline's GAN (params.yaml's `synthesize` section otherwise), the same steps and seeds,
+one class; the first three are the label GAN (`condition: label`, at its learning rates of 0.0002):
 - no augmentation;
-- DiffAugment with adaptive strength (the default);
-- the discriminator on frozen packaged EfficientNet-Lite features (Projected GAN, `discriminator: features`).
+- DiffAugment with adaptive strength;
+- the discriminator on frozen packaged EfficientNet-Lite features (Projected GAN, `discriminator: features`);
+- the default exemplar generator (DAGAN, `condition: image`), which varies the photos themselves.
 
 Each prints its training time (the baseline is the first version, in the same run), and FID and KID of as many
 samples as there are photos against the photos, in the packaged backbone's features (`synthesize.feature_backbone`
@@ -41,10 +42,12 @@ from pipeline.training.probe import ImageFeatures  # noqa: E402
 
 from benchmarks import workspace  # noqa: E402
 
+LABEL = {"condition": "label", "lr_g": 0.0002, "lr_d": 0.0002}  # the label GAN, at the rates it was measured at
 VERSIONS = {  # name -> overrides of the synthesize params
-    "no augmentation": {"diffaugment": "", "ada_target": 0.0},
-    "DiffAugment + adaptive p (default)": {},
-    "feature discriminator (Projected GAN)": {"discriminator": "features"},
+    "no augmentation": {**LABEL, "diffaugment": "", "ada_target": 0.0},
+    "DiffAugment + adaptive p": LABEL,
+    "feature discriminator (Projected GAN)": {**LABEL, "discriminator": "features"},
+    "exemplar generator, DAGAN (default)": {},
 }
 DEFAULT_FOLDER = workspace.ROOT.parent / "shared" / "datasets" / "clothing-small" / "shoes"
 SHOWN = 32  # samples in each grid

@@ -168,9 +168,14 @@ def test_the_gan_fingerprint_ignores_steps_but_not_the_data_the_processes_or_the
     # the filter's feature side shapes nothing the pixel discriminator trains, but everything the feature one does
     smaller = dataclasses.replace(params, feature_size=params.feature_size // 2)
     assert synthesize.checkpoint_fingerprint(smaller, images, targets, World(), CPU) == base
-    features = dataclasses.replace(params, discriminator="features")
+    features = dataclasses.replace(params, condition="label", discriminator="features")
     assert synthesize.checkpoint_fingerprint(features, images, targets, World(), CPU) != synthesize.checkpoint_fingerprint(
-        dataclasses.replace(smaller, discriminator="features"), images, targets, World(), CPU)
+        dataclasses.replace(smaller, condition="label", discriminator="features"), images, targets, World(), CPU)
+    # the generator's kind shapes training; the sampling temperature does not
+    label = dataclasses.replace(params, condition="label")
+    assert synthesize.checkpoint_fingerprint(label, images, targets, World(), CPU) != base
+    assert synthesize.checkpoint_fingerprint(dataclasses.replace(params, truncation=0.5), images, targets, World(),
+                                             CPU) == base
 
 
 def test_the_finetuning_fingerprint_covers_the_policy_only_when_the_variant_augments(digits, tmp_path):  # noqa: F811

@@ -14,9 +14,11 @@ from torch.nn.utils import parametrize
 from pipeline.gan.conditional import (
     DIFFAUGMENT,
     Discriminator,
+    ExemplarGenerator,
     Generator,
     TrainedGan,
     diff_augment,
+    _partners,
     generate,
     sample_grid,
     train_gan,
@@ -38,6 +40,7 @@ class GanCfg:
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     diffaugment: str = "color,translation,cutout"
+    condition: str = "label"
     discriminator: str = "pixels"
     feature_backbone: str = "efficientnet_lite0"  # the feature discriminator's (packaged weights)
     feature_size: int = 32
@@ -84,6 +87,87 @@ def test_network_output_shapes_and_range(resolution, channels):
     assert images.min() >= -1.0 and images.max() <= 1.0
     assert logits.shape == (5,)
     assert torch.isfinite(logits).all()
+
+
+def exemplar_generator(images: np.ndarray, labels: np.ndarray, *, num_classes: int = 2, z_dim: int = 8):
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return ExemplarGenerator(num_classes=num_classes, channels=images.shape[3], resolution=images.shape[1],
+                             z_dim=z_dim, base_channels=8, exemplars=x, exemplar_labels=torch.from_numpy(labels))
+
+
+@pytest.mark.parametrize("resolution", [16, 32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_exemplar_generator_and_its_pair_discriminator_have_the_right_shapes(resolution, channels):
+    torch.manual_seed(0)
+    images, labels = make_dataset(size=resolution, channels=channels)
+    g = exemplar_generator(images, labels)
+    d = Discriminator(num_classes=2, channels=channels, resolution=resolution, base_channels=8, pairs=True)
+    z, y = torch.randn(5, 8), torch.tensor([0, 1, 1, 0, 1])
+
+    fake = g(z, y)  # references picked from its own exemplars
+    logits = d(torch.cat([g.references(y), fake], dim=1), y)
+
+    assert fake.shape == (5, channels, resolution, resolution)
+    assert torch.isfinite(fake).all() and fake.min() >= -1.0 and fake.max() <= 1.0
+    assert logits.shape == (5,) and torch.isfinite(logits).all()
+
+
+def test_the_exemplar_generator_takes_its_classes_exemplars_in_turn_and_follows_its_reference():
+    torch.manual_seed(0)
+    images, labels = make_dataset(n_per_class=3, num_classes=3)
+    g = exemplar_generator(images, labels, num_classes=4).eval()  # class 3 has no exemplar
+    y = torch.tensor([1, 0, 1, 1, 1, 3])
+
+    references = g.references(y)
+
+    exemplars = g.exemplars
+    for got, index in zip(references[:5], [3, 0, 4, 5, 3]):  # class 1's are images 3-5, in turn, then again
+        assert torch.equal(got, exemplars[index])
+    assert any(torch.equal(references[5], e) for e in exemplars)  # borrowed: the filter will reject it
+    z = torch.randn(1, 8).repeat(2, 1)
+    with torch.no_grad():  # same z and class, two references: two different images
+        a, b = g(z, torch.tensor([0, 0]), exemplars[[0, 1]])
+    assert not torch.allclose(a, b)
+
+
+def test_partners_are_other_images_of_the_same_class():
+    labels = torch.tensor([2, 0, 2, 1, 0, 2, 0])  # class 1 has a single image
+    index = torch.arange(7).repeat(20)
+
+    partner = _partners(labels, index, torch.Generator().manual_seed(0))
+
+    assert torch.equal(labels[partner], labels[index])
+    alone = index == 3
+    assert torch.equal(partner[alone], index[alone])  # its class's only image pairs with itself
+    assert (partner[~alone] != index[~alone]).all()
+    assert set(partner[index == 0].tolist()) == {2, 5}  # every other image of its class is drawn
+
+
+def test_the_exemplar_gan_trains_reproducibly_and_keeps_the_data_as_its_exemplars():
+    images, labels = make_dataset(channels=3)
+    cfg = GanCfg(condition="image")
+
+    first = train_gan(images, labels, 2, cfg, CPU).generator
+    again = train_gan(images, labels, 2, cfg, CPU).generator
+    fake, fake_labels = generate(first, per_class=5, z_dim=cfg.z_dim, seed=0, device=CPU)
+    chunked, _ = generate(again, per_class=5, z_dim=cfg.z_dim, seed=0, device=CPU, batch_size=3)
+
+    assert isinstance(first, ExemplarGenerator) and not first.training
+    assert torch.equal(first.exemplars, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert fake.shape == (10, 16, 16, 3) and fake_labels.tolist() == [0] * 5 + [1] * 5
+    assert np.array_equal(fake, chunked)  # same run, and the references do not depend on the batch size
+
+
+def test_the_exemplar_gan_learns_class_conditional_brightness():
+    """As for the label GAN; here every reference already has its class's brightness, so what is tested is that
+    the generator keeps it rather than washing it out."""
+    images, labels = make_dark_bright_dataset()
+    cfg = GanCfg(condition="image", steps=100, batch_size=16, base_channels=16, log_every=50)
+
+    generator = train_gan(images, labels, 2, cfg, CPU).generator
+    fake, fake_labels = generate(generator, per_class=32, z_dim=cfg.z_dim, seed=0, device=CPU)
+
+    assert fake[fake_labels == 0].mean() < 110 and fake[fake_labels == 1].mean() > 145
 
 
 def test_spectral_norm_is_on_every_discriminator_layer():

@@ -23,6 +23,7 @@ from pipeline.gan.quality import (
     fid_kid,
     inception_fid_kid,
     near_real,
+    novelty,
     select_samples,
 )
 from pipeline.runtime.checkpoint import Checkpointing, load_checkpoint
@@ -311,6 +312,15 @@ def test_fid_kid_and_cas_order_real_against_noise(digit_features):
                                              CPU)
     assert real > 0.3 > shuffled  # 40 real digits teach the probe; shuffled labels teach it nothing
     assert classification_accuracy_score(train_f[:3], np.zeros(3, int), test_f, test_y, CPU) is None
+
+
+def test_novelty_is_near_zero_for_copies_and_near_one_for_new_real_images(digit_features):
+    _, train_f, _, test_f, _, _ = digit_features
+    copies = train_f[np.random.default_rng(0).integers(0, len(train_f), 50)]
+    assert novelty(train_f, copies) < 1e-6
+    # unseen real digits lie from the training digits about as far as those lie from each other
+    assert 0.6 < novelty(train_f, test_f) < 1.6
+    assert novelty(train_f[:1], test_f) is None and novelty(train_f, test_f[:0]) is None
 
 
 def test_inception_features_without_torch_fidelity_say_what_to_install():

@@ -66,15 +66,31 @@ class Selection:
     acceptance: dict[int, float]  # class -> share of its candidates at or above the threshold
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def novelty(real: np.ndarray, fake: np.ndarray) -> float | None:
+    """How far samples lie from the images they were trained on, against how far those lie from each other: the
+    median cosine distance from a sample to its nearest real image, over the median distance from a real image to
+    its nearest other one. About 1: samples are as new as another real image would be; near 0: copies (a low FID
+    and a high CAS mean little then). None with under two real images or no samples."""
+    if len(real) < 2 or len(fake) == 0:
+        return None
+    real, fake = _unit(real), _unit(fake)
+    among = 1 - real @ real.T
+    np.fill_diagonal(among, np.inf)
+    spread = float(np.median(among.min(axis=1)))
+    return float(np.median((1 - fake @ real.T).min(axis=1)) / max(spread, 1e-12))
+
+
 def near_real(real: np.ndarray, real_targets: np.ndarray, fake: np.ndarray, fake_labels: np.ndarray,
               quantile: float) -> np.ndarray:
     """Which candidates lie near the real images of their class in feature space: the cosine distance to the
     nearest real image of the class at most the `quantile` of the class's own spread (each real image's distance to
     its nearest other real image of the class). A class with fewer than two real images accepts none."""
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    real, fake = unit(real.astype(np.float64)), unit(fake.astype(np.float64))
+    real, fake = _unit(real), _unit(fake)
     near = np.zeros(len(fake), dtype=bool)
     for label in np.unique(fake_labels):
         mine, theirs = fake_labels == label, real[real_targets == label]

@@ -21,6 +21,7 @@ from pipeline.gan.quality import (
     fid_kid,
     inception_fid_kid,
     near_real,
+    novelty,
     select_samples,
 )
 from pipeline.runtime.checkpoint import Checkpointing
@@ -56,7 +57,7 @@ def make_samples(params: SynthesizeParams, collected: Collected, rows: tuple[pd.
     if not world.is_main:
         return None
     fake, labels = generate(trained.generator, per_class=params.candidates_per_class, z_dim=params.z_dim,
-                            seed=params.seed, device=device)
+                            seed=params.seed, device=device, truncation=params.truncation)
     fake = resize(fake, stored)  # candidates at the stored side: judged beside, and mixed with, the real images
     kept, scores, quality = judge(params, collected, fake, labels, rows, device)
     return Synthesis(trained, fake, labels, kept, scores, quality, seconds)
@@ -95,6 +96,7 @@ def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake
         **{f"{k}_candidates": v for k, v in before.items()}, **{f"{k}_accepted": v for k, v in after.items()},
         "acceptance": float(np.mean(list(chosen.acceptance.values()))),
         "accepted": int(len(kept)), "candidates": int(len(fake)),
+        "novelty_candidates": novelty(real_f, fake_f), "novelty_accepted": novelty(real_f, fake_f[kept]),
         "acceptance_per_class": {collected.classes[c]: round(a, 4) for c, a in chosen.acceptance.items()},
     }
     tests = {"": (extract(val_images), val_targets)}

@@ -163,6 +163,7 @@ class SynthesizeParams:
     lr_g: float
     lr_d: float
     diffaugment: str
+    condition: Literal["label", "image"]  # label: G(z, y) | image: G(z, y, a real image of class y) (DAGAN)
     discriminator: Literal["pixels", "features"]
     ada_target: float
     ada_images: int
@@ -171,6 +172,7 @@ class SynthesizeParams:
     log_every: int
     checkpoint_every: int
     candidates_per_class: int
+    truncation: float  # z is drawn from N(0, truncation^2) when sampling (the truncation trick); 1 = as trained
     keep_per_class: int
     min_confidence: float
     near_real: float  # 0 = off; else a sample must lie this quantile of its class's spread from a real image
@@ -191,7 +193,10 @@ class SynthesizeParams:
         _require(0 <= self.ema_decay < 1, "synthesize.ema_decay", "in [0, 1)", self.ema_decay)
         _require(0 <= self.ada_target < 1, "synthesize.ada_target", "in [0, 1) (0 = fixed p = 1)", self.ada_target)
         _require(0 <= self.min_confidence < 1, "synthesize.min_confidence", "in [0, 1)", self.min_confidence)
+        _require(0 < self.truncation <= 1, "synthesize.truncation", "in (0, 1]", self.truncation)
         _require(0 <= self.near_real <= 1, "synthesize.near_real", "in [0, 1] (0 = off)", self.near_real)
+        _require(self.condition == "label" or self.discriminator == "pixels", "synthesize.discriminator",
+                 "pixels with condition: image (its discriminator judges pairs of images)", self.discriminator)
         _require(self.keep_per_class <= self.candidates_per_class, "synthesize.keep_per_class",
                  f"at most candidates_per_class ({self.candidates_per_class})", self.keep_per_class)
         _require(16 <= self.feature_size <= 512, "synthesize.feature_size", "from 16 to 512", self.feature_size)

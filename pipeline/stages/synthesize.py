@@ -40,7 +40,8 @@ PARAMS = ("synthesize",)
 METRIC_KEYS = (  # what goes into reports/synthesize/rR-foldK.json
     "fid_candidates", "kid_candidates", "kid_std_candidates", "fid_accepted", "kid_accepted",
     "kid_std_accepted", "cas_synthetic", "cas_candidates", "cas_real", "cas_synthetic_dev",
-    "cas_candidates_dev", "cas_real_dev", "acceptance", "accepted", "candidates",
+    "cas_candidates_dev", "cas_real_dev", "acceptance", "accepted", "candidates", "novelty_candidates",
+    "novelty_accepted",
     "acceptance_per_class", "augment_p", "train_seconds", "steps_per_second", "resumed_from_step",
 )
 
@@ -66,7 +67,7 @@ def checkpoint_fingerprint(params: SynthesizeParams, images: np.ndarray, targets
     `steps`: a killed run may be resumed with more steps. The filter's backbone and side shape training only when the
     discriminator is built on them."""
     ignored = {"steps", "log_every", "checkpoint_every", "candidates_per_class", "keep_per_class", "min_confidence",
-               "near_real", "fid_features", "device"}
+               "near_real", "fid_features", "device", "truncation"}
     if params.discriminator != "features":
         ignored |= {"feature_backbone", "feature_size"}
     shaping = {k: v for k, v in dataclasses.asdict(params).items() if k not in ignored}

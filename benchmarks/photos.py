@@ -15,12 +15,17 @@ is then the result, beside the reference's test figure. The test halves choose n
   starting point the photo issue measured: 0.701 with 10 per class on the other 900 photos);
 - the preset's variants (presets/photos.yaml), trained by the pipeline's own strategies (linear probes on
   augmented views, partial fine-tuning) with the preset's finetune settings and augmentation;
-- full: full fine-tuning of Lite0 at 224 px, on a GPU only (about 6 images/s on a 2-core CPU).
+- full: full fine-tuning of Lite0 at 224 px, on a GPU only (about 6 images/s on a 2-core CPU);
+- with GAN samples, asked for by name (`--recipes partial partial_synthetic probe probe+gan`): the preset's
+  synthetic variants, and any variant with `+gan`. Each draw trains the preset's GAN (`synthesize`, at its 64 px)
+  on that draw's labelled photos only, filters its candidates with a probe of those photos, as the synthesize
+  stage does, and every such recipe of the draw trains on the same accepted samples.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -37,8 +42,11 @@ from pipeline.augmentation.policy import build_policy, save_policy  # noqa: E402
 from pipeline.data.decode import Normalise, decode_file  # noqa: E402
 from pipeline.data.folds import dev_part  # noqa: E402
 from pipeline.evaluation.statistics import bootstrap_intervals  # noqa: E402
+from pipeline.gan.conditional import generate, train_gan  # noqa: E402
+from pipeline.gan.quality import SeenClassesProbe, class_probability, select_samples  # noqa: E402
+from pipeline.gan.samples import resize  # noqa: E402
 from pipeline.runtime.compute import World, pick_device, seed_everything  # noqa: E402
-from pipeline.runtime.params import Params, Variant, parse_params  # noqa: E402
+from pipeline.runtime.params import Params, Variant, gan_side, parse_params  # noqa: E402
 from pipeline.training import learners  # noqa: E402
 from pipeline.training.probe import FeatureCache, ImageFeatures  # noqa: E402
 
@@ -83,13 +91,33 @@ def reference(images: np.ndarray, targets: np.ndarray, train: np.ndarray, device
     return model.predict_proba(scaler.transform(features))
 
 
+def gan_samples(params: Params, images: np.ndarray, targets: np.ndarray, classes: int,
+                device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The accepted GAN samples for these labelled photos, their classes and the filter's confidence, made as the
+    synthesize stage makes them (its GAN, side, candidates, filter and thresholds)."""
+    cfg = params.synthesize
+    seed_everything(cfg.seed)
+    trained = train_gan(resize(images, gan_side(cfg.image_size, SIDE)), targets, classes, cfg, device)
+    fake, labels = generate(trained.generator, per_class=cfg.candidates_per_class, z_dim=cfg.z_dim, seed=cfg.seed,
+                            device=device, truncation=cfg.truncation)
+    fake = resize(fake, SIDE)
+    extract = ImageFeatures(cfg.feature_backbone, cfg.feature_size, device)
+    scores = class_probability(SeenClassesProbe.fit(extract(images), targets, device), extract(fake), labels)
+    kept = select_samples(scores, labels, classes, cfg.min_confidence, cfg.keep_per_class).keep
+    print(f"GAN: {len(kept)} of {len(fake)} candidates accepted", flush=True)
+    return fake[kept], labels[kept], scores[kept]
+
+
 def pipeline_recipe(params: Params, variant: Variant, images, targets, train, policy: Path, device,
-                    cache: Path, classes: int) -> np.ndarray:
+                    cache: Path, classes: int, samples=None) -> np.ndarray:
     """One of the preset's variants through the pipeline's strategies: probabilities for every photo (all photos
     are the held-out set, so their features are computed once and cached for every draw)."""
     seed_everything(params.finetune.seed)
     data = learners.real_training_set(images[train], targets[train], np.arange(len(train)), params.finetune,
                                       variant, params.finetune.seed)
+    if variant.synthetic:
+        data = dataclasses.replace(data, synthetic=samples[0], synthetic_targets=samples[1],
+                                   synthetic_confidence=samples[2])
     job = learners.Job(params.finetune, variant, data, (images[:0], images), classes, policy,
                        learners.Workspace(None, None, cache), device, World())
     return learners.train(job).probs[1]
@@ -110,10 +138,15 @@ def main() -> None:
     args = parser.parse_args()
     device = pick_device(args.device)
     params = preset_params(args.set)
-    variants = {n: v for n, v in params.variants.items() if not v.synthetic}  # no GAN here: one per draw is slow
+    variants = dict(params.variants)
     variants["full"] = Variant("efficientnet_lite0", "packaged", "full", 0, 15, True, False, False)
-    recipes = args.recipes or ["reference", *[n for n in variants if n != "full"]] + (
-        ["full"] if device.type == "cuda" else [])
+    variants |= {f"{n}+gan": dataclasses.replace(v, synthetic=True) for n, v in list(variants.items())
+                 if not v.synthetic}
+    recipes = args.recipes or ["reference", *[n for n, v in params.variants.items() if not v.synthetic]] + (
+        ["full"] if device.type == "cuda" else [])  # by default no GAN: one per draw is slow on a CPU
+    unknown = [r for r in recipes if r != "reference" and r not in variants]
+    if unknown:
+        sys.exit(f"unknown recipe(s) {unknown}; known: reference, {', '.join(variants)}")
     images, targets, classes = load_photos(args.photos, args.limit)
     print(f"{len(images)} photos, {len(classes)} classes, stored at {SIDE} px; device {device}; "
           f"torch threads {torch.get_num_threads()}")
@@ -130,13 +163,18 @@ def main() -> None:
             rest = np.setdiff1d(np.arange(len(images)), train)
             dev_mask = dev_part(pd.Series(targets[rest]), pd.Series(rest), 0.5, seed=draw)
             parts = {"dev": rest[dev_mask], "test": rest[~dev_mask]}
+            samples = None
+            if any(r != "reference" and variants[r].synthetic for r in recipes):
+                start = time.perf_counter()
+                samples = gan_samples(params, images[train], targets[train], len(classes), device)
+                print(f"n={per_class} draw {draw} GAN samples in {time.perf_counter() - start:.1f} s", flush=True)
             for recipe in recipes:
                 start = time.perf_counter()
                 if recipe == "reference":
                     probs = reference(images, targets, train, device, cache)
                 else:
                     probs = pipeline_recipe(params, variants[recipe], images, targets, train, policy, device,
-                                            cache, len(classes))
+                                            cache, len(classes), samples)
                 seconds = time.perf_counter() - start
                 row = {"per_class": per_class, "draw": draw, "recipe": recipe, "seconds": seconds}
                 for part, index in parts.items():

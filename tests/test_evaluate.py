@@ -140,7 +140,7 @@ def test_html_report_is_self_contained_and_says_what_the_markdown_says(known_ans
     for section in ("What each ingredient bought", "How it scales with labelled data", "Where the errors are",
                     "The data", "Augmentation", "Synthetic samples"):
         assert f">{section}</h" in page and f"# {section}" in markdown
-    assert "FID" in page and "CAS (samples)" in page  # the GAN fold's sample quality beside its grid
+    assert "FID" in page and "CAS (samples)" in page and "novelty" in page  # the GAN fold's sample quality beside its grid
 
 
 def test_html_report_escapes_names_from_users_folders(tmp_path):

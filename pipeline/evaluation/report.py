@@ -392,13 +392,20 @@ def data_blocks(ev: dict, assets: Assets) -> list:
     if assets.gan:
         blocks += [Heading("Synthetic samples", 3),
                    Text("Each fold's GAN (trained on that fold's training images only): a row per class, best-scoring "
-                        "first. FID and KID compare the accepted samples' features with the real training images "
-                        "(lower is closer; biased upwards at these sample sizes); CAS is the accuracy on real "
-                        "validation images of a classifier trained on the samples alone, beside the same classifier "
-                        "trained on the real images."),
-                   Table(["fold", "accepted", "FID", "KID", "CAS (samples)", "CAS (real)"],
-                         [[fold, f"{m.get('accepted', '–')} of {m.get('candidates', '–')}", _f(m.get("fid_accepted"), 1),
-                           _f(m.get("kid_accepted"), 4), _f(m.get("cas_synthetic")), _f(m.get("cas_real"))]
+                        "first. Acceptance is the share of candidates the filter (a classifier of the fold's real "
+                        "images) gave their class at least its threshold. FID and KID compare the accepted samples' "
+                        "features with the real training images (lower is closer; biased upwards at these sample "
+                        "sizes). Novelty is the samples' distance to their nearest real training image over the real "
+                        "images' distance to their nearest other one: about 1, as new as another real image; near 0, "
+                        "copies. CAS is the accuracy on real validation images of a classifier trained on the samples "
+                        "alone, beside the same classifier trained on the real images; on the development part "
+                        "(1,000 images) where there is one, since a fold's validation images are few."),
+                   Table(["fold", "accepted", "acceptance", "novelty", "FID", "KID", "CAS (samples)", "CAS (real)",
+                          "CAS on development (samples / real)"],
+                         [[fold, f"{m.get('accepted', '–')} of {m.get('candidates', '–')}", _f(m.get("acceptance")),
+                           _f(m.get("novelty_accepted"), 2), _f(m.get("fid_accepted"), 1),
+                           _f(m.get("kid_accepted"), 4), _f(m.get("cas_synthetic")), _f(m.get("cas_real")),
+                           f"{_f(m.get('cas_synthetic_dev'))} / {_f(m.get('cas_real_dev'))}"]
                           for fold, _, m in assets.gan]),
                    Figures([Figure(grid, fold) for fold, grid, _ in assets.gan])]
     return blocks

@@ -41,7 +41,7 @@ from pipeline import presets  # noqa: E402
 from pipeline.augmentation.policy import build_policy, save_policy  # noqa: E402
 from pipeline.data.decode import Normalise, decode_file  # noqa: E402
 from pipeline.data.folds import dev_part  # noqa: E402
-from pipeline.evaluation.statistics import bootstrap_intervals  # noqa: E402
+from pipeline.evaluation.statistics import bootstrap_intervals, paired_bootstrap  # noqa: E402
 from pipeline.gan.conditional import generate, train_gan  # noqa: E402
 from pipeline.gan.quality import SeenClassesProbe, class_probability, select_samples  # noqa: E402
 from pipeline.gan.samples import resize  # noqa: E402
@@ -154,7 +154,7 @@ def main() -> None:
     cache = args.cache or work / "cache"
     policy = work / "policy.json"
     save_policy(build_policy(params.augment.transforms, params.augment.seed), policy)
-    rows = []
+    rows, dev_probs = [], {}  # (per_class, recipe) -> [(dev indices, their probabilities), one per draw]
     for per_class in args.per_class:
         for draw in range(args.draws):
             rng = np.random.default_rng(draw)
@@ -182,9 +182,11 @@ def main() -> None:
                     row.update({part: float((probs[index].argmax(1) == targets[index]).mean()),
                                 f"{part}_low": low_high[0], f"{part}_high": low_high[1]})
                 rows.append(row)
+                dev_probs.setdefault((per_class, recipe), []).append((parts["dev"], probs[parts["dev"]]))
                 print(f"n={per_class} draw {draw} {recipe:<12} dev {row['dev']:.3f} test {row['test']:.3f} "
                       f"[{row['test_low']:.3f}, {row['test_high']:.3f}] {seconds:.1f} s", flush=True)
     report(pd.DataFrame(rows))
+    report_gan(dev_probs, variants, targets)
 
 
 def report(table: pd.DataFrame) -> None:
@@ -206,6 +208,25 @@ def report(table: pd.DataFrame) -> None:
             gain = summary.test[chosen] - summary.test["reference"]
             print(f"chosen on the development half: {chosen}; test {summary.test[chosen]:.3f} against the "
                   f"reference's {summary.test['reference']:.3f} ({gain:+.3f})")
+
+
+def report_gan(dev_probs: dict, variants: dict[str, Variant], targets: np.ndarray) -> None:
+    """Each recipe with GAN samples against the same recipe without them, on the development halves of every draw
+    pooled (paired bootstrap; the same photo in several draws' halves is one group)."""
+    for (per_class, recipe), with_gan in dev_probs.items():
+        variant = variants.get(recipe)
+        if variant is None or not variant.synthetic:
+            continue
+        plain = dataclasses.replace(variant, synthetic=False)
+        base = next((n for n, v in variants.items() if v == plain and (per_class, n) in dev_probs), None)
+        if base is None:
+            continue
+        index = np.concatenate([i for i, _ in dev_probs[(per_class, base)]])
+        a = np.concatenate([p for _, p in dev_probs[(per_class, base)]])
+        b = np.concatenate([p for _, p in with_gan])
+        c = paired_bootstrap(targets[index], a, b, groups=index)
+        print(f"GAN samples, {per_class} per class: {base} -> {recipe} on the development halves "
+              f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}] p {c.p_value:.3f}")
 
 
 if __name__ == "__main__":

@@ -384,11 +384,12 @@ def test_gan_learns_class_conditional_brightness():
 
 
 @pytest.mark.gpu
-def test_train_and_generate_on_cuda_with_bf16_autocast():
+@pytest.mark.parametrize("condition", ["label", "image"])
+def test_train_and_generate_on_cuda_with_bf16_autocast(condition):
     images, labels = make_dataset(channels=3, size=32)
     cuda = torch.device("cuda")
 
-    trained = train_gan(images, labels, 2, GanCfg(), cuda)
+    trained = train_gan(images, labels, 2, GanCfg(condition=condition), cuda)
     fake, fake_labels = generate(trained.generator, per_class=3, z_dim=GanCfg().z_dim, seed=0, device=cuda)
 
     assert all(np.isfinite(v) for entry in trained.history for v in entry.values())

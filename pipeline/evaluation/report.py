@@ -17,6 +17,7 @@ import numpy as np
 from markupsafe import Markup, escape
 
 from pipeline.data.collected import DEV, TEST, Collected, natural_key
+from pipeline.evaluation.labelling import ERRORS_PNG, NEXT_PNG
 from pipeline.runtime import atomic
 from pipeline.runtime.params import Variant
 
@@ -355,8 +356,8 @@ def labelling_blocks(ev: dict, figures: Path) -> list:
     else:
         text = f"The out-of-fold predictions of {best} doubt none of the {ev['data']['labelled']} labels ({method})."
     blocks = [Heading("Labels to check"), Text(text)]
-    if errors and (figures / "label_errors.png").exists():
-        blocks.append(Figure(figures / "label_errors.png", "Likely label errors, most doubtful first"))
+    if errors and (figures / ERRORS_PNG).exists():
+        blocks.append(Figure(figures / ERRORS_PNG, "Likely label errors, most doubtful first"))
     return blocks + next_blocks(lab, best, figures)
 
 
@@ -374,7 +375,7 @@ def next_blocks(lab: dict, best: str, figures: Path) -> list:
                    Text(f"{len(lab['label_next'])} unlabelled pool images worth labelling first, in order: {how}. "
                         "Each shows the ensemble's guess and its probability. Label them, move them into their class "
                         "folders and re-run. The full list is reports/labelling/label_next.csv."),
-                   Figure(figures / "label_next.png", "Pool images to label next")]
+                   Figure(figures / NEXT_PNG, "Pool images to label next")]
     return blocks
 
 

@@ -3,8 +3,8 @@ pipeline/training/semi.py) against the same recipe on the labels alone, on digit
 
     ./dev.sh python benchmarks/semi_supervised.py [--parts digits photos] [--folds 0 1 2 3 4] [--device auto]
         [--workspace DIR] [--pool N] [--full-epochs 300] [--set pseudo_threshold=0.9 ...] [--epochs-scale 1]
-        [--photos ../shared/datasets/clothing-small] [--photo-size 64] [--photo-epochs 15] [--photo-seed 0]
-        [--photo-input-size 64]
+        [--photos ../shared/datasets/clothing-small] [--photo-recipes full probe] [--photo-size 64]
+        [--photo-epochs 15] [--photo-seed 0 1 2] [--photo-input-size 64]
 
 digits: the repository's params.yaml (mnist, 10 labelled per class, 5-fold CV, an external set of 2,000 images
 split into a development part and a final test, and a pool of collect.unlabelled_limit images, or --pool N) is
@@ -17,13 +17,20 @@ says whether its fold models reach it (the lowest fold, and the mean over folds)
 
 photos: a folder source built from clothing-small: per class, 10 labelled photos (a seeded draw) in train/<class>/,
 the rest split (seeded, per class) into halves: unlabelled/ (the pool) and test/<class>/, which collect splits into
-a development part and a final test (collect.dev_fraction 0.5). Collected with the photos preset, stored at
---photo-size px, with collect.folds = --folds (so they must be 0..k-1, k >= 2). Variants: EfficientNet-Lite0
-(packaged ImageNet weights) fully fine-tuned for --photo-epochs epochs, without and with the pool, at
---photo-input-size (default 64, the stored side, which a CPU affords; 0 is the model's own 224 px with the stored
-pictures upsampled, for a GPU: on a 2-core CPU a fold's pool variant then took minutes and 14-20 GB of memory).
+a development part and a final test (collect.dev_fraction 0.5). Collected with the photos preset, with
+collect.folds = --folds (so they must be 0..k-1, k >= 2). Two recipes (--photo-recipes), each without and with
+the pool, each with a table of its own:
+- full: EfficientNet-Lite0 (packaged ImageNet weights) fully fine-tuned for --photo-epochs epochs (FixMatch with
+  the pool), photos stored at --photo-size px, at --photo-input-size (default 64, the stored side, which a CPU
+  affords; 0 is the model's own 224 px with the stored pictures upsampled, for a GPU: on a 2-core CPU a fold's
+  pool variant then took minutes and 14-20 GB of memory);
+- probe: the photos preset's `probe_lite2` (a linear probe on EfficientNet-Lite2's frozen features at its own
+  260 px, photos stored at 256; with the pool, class-balanced self-training, pipeline/training/probe.py).
 
-Each part prints one table (columns explained above it) and the paired differences of each pool variant against
+With several --photo-seed draws, each recipe's pool arm is also compared with its labels-only arm over all the
+draws' development parts together (and their final tests, to report only).
+
+Each part prints one table per recipe (columns explained above it) and the paired differences of each pool variant against
 its labels-only reference: on cross-validation (the corrected resampled t over folds, Nadeau & Bengio) and on the
 development part (a paired bootstrap over development images, or groups of near-duplicates, with the fold models
 as repeats: the difference of the fold models' mean accuracy). Settings are compared on the development part;
@@ -68,6 +75,8 @@ PHOTOS = ROOT.parent / "shared" / "datasets" / "clothing-small"
 GOAL = 0.985  # the issue's goal: one fold model's accuracy on the final test images
 ALPHA = 0.05
 PHOTO_LABELLED = 10  # labelled photos per class
+PROBE_STORED = 256  # the photos preset's `image_size: auto` on clothing-small (the photos' shorter side)
+PHOTO_NAMES = {"full": "lite0", "probe": "probe"}  # a photo recipe -> its labels-only arm (the pool arm adds _pool)
 LITE0_FULL = {"backbone": "efficientnet_lite0", "weights": "packaged", "strategy": "full", "augment": True,
               "synthetic": False}
 
@@ -153,17 +162,25 @@ def digits_params(args) -> tuple[Params, list[Arm]]:
     return params, arms
 
 
-def photo_params(args, folder: Path) -> tuple[Params, list[Arm]]:
-    """params.yaml with the photos preset and the benchmark's settings, and the two Lite0 arms."""
+def photo_params(args, folder: Path, recipe: str) -> tuple[Params, list[Arm]]:
+    """params.yaml with the photos preset and the benchmark's settings, and the recipe's two arms: labels alone,
+    and with the pool.
+    - full: EfficientNet-Lite0 fully fine-tuned (FixMatch with the pool), at --photo-input-size from photos
+      stored at --photo-size;
+    - probe: the preset's `probe_lite2` (Lite2's frozen features at its own 260 px, photos stored at 256, a
+      linear probe on 8 augmented views; class-balanced self-training with the pool)."""
     raw = presets.merged(yaml.safe_load((ROOT / "params.yaml").read_text()), "photos")
-    raw = workspace.override(raw, [f"collect.folder={folder}", f"collect.image_size={args.photo_size}",
+    size = args.photo_size if recipe == "full" else PROBE_STORED
+    raw = workspace.override(raw, [f"collect.folder={folder}", f"collect.image_size={size}",
                                    f"collect.folds={json.dumps(args.folds)}", "collect.dev_fraction=0.5",
                                    f"finetune.device={args.device}"])
-    for name, pool in (("lite0", False), ("lite0_pool", True)):
-        raw["variants"][name] = {**LITE0_FULL, "input_size": args.photo_input_size, "epochs": args.photo_epochs,
-                                 "unlabelled": pool}
+    base = ({**LITE0_FULL, "input_size": args.photo_input_size, "epochs": args.photo_epochs} if recipe == "full"
+            else raw["variants"]["probe_lite2"])
+    names = (f"{PHOTO_NAMES[recipe]}", f"{PHOTO_NAMES[recipe]}_pool")
+    for name, pool in zip(names, (False, True)):
+        raw["variants"][name] = {**base, "unlabelled": pool}
     params = parse_params(raw)
-    return params, [Arm(name, params.finetune, params.variants[name]) for name in ("lite0", "lite0_pool")]
+    return params, [Arm(name, params.finetune, params.variants[name]) for name in names]
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -212,7 +229,8 @@ def train_fold(prepared: Prepared, arm: Arm, fold: int) -> FoldRun:
     run_dir = prepared.runs / f"{arm.name}-{key}" / f"fold{fold}"
     done = run_dir / "result.json"
     if not done.is_file():
-        outputs = finetune.FinetuneOutputs(run_dir / "out", run_dir / "live", run_dir / "checkpoints")
+        outputs = finetune.FinetuneOutputs(run_dir / "out", run_dir / "live", run_dir / "checkpoints",
+                                           prepared.runs / "features")  # frozen features, keyed by model and pixels
         inputs = finetune.FinetuneInputs(prepared.collected, prepared.policy, run_dir / "no-synthetic")
         start = time.perf_counter()
         meta = finetune.run(arm.finetune, arm.variant, fold, inputs, outputs)
@@ -346,14 +364,45 @@ def photos_part(args, work: Path) -> None:
     if args.folds != list(range(len(args.folds))) or len(args.folds) < 2:
         sys.exit(f"photos: --folds become collect.folds, which must be 0..k-1 with k >= 2 (e.g. 0 1 2 3 4); "
                  f"got {args.folds}")
-    folder = build_photo_folder(args.photos, work / "photos" / f"raw-seed{args.photo_seed}", args.photo_seed)
-    params, arms = photo_params(args, folder)
-    prepared = prepare(params, work / "photos")
-    results = train_arms(prepared, arms, args.folds)
-    report(f"photos: clothing-small, {PHOTO_LABELLED} labelled per class, stored at {args.photo_size} px; "
-           f"EfficientNet-Lite0 full fine-tuning, {args.photo_epochs} epochs, input "
-           f"{args.photo_input_size or 'its own (224)'} px", results, prepared, "lite0",
-           params.evaluate.bootstrap)
+    for recipe in args.photo_recipes:
+        draws = []
+        for seed in args.photo_seed:
+            folder = build_photo_folder(args.photos, work / "photos" / f"raw-seed{seed}", seed)
+            params, arms = photo_params(args, folder, recipe)
+            prepared = prepare(params, work / "photos")
+            results = train_arms(prepared, arms, args.folds)
+            how = (f"EfficientNet-Lite0 full fine-tuning, {args.photo_epochs} epochs, stored at {args.photo_size} "
+                   f"px, input {args.photo_input_size or 'its own (224)'} px" if recipe == "full" else
+                   f"the photos preset's probe_lite2 (Lite2 at 260 px, stored at {PROBE_STORED} px), self-training "
+                   f"with the pool: {params.finetune.self_training_rounds} rounds, up to "
+                   f"{params.finetune.self_training_share:g} of the pool")
+            ext = report(f"photos, draw {seed}: clothing-small, {PHOTO_LABELLED} labelled per class; {how}", results,
+                         prepared, arms[0].name, params.evaluate.bootstrap)
+            draws.append((seed, ext, results))
+        if len(draws) > 1:
+            print_pooled(draws, arms[0].name, arms[1].name, params.evaluate.bootstrap)
+
+
+def print_pooled(draws: list[tuple[int, External, dict[str, list[FoldRun]]]], reference: str, other: str,
+                 resamples: int) -> None:
+    """`other` - `reference` over every draw's development part together: the draws' development images side by
+    side (their near-duplicate groups kept apart by draw), each draw's fold models as the repeats, so the
+    difference is the mean over draws and folds, weighted by development images, and its paired bootstrap
+    resamples images of every draw. The test parts likewise, to report only."""
+    for where in ("dev", "test"):
+        targets, base, pooled, groups = [], [], [], []
+        for seed, ext, results in draws:
+            mask = getattr(ext, where)
+            targets.append(ext.targets[mask])
+            base.append(fold_probs(results[reference], mask))
+            pooled.append(fold_probs(results[other], mask))
+            groups.append(np.char.add(f"draw{seed}:", ext.groups[mask].astype(str)))
+        c = paired_bootstrap(np.concatenate(targets), np.concatenate(base, axis=1), np.concatenate(pooled, axis=1),
+                             resamples=resamples, groups=np.concatenate(groups))
+        name = "development parts" if where == "dev" else "final tests (report only)"
+        verdict = "significant" if c.p_value < ALPHA else "not significant"
+        print(f"{other} - {reference}, {len(draws)} draws' {name} pooled ({sum(len(t) for t in targets)} images): "
+              f"{interval(c)}  p = {c.p_value:.3f}  {verdict} at {ALPHA} (paired bootstrap)")
 
 
 PARTS = {"digits": digits_part, "photos": photos_part}
@@ -377,7 +426,12 @@ def main() -> None:
     parser.add_argument("--photo-epochs", type=int, default=15)
     parser.add_argument("--photo-input-size", type=int, default=64,
                         help="photos: Lite0's input_size (0 = its own 224 px, the stored pictures upsampled: a GPU's)")
-    parser.add_argument("--photo-seed", type=int, default=0, help="photos: the labelled draw and the pool/test split")
+    parser.add_argument("--photo-recipes", nargs="+", choices=list(PHOTO_NAMES), default=list(PHOTO_NAMES),
+                        help="photos: full (Lite0 fine-tuned, FixMatch) and probe (the preset's Lite2 probe, "
+                             "self-training), each without and with the pool")
+    parser.add_argument("--photo-seed", type=int, nargs="+", default=[0],
+                        help="photos: the labelled draws and pool/test splits (several: a table each, then the "
+                             "difference over all their development parts together)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     began = time.perf_counter()

@@ -473,6 +473,30 @@ def test_a_pretrained_backbone_learns_from_the_pool_too(tmp_path, inputs):
                    for k in ("val_probs", "test_probs", "pool_probs"))
 
 
+def test_a_linear_probe_self_trains_on_the_folds_pool(tmp_path, inputs):
+    """With unlabelled: true the probe pseudo-labels the fold's own pool, the same number per class, growing to
+    self_training_share of it, and what it predicts moves; without, the probe is the labels' alone."""
+    params = make_params(finetune__self_training_rounds=2, finetune__self_training_share=0.5)
+    data = load_collected(inputs.collected)
+    cache = tmp_path / "cache"
+    alone = finetune.run(params.finetune, params.variants["probe"], 0, inputs,
+                         FinetuneOutputs(tmp_path / "alone", tmp_path / "la", None, cache))
+    pooled = finetune.run(params.finetune, dataclasses.replace(params.variants["probe"], unlabelled=True), 0, inputs,
+                          FinetuneOutputs(tmp_path / "pool", tmp_path / "lp", None, cache))
+    pool = len(data.pool_for(0))
+    assert alone["train_unlabelled"] == 0 and "self_training" not in alone
+    assert pooled["train_unlabelled"] == pool > 0
+    per_class = [round(0.5 * r / 2 * pool / 10) for r in (1, 2)]
+    rounds = pooled["self_training"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    # at most per_class of each class (a class the probe predicts less often gives fewer), never more
+    assert all(0 < r["pseudo_labelled"] <= 10 * k for r, k in zip(rounds, per_class))
+    assert rounds[0]["pseudo_labelled"] < rounds[1]["pseudo_labelled"]
+    with np.load(tmp_path / "alone" / "predictions.npz") as a, np.load(tmp_path / "pool" / "predictions.npz") as b:
+        assert not np.allclose(a["test_probs"], b["test_probs"], atol=1e-3)
+        assert np.allclose(b["test_probs"].sum(1), 1, atol=1e-4)
+
+
 def test_a_semi_supervised_variant_without_a_pool_says_how_to_get_one(tmp_path, inputs, collected_dir):
     params = make_params(collect__unlabelled_limit=0, collect__external_limit=0)
     empty = tmp_path / "collected"

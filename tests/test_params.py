@@ -64,7 +64,11 @@ def test_the_study_preset_adds_the_recipes_the_default_leaves_out_and_changes_no
     ({"finetune.pseudo_threshold": 0.95}, r"`finetune.pseudo_threshold` must be between 0 and 1 - "
                                           r"finetune.label_smoothing \(0.9\), which caps the teacher's confidence"),
     ({"finetune.unlabelled_ratio": 0}, r"`finetune.unlabelled_ratio` must be >= 1"),
-    ({"variants.probe.unlabelled": True}, r"`variants.probe.unlabelled` must be false unless strategy is full"),
+    ({"variants.probe.unlabelled": True, "variants.probe.strategy": "partial"},
+     r"`variants.probe.unlabelled` must be false unless strategy is full \(FixMatch\) or linear_probe"),
+    ({"finetune.self_training_rounds": 0}, r"`finetune.self_training_rounds` must be >= 1"),
+    ({"finetune.self_training_share": 0}, r"`finetune.self_training_share` must be in \(0, 1\]"),
+    ({"finetune.self_training_share": 1.5}, r"`finetune.self_training_share` must be in \(0, 1\]"),
     ({"scarcity.variants": ["cnn_pool"]}, r"`scarcity.variants \(cnn_pool\)` must be variants without the "
                                           r"unlabelled pool"),
     ({"collect.unlabelled_limit": -1}, r"`collect.unlabelled_limit` must be >= 0"),

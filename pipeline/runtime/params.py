@@ -228,6 +228,8 @@ class FinetuneParams:
     pseudo_threshold: float  # semi-supervised variants: the teacher's confidence a pseudo-label needs
     unlabelled_weight: float  # semi-supervised variants: weight of the pool's loss
     teacher_decay: float  # semi-supervised variants: EMA decay of the teacher (the kept model)
+    self_training_rounds: int  # linear_probe with the pool: rounds of class-balanced pseudo-labelling
+    self_training_share: float  # linear_probe with the pool: share of the pool pseudo-labelled in the last round
     probe_views: int  # linear_probe or partial + augment: augmented copies of each training image
     partial_blocks: int  # partial: the backbone's last stages that train (with the head) on the frozen trunk's outputs
     partial_head: Literal["probe", "random"]  # partial: the head starts as a linear probe (LP-FT) or random
@@ -261,6 +263,9 @@ class FinetuneParams:
                  "confidence: above it no pseudo-label would ever pass", self.pseudo_threshold)
         _require(self.unlabelled_weight > 0, "finetune.unlabelled_weight", "> 0", self.unlabelled_weight)
         _require(0 < self.teacher_decay < 1, "finetune.teacher_decay", "in (0, 1)", self.teacher_decay)
+        _require(self.self_training_rounds >= 1, "finetune.self_training_rounds", ">= 1", self.self_training_rounds)
+        _require(0 < self.self_training_share <= 1, "finetune.self_training_share", "in (0, 1]",
+                 self.self_training_share)
         _require(self.probe_views >= 1, "finetune.probe_views", ">= 1", self.probe_views)
         _require(self.partial_blocks >= 1, "finetune.partial_blocks", ">= 1 stage", self.partial_blocks)
         _require(self.probe_c > 0, "finetune.probe_c", "> 0", self.probe_c)
@@ -277,7 +282,7 @@ class Variant:
     epochs: int  # full fine-tuning only
     augment: bool
     synthetic: bool
-    unlabelled: bool  # semi-supervised: also learn from the unlabelled pool (pipeline/training/semi.py)
+    unlabelled: bool  # semi-supervised: also learn from the unlabelled pool (full: semi.py; linear_probe: probe.py)
 
 
 @dataclass(frozen=True)
@@ -347,8 +352,9 @@ class Params:
             _require(variant.input_size == 0 or 16 <= variant.input_size <= 1024, f"variants.{name}.input_size",
                      "from 16 to 1024, or 0 for the model's own (from its timm config)", variant.input_size)
             _require(variant.epochs >= 1, f"variants.{name}.epochs", ">= 1", variant.epochs)
-            _require(not variant.unlabelled or variant.strategy == "full", f"variants.{name}.unlabelled",
-                     "false unless strategy is full (the pool is learnt from by gradient steps)", variant.unlabelled)
+            _require(not variant.unlabelled or variant.strategy in ("full", "linear_probe"),
+                     f"variants.{name}.unlabelled", "false unless strategy is full (FixMatch) or linear_probe "
+                     "(self-training); partial does not learn from the pool", variant.unlabelled)
         self._check_scarcity()
         _require(self.final.variant == "best" or self.final.variant in self.variants, "final.variant",
                  f"best or a name from `variants` ({', '.join(self.variants)})", self.final.variant)

@@ -8,7 +8,8 @@ stages that train variants (finetune: one fold of the ablation; scarcity: the la
 - `partial`: only the backbone's last stages and the head train, on the frozen trunk's cached outputs
   (pipeline/training/partial.py): fine-tuning at a photo backbone's native size that a CPU can afford.
 - `linear_probe`: the backbone stays frozen; its features are computed once and cached on disk
-  (data/cache/features), and a logistic regression is fitted on them.
+  (data/cache/features), and a logistic regression is fitted on them; with the unlabelled pool, by
+  class-balanced self-training (probe.self_train).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pipeline.runtime.params import FinetuneParams, Variant
 from pipeline.training.backbones import Classifier, create_backbone, weights_source
 from pipeline.training.loop import FitSetup, TrainingSet, fit, predict
 from pipeline.training.partial import partial
-from pipeline.training.probe import FeatureCache, ImageFeatures, LinearProbe
+from pipeline.training.probe import FeatureCache, ImageFeatures, LinearProbe, self_train
 
 
 @dataclass(frozen=True)
@@ -203,14 +204,25 @@ def linear_probe(job: Job) -> Outcome | None:
     features = FeatureCache(ImageFeatures(variant.backbone, variant.input_size, job.device, variant.weights),
                             job.workspace.features)
     train_x, train_y = frozen_training_rows(job, features)
-    probe = LinearProbe(params.probe_c, job.classes, job.device,
-                        per_feature=params.probe_scale == "feature").fit(train_x, train_y)
+
+    def fit(rows: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> LinearProbe:
+        return LinearProbe(params.probe_c, job.classes, job.device,
+                           per_feature=params.probe_scale == "feature").fit(rows, targets, weights)
+    rounds = []
+    if job.data.semi_supervised:  # a pool image weighs as much as a labelled image with its augmented views
+        per_image = 1 + params.probe_views if job.variant.augment else 1
+        probe, rounds = self_train(fit, train_x, train_y, features(job.data.unlabelled), params.self_training_rounds,
+                                   params.self_training_share, params.unlabelled_weight * per_image)
+    else:
+        probe = fit(train_x, train_y, np.ones(len(train_x)))
     seconds = time.perf_counter() - start
     probs = tuple(probe.predict_proba(features(images)) for images in job.held_out)
     history = [{"epoch": 1, "train_accuracy": float((probe.predict_proba(train_x).argmax(1) == train_y).mean())}]
     meta = {"train_seconds": round(seconds, 2), "probe_features": int(train_x.shape[1]),
             "probe_training_rows": len(train_x), "feature_cache_hits": features.hits,
             "feature_cache_misses": features.misses}
+    if rounds:
+        meta["self_training"] = rounds
     return Outcome(probs, history, meta, probe_as_classifier(features.extract, probe, job.classes))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -97,24 +98,35 @@ class LinearProbe:
         x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
         return (x - self.mean) / self.scale
 
-    def fit(self, features: np.ndarray, targets: np.ndarray) -> "LinearProbe":
+    def fit(self, features: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None) -> "LinearProbe":
+        """Fit on the rows. A row of weight w (`weights`, one per row, default 1) counts as w copies of itself,
+        in the standardisation and in the log-loss, the penalty staying 1 / (2 C) against the weights' sum: with
+        weights of 1 this is scikit-learn's objective exactly."""
         raw = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
+        w = torch.ones(len(raw), device=self.device) if weights is None else torch.from_numpy(
+            np.array(weights, dtype=np.float32)).to(self.device)
+        total = w.sum()
+        mean = (w[:, None] * raw).sum(0) / total  # a row of weight w counts as w rows here too
         if self.per_feature:
-            self.mean, self.scale = raw.mean(0), raw.std(0, unbiased=False).clamp_min(1e-6)
+            variance = (w[:, None] * (raw - mean).square()).sum(0) / total
+            self.mean, self.scale = mean, variance.sqrt().clamp_min(1e-6)
         else:  # weaker features keep smaller weights (and a head trained on stays stable)
+            overall = mean.mean()  # torch.std() over every entry, weighted
+            variance = (w[:, None] * (raw - overall).square()).sum() / (total * raw.shape[1] - 1)
             self.mean = raw.new_zeros(raw.shape[1])
-            self.scale = raw.std().clamp_min(1e-6).expand(raw.shape[1])
+            self.scale = variance.sqrt().clamp_min(1e-6).expand(raw.shape[1])
         x = self._standardised(features)
         y = torch.from_numpy(np.array(targets, dtype=np.int64)).to(self.device)  # a writable copy
         self.weight = torch.zeros(x.shape[1], self.num_classes, device=self.device, requires_grad=True)
         self.bias = torch.zeros(self.num_classes, device=self.device, requires_grad=True)
-        penalty = 1.0 / (2 * self.c * len(x))  # sklearn's objective divided by C x n
+        penalty = 1.0 / (2 * self.c * float(total))  # sklearn's objective divided by C x n (n: the summed weights)
         optimizer = torch.optim.LBFGS([self.weight, self.bias], max_iter=self.max_iter, tolerance_grad=1e-6,
                                       tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
 
         def objective() -> torch.Tensor:
             optimizer.zero_grad()
-            loss = F.cross_entropy(x @ self.weight + self.bias, y) + penalty * self.weight.square().sum()
+            per_row = F.cross_entropy(x @ self.weight + self.bias, y, reduction="none")
+            loss = (per_row * w).sum() / total + penalty * self.weight.square().sum()
             loss.backward()
             return loss
         with torch.enable_grad():
@@ -137,3 +149,38 @@ class LinearProbe:
             return np.zeros((0, self.num_classes), np.float32)
         logits = self._standardised(features) @ self.weight + self.bias
         return logits.softmax(1).float().cpu().numpy()
+
+
+def balanced_pseudo_labels(probs: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, labels): for each class, the `per_class` rows predicted as it with the highest confidence (fewer if
+    fewer are predicted as it). Balanced so that a class the model already favours cannot take over the pool,
+    the usual failure of thresholded self-training with few labels."""
+    predicted, confidence = probs.argmax(1), probs.max(1)
+    chosen = [np.zeros(0, np.int64)]
+    for label in range(probs.shape[1]):
+        rows = np.flatnonzero(predicted == label)
+        chosen.append(rows[np.argsort(-confidence[rows], kind="stable")][:per_class])
+    rows = np.sort(np.concatenate(chosen))
+    return rows, predicted[rows]
+
+
+def self_train(fit: Callable[[np.ndarray, np.ndarray, np.ndarray], LinearProbe], rows: np.ndarray,
+               targets: np.ndarray, pool: np.ndarray, rounds: int, share: float,
+               weight: float) -> tuple[LinearProbe, list[dict]]:
+    """Class-balanced self-training of a probe on frozen features (pseudo-labelling, Lee 2013, with the
+    curriculum of Cascante-Bonilla et al., AAAI 2021): fit on the labelled rows; then in each of `rounds` rounds
+    label the pool with the last probe and refit on the labelled rows plus, per class, the most confident pool
+    rows, their number growing evenly to `share` of the pool (over the classes) in the last round. Every
+    round restarts from the labelled rows, so a wrong pseudo-label of one round is not carried into the next
+    unless the new probe makes it again. `fit(rows, targets, weights)` fits one probe; pool rows weigh
+    `weight`. Returns the last probe and one record per round."""
+    probe = fit(rows, targets, np.ones(len(rows)))
+    classes, history = probe.num_classes, []
+    for round_ in range(1, rounds + 1):
+        per_class = round(share * round_ / rounds * len(pool) / classes)
+        chosen, labels = balanced_pseudo_labels(probe.predict_proba(pool), per_class)
+        probe = fit(np.concatenate([rows, pool[chosen]]), np.concatenate([targets, labels]),
+                    np.concatenate([np.ones(len(rows)), np.full(len(chosen), weight)]))
+        history.append({"round": round_, "pseudo_labelled": len(chosen),
+                        "pseudo_label_share": len(chosen) / max(len(pool), 1)})
+    return probe, history

@@ -46,16 +46,24 @@ def test_the_photos_preset_replaces_the_digits_recipes_and_keeps_the_comments(tm
 def test_a_photo_folder_goes_through_dvc_repro_with_the_photos_preset(tmp_path):
     repo = make_repo(tmp_path / "repo", yaml.safe_dump(raw_params(), sort_keys=False))
     photo_folder(repo / "data" / "raw", classes=3, per_class=8)
+    pool = repo / "data" / "raw" / "unlabelled"  # unlabelled photos beside the class folders: 6 of each class
+    for folder in sorted(photo_folder(tmp_path / "more", classes=3, per_class=14).iterdir()):
+        for photo in sorted(folder.iterdir())[8:]:
+            pool.mkdir(exist_ok=True)
+            photo.rename(pool / f"{folder.name}-{photo.name}")
     # what `./dev.sh preset photos` runs (tests/test_dev_sh.py checks that it does), in this environment
     assert "preset photos changed" in run(sys.executable, "-m", "pipeline.presets", "photos", cwd=repo)
     params = with_overrides(yaml.safe_load((repo / "params.yaml").read_text()), SMOKE)
+    # the variant the README says to add with a pool: the probe, self-trained on it
+    params["variants"]["probe_pool"] = {**params["variants"]["probe"], "unlabelled": True}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run("git", "commit", "-qam", "photos preset at smoke size", cwd=repo)
     out = dvc(repo, "repro")
     assert "Running stage 'final'" in out
     summary = json.loads((repo / "data" / "collected" / "summary.json").read_text())
     # colour photos of about 256 x 341: stored in colour at their shorter side, chosen from the data
-    assert (summary["channels"], summary["image_size"], summary["accepted"]) == (3, 256, 24)
+    assert (summary["channels"], summary["image_size"], summary["accepted"]) == (3, 256, 24 + 18)
+    assert summary["unlabelled"] == 18
     assert summary["warnings"] == []
     assert "HorizontalFlip" in (repo / "data" / "augment" / "policy.json").read_text()
     synthesized = json.loads((repo / "reports" / "synthesize" / "r0-fold0.json").read_text())
@@ -63,8 +71,14 @@ def test_a_photo_folder_goes_through_dvc_repro_with_the_photos_preset(tmp_path):
     meta = json.loads((repo / "data" / "synthetic" / "r0-fold0" / "meta.json").read_text())
     assert (meta["image_size"], meta["gan_image_size"]) == (256, 64)
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    for name in ("probe", "probe_lite2", "partial", "partial_synthetic"):
+    for name in ("probe", "probe_lite2", "partial", "partial_synthetic", "probe_pool"):
         assert 0 <= metrics[f"{name}.oof_accuracy"] <= 1
+    pooled = json.loads((repo / "data" / "finetune" / "r0-fold0-probe_pool" / "meta.json").read_text())
+    assert 12 < pooled["train_unlabelled"] <= 18 and [r["round"] for r in pooled["self_training"]] == [1, 2, 3]
+    assert 0 < pooled["self_training"][-1]["pseudo_labelled"] <= 9  # at most half the pool, 3 per class
+    evaluation = json.loads((repo / "reports" / "evaluation.json").read_text())
+    assert any((c["setting"], c["a"], c["b"]) == ("unlabelled", "probe", "probe_pool")
+               for c in evaluation["comparisons"])  # the report says what the pool bought
     partial = json.loads((repo / "data" / "finetune" / "r0-fold0-partial" / "meta.json").read_text())
     assert partial["partial_training_rows"] == 12 * (1 + 2) and partial["trunk_output_shape"][1:] == [7, 7]
     card = json.loads((repo / "data" / "model" / "model_card.json").read_text())

@@ -176,7 +176,7 @@ def photo_params(args, folder: Path, recipe: str) -> tuple[Params, list[Arm]]:
                                    f"finetune.device={args.device}"])
     base = ({**LITE0_FULL, "input_size": args.photo_input_size, "epochs": args.photo_epochs} if recipe == "full"
             else raw["variants"]["probe_lite2"])
-    names = (f"{PHOTO_NAMES[recipe]}", f"{PHOTO_NAMES[recipe]}_pool")
+    names = (PHOTO_NAMES[recipe], f"{PHOTO_NAMES[recipe]}_pool")
     for name, pool in zip(names, (False, True)):
         raw["variants"][name] = {**base, "unlabelled": pool}
     params = parse_params(raw)

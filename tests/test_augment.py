@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from pipeline.augmentation.policy import augment_image, build_policy, load_policy
+from pipeline.augmentation.policy import augment_image, augment_seeded, build_policy, load_policy, reseed
 from pipeline.data.collected import load_collected
 from pipeline.stages import augment
 
@@ -43,3 +43,23 @@ def test_same_seed_same_augmentation_other_seed_differs(collected_dir):
              for seed in (0, 0, 1)]
     assert all(np.array_equal(a, b) for a, b in zip(draws[0], draws[1]))
     assert not all(np.array_equal(a, b) for a, b in zip(draws[0], draws[2]))
+
+
+def test_a_reseeded_policy_repeats_itself_and_tosses_each_transforms_coin_independently(collected_dir):
+    policy = build_policy(make_params().augment.transforms, seed=0)  # p 0.9, 0.3, 0.5, 0.2
+    image = load_collected(collected_dir).images[3]
+    assert np.array_equal(augment_seeded(policy, image, 11), augment_seeded(policy, image, 11))
+    coins = []
+    for seed in range(4000):
+        reseed(policy, seed)
+        coins.append([t.should_apply() for t in policy.transforms])
+    coins = np.array(coins)
+    assert np.allclose(coins.mean(0), [0.9, 0.3, 0.5, 0.2], atol=0.03)
+    # independent coins: each pair's joint rate is the product of theirs (seeded per transform, albumentations'
+    # own way, elastic never came without affine, nor dropout without the other three)
+    for a in range(4):
+        for b in range(a + 1, 4):
+            for want_a in (True, False):
+                joint = ((coins[:, a] == want_a) & coins[:, b]).mean()
+                expected = (coins[:, a] == want_a).mean() * coins[:, b].mean()
+                assert abs(joint - expected) < 0.025, (a, b, want_a, joint, expected)

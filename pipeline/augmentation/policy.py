@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -167,10 +168,20 @@ def augment_image(policy: Any, image: np.ndarray) -> np.ndarray:
     return out.reshape(image.shape)
 
 
+def reseed(policy: Any, seed: int) -> None:
+    """Re-seed a built policy's own random streams: one numpy and one python stream, made from `seed`, serve the
+    transforms in turn. albumentations' `set_random_seed` gives every transform streams of its own, all from the
+    same seed, so each transform's coin (does it apply?) came up the same: with p 0.9, 0.3, 0.5 and 0.2 an image
+    was elastically distorted only if also affine-warped, dropped out only if all three others applied. It also
+    costs five times as much (0.23 against 0.04 ms an image, a quarter of a 32 px image's augmentation)."""
+    seed %= 2**32
+    policy.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
 def augment_seeded(policy: Any, image: np.ndarray, seed: int) -> np.ndarray:
-    """`augment_image` with the policy's own streams re-seeded first: the draw depends on `seed` alone, not on
-    which process or how many images came before."""
-    policy.set_random_seed(seed % 2**32)
+    """`augment_image` with the policy re-seeded first: the draw depends on `seed` alone, not on which process or
+    how many images came before."""
+    reseed(policy, seed)
     return augment_image(policy, image)
 
 

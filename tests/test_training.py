@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augmentation.policy import build_policy
+from pipeline.augmentation.policy import augment_seeded, build_policy
 from pipeline.data.collected import load_collected
 from pipeline.runtime.checkpoint import Checkpointing
 from pipeline.runtime.compute import World, channels_last
@@ -252,10 +252,29 @@ def test_pool_views_are_seeded_by_step_and_the_weak_one_is_a_shift_of_the_image(
     assert (weak.numpy() != strong.numpy()).any(axis=(1, 2, 3)).all()  # augmented and cut out
 
 
+def test_views_made_ahead_on_a_thread_are_the_views_made_in_line(digits):
+    """FixMatch makes the next step's pool views on a thread while this step trains and the labelled batch is
+    augmented with the same policy: what comes back is what the step's views are, and nothing is made past the
+    last step."""
+    images = digits[2][:40]
+    policy = build_policy(make_params().augment.transforms, 0)
+    params = make_params(finetune__unlabelled_ratio=1, finetune__batch_size=8).finetune
+    semi = FixMatch(params, images, policy, steps_per_epoch=4, epochs=3, world=World())
+    in_line = PoolBatches(images, build_policy(make_params().augment.transforms, 0), 8, params.seed, World())
+    for epoch, step in [(e, s) for e in range(3) for s in range(4)]:
+        weak, strong = semi.views(epoch, step)
+        for i, image in enumerate(images):  # the labelled batch, on the main thread, with the same policy object
+            augment_seeded(policy, image, 1000 * step + i)
+        expected = in_line.views(epoch, step)
+        assert torch.equal(weak, expected[0]) and torch.equal(strong, expected[1])
+    assert semi._next is None  # (2, 3) was the last step
+    semi.close()
+
+
 def test_only_pseudo_labels_the_teacher_is_sure_of_teach_the_student():
     params = make_params(finetune__pseudo_threshold=0.8, finetune__unlabelled_weight=2.0,
                          finetune__unlabelled_start=0.5).finetune
-    semi = FixMatch(params, np.zeros((4, 8, 8, 1), np.uint8), None, total_steps=100, world=World())
+    semi = FixMatch(params, np.zeros((4, 8, 8, 1), np.uint8), None, steps_per_epoch=10, epochs=10, world=World())
     assert not semi.active(49) and semi.active(50)
     teacher = torch.tensor([[6.0, 0.0, 0.0], [0.5, 0.0, 0.0]])  # sure of class 0 (0.995), then unsure (0.45)
     student = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])

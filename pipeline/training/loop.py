@@ -484,7 +484,7 @@ def _pool_loss(state: TrainState, trained: nn.Module, x: torch.Tensor, semi: Fix
     """(labelled logits, the pool's loss, its pseudo-label pass rate): the teacher labels the weak views, and
     the student sees the labelled batch and the strong views in one forward pass (one set of batch statistics,
     as in FixMatch)."""
-    weak, strong = semi.batches.views(state.epoch, step)
+    weak, strong = semi.views(state.epoch, step)
     teacher = state.ema.module
     with torch.no_grad(), batch_statistics(teacher), autocast(device):
         teacher_logits = teacher(to_batch(weak, device))
@@ -572,7 +572,7 @@ def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
         for record in state.history:  # the curves so far, so the log is whole after a resume
             setup.on_epoch(record)
     trained = _wrap(model, setup)
-    semi = (FixMatch(setup.params, data.unlabelled, setup.policy, setup.epochs * plan.steps_per_epoch, setup.world)
+    semi = (FixMatch(setup.params, data.unlabelled, setup.policy, plan.steps_per_epoch, setup.epochs, setup.world)
             if data.semi_supervised else None)
     losses = Losses(SyntheticLoss(data, setup.params, num_classes, setup.device), semi)
     batches = iter(_loader(data, setup, plan, state.epoch))
@@ -600,6 +600,8 @@ def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
                 save_state(path, state, randoms, setup.checkpoint.fingerprint)
     progress.close()
     del batches  # stops DataLoader workers at once, also after early stopping
+    if semi is not None:
+        semi.close()
     kept = state.evaluated
     if state.best is not None:
         kept.load_state_dict(state.best)

@@ -253,13 +253,13 @@ def test_pool_views_are_seeded_by_step_and_the_weak_one_is_a_shift_of_the_image(
 
 
 def test_views_made_ahead_on_a_thread_are_the_views_made_in_line(digits):
-    """FixMatch makes the next step's pool views on a thread while this step trains and the labelled batch is
-    augmented with the same policy: what comes back is what the step's views are, and nothing is made past the
-    last step."""
+    """On a GPU, FixMatch makes the next step's pool views on a thread while this step trains and the labelled
+    batch is augmented with the same policy: what comes back is what the step's views are, and nothing is made
+    past the last step."""
     images = digits[2][:40]
     policy = build_policy(make_params().augment.transforms, 0)
     params = make_params(finetune__unlabelled_ratio=1, finetune__batch_size=8).finetune
-    semi = FixMatch(params, images, policy, steps_per_epoch=4, epochs=3, world=World())
+    semi = FixMatch(params, images, policy, steps_per_epoch=4, epochs=3, world=World(), ahead=True)
     in_line = PoolBatches(images, build_policy(make_params().augment.transforms, 0), 8, params.seed, World())
     for epoch, step in [(e, s) for e in range(3) for s in range(4)]:
         weak, strong = semi.views(epoch, step)

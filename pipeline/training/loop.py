@@ -572,8 +572,8 @@ def fit(model: Classifier, data: TrainingSet, setup: FitSetup) -> FitResult:
         for record in state.history:  # the curves so far, so the log is whole after a resume
             setup.on_epoch(record)
     trained = _wrap(model, setup)
-    semi = (FixMatch(setup.params, data.unlabelled, setup.policy, plan.steps_per_epoch, setup.epochs, setup.world)
-            if data.semi_supervised else None)
+    semi = (FixMatch(setup.params, data.unlabelled, setup.policy, plan.steps_per_epoch, setup.epochs, setup.world,
+                     ahead=setup.device.type == "cuda") if data.semi_supervised else None)
     losses = Losses(SyntheticLoss(data, setup.params, num_classes, setup.device), semi)
     batches = iter(_loader(data, setup, plan, state.epoch))
     stopped, step_seconds = False, 0.0

@@ -85,7 +85,7 @@ class FixMatch:
     """When the pool joins, and the loss on its images."""
 
     def __init__(self, params: FinetuneParams, pool: np.ndarray, policy: Any | None, steps_per_epoch: int,
-                 epochs: int, world: World):
+                 epochs: int, world: World, ahead: bool = False):
         local = params.batch_size // world.size
         # a copy of its own: the views are made on another thread while the labelled batches are augmented with
         # the same policy, and re-seeding a shared one between two threads would mix their draws
@@ -93,26 +93,28 @@ class FixMatch:
         self.steps_per_epoch, self.total_steps = steps_per_epoch, epochs * steps_per_epoch
         self.start_step = self.first_step(params, self.total_steps)
         self.threshold, self.weight = params.pseudo_threshold, params.unlabelled_weight
-        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="pool-views")
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="pool-views") if ahead else None
         self._next: tuple[tuple[int, int], Future] | None = None
 
     def views(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's (weak, strong) views, and the next step's set going on a background thread. Making them is
-        mostly albumentations' Python; torch's kernels let go of the interpreter, so the next step's views are
-        made while this step trains (the same views as made in line: they are a function of (epoch, step))."""
+        """The step's (weak, strong) views; with `ahead`, the next step's set going on a background thread, made
+        while this step trains on the GPU (the same views as made in line: they are a function of (epoch, step)).
+        Not on a CPU, whose cores torch's own threads already keep busy: there the thread slowed a 16 px
+        cnn_pool fold on 2 cores from 65.1 and 70.1 s to 79.2 and 76.5."""
         ahead, self._next = self._next, None
         if ahead is not None and ahead[0] == (epoch, step):
             out = ahead[1].result()
         else:  # the first pool step, or after a resume
             out = self.batches.views(epoch, step)
         following = (epoch, step + 1) if step + 1 < self.steps_per_epoch else (epoch + 1, 0)
-        if following[0] * self.steps_per_epoch + following[1] < self.total_steps:
+        if self._ahead is not None and following[0] * self.steps_per_epoch + following[1] < self.total_steps:
             self._next = (following, self._ahead.submit(self.batches.views, *following))
         return out
 
     def close(self) -> None:
         self._next = None
-        self._ahead.shutdown(wait=True, cancel_futures=True)
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
     def first_step(params: FinetuneParams, total_steps: int) -> int:

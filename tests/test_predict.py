@@ -172,7 +172,10 @@ def test_files_are_read_a_batch_at_a_time_with_the_numbers_of_one_pass(tmp_path)
     how = inference.preparation(card)
     usable = [inference.read_image(inference.Named(str(f), f), how).image for f in files if f not in broken]
     expected = predict.probabilities(model, np.stack(usable), CPU, 3)
-    assert np.array_equal(table.loc[table.error == "", ["p_0", "p_1", "p_2"]].to_numpy(), expected)
+    # the same images in the same forward passes: equal to float32 rounding (in the full suite on a 2-core AMD
+    # machine, 2026-12-01, the two passes differed in the last bits; alone they were bit for bit the same)
+    got = table.loc[table.error == "", ["p_0", "p_1", "p_2"]].to_numpy()
+    assert got.shape == expected.shape and np.allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert table.predicted[table.error == ""].tolist() == [card["classes"][i] for i in expected.argmax(1)]
 
 

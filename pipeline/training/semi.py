@@ -87,9 +87,10 @@ class FixMatch:
     def __init__(self, params: FinetuneParams, pool: np.ndarray, policy: Any | None, steps_per_epoch: int,
                  epochs: int, world: World, ahead: bool = False):
         local = params.batch_size // world.size
-        # a copy of its own: the views are made on another thread while the labelled batches are augmented with
-        # the same policy, and re-seeding a shared one between two threads would mix their draws
-        self.batches = PoolBatches(pool, copy.deepcopy(policy), params.unlabelled_ratio * local, params.seed, world)
+        # made ahead, the views need a policy of their own: the labelled batches are augmented with the same one
+        # meanwhile, and re-seeding a shared one from two threads would mix their draws
+        own = copy.deepcopy(policy) if ahead else policy
+        self.batches = PoolBatches(pool, own, params.unlabelled_ratio * local, params.seed, world)
         self.steps_per_epoch, self.total_steps = steps_per_epoch, epochs * steps_per_epoch
         self.start_step = self.first_step(params, self.total_steps)
         self.threshold, self.weight = params.pseudo_threshold, params.unlabelled_weight
@@ -106,9 +107,10 @@ class FixMatch:
             out = ahead[1].result()
         else:  # the first pool step, or after a resume
             out = self.batches.views(epoch, step)
-        following = (epoch, step + 1) if step + 1 < self.steps_per_epoch else (epoch + 1, 0)
-        if self._ahead is not None and following[0] * self.steps_per_epoch + following[1] < self.total_steps:
-            self._next = (following, self._ahead.submit(self.batches.views, *following))
+        following = epoch * self.steps_per_epoch + step + 1
+        if self._ahead is not None and following < self.total_steps:
+            at = divmod(following, self.steps_per_epoch)
+            self._next = (at, self._ahead.submit(self.batches.views, *at))
         return out
 
     def close(self) -> None:

@@ -43,6 +43,7 @@ from pipeline.data.decode import Normalise, decode_file  # noqa: E402
 from pipeline.data.folds import dev_part  # noqa: E402
 from pipeline.evaluation.statistics import bootstrap_intervals, paired_bootstrap  # noqa: E402
 from pipeline.gan.conditional import train_gan  # noqa: E402
+from pipeline.gan.quality import SeenClassesProbe  # noqa: E402
 from pipeline.gan.samples import accept, candidates, resize  # noqa: E402
 from pipeline.runtime.compute import World, pick_device, seed_everything  # noqa: E402
 from pipeline.runtime.params import Params, Variant, gan_side, parse_params  # noqa: E402
@@ -99,7 +100,9 @@ def gan_samples(params: Params, images: np.ndarray, targets: np.ndarray, classes
     trained = train_gan(resize(images, gan_side(cfg.image_size, SIDE)), targets, classes, cfg, device)
     fake, labels = candidates(cfg, trained, SIDE, device)
     extract = ImageFeatures(cfg.feature_backbone, cfg.feature_size, device)
-    chosen = accept(cfg, extract(images), targets, extract(fake), labels, classes, device)
+    real_f = extract(images)
+    chosen = accept(cfg, SeenClassesProbe.fit(real_f, targets, device), real_f, targets, extract(fake), labels,
+                    classes)
     print(f"GAN: {len(chosen.keep)} of {len(fake)} candidates accepted", flush=True)
     return fake[chosen.keep], labels[chosen.keep], chosen.scores[chosen.keep]
 

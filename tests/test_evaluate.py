@@ -141,6 +141,8 @@ def test_html_report_is_self_contained_and_says_what_the_markdown_says(known_ans
                     "The data", "Augmentation", "Synthetic samples"):
         assert f">{section}</h" in page and f"# {section}" in markdown
     assert "FID" in page and "CAS (samples)" in page and "novelty" in page  # the GAN fold's sample quality beside its grid
+    # and its filter's acceptance of real images beside the samples' (a number, not a dash: the run measured it)
+    assert re.search(r"acceptance of real images</th>.*?<tbody>\s*<tr>(<td>[^<]*</td>){3}<td>[01]\.\d{3}</td>", page, re.S)
 
 
 def test_html_report_escapes_names_from_users_folders(tmp_path):

@@ -26,6 +26,7 @@ from pipeline.gan.quality import (
     novelty,
     select_samples,
 )
+from pipeline.gan.samples import real_acceptance
 from pipeline.runtime.checkpoint import Checkpointing, load_checkpoint
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import gan_side
@@ -65,7 +66,8 @@ def test_gan_sees_only_the_folds_training_images_and_writes_filtered_samples(tmp
     metrics = json.loads((out.reports / "r0-fold1.json").read_text())
     assert set(metrics) >= {"fid_candidates", "kid_candidates", "cas_real", "cas_synthetic", "cas_candidates",
                             "cas_real_dev", "cas_candidates_dev", "acceptance", "acceptance_per_class",
-                            "augment_p"}
+                            "acceptance_real", "acceptance_real_dev", "augment_p"}
+    assert 0 <= metrics["acceptance_real"] <= 1 and 0 <= metrics["acceptance_real_dev"] <= 1
     assert metrics["fid_candidates"] > 0 and 0 <= metrics["cas_real"] <= 1
     # the development part of the 300 external images (about 150): accuracies in steps of 1/150, not of the 20
     # validation images' 1/20; never measured on the final test, since GAN settings are chosen by it
@@ -265,6 +267,19 @@ def test_the_filter_accepts_real_digits_under_their_own_label_more_than_under_a_
                             min_confidence=0.3, keep_per_class=1000)
     kept_right = (chosen.keep < len(right)).mean()
     assert kept_right > 0.8  # most accepted samples are the correctly labelled ones
+
+
+def test_the_filters_acceptance_of_real_images_is_the_share_per_class_that_passes(digit_features):
+    """The reference a GAN's acceptance is read against: real held-out digits under their own labels pass far more
+    often than under wrong ones, and the figure is the per-class mean of what class_probability passes."""
+    _, train_f, train_y, test_f, test_y, _ = digit_features
+    probe = SeenClassesProbe.fit(train_f, train_y, CPU)
+    real = real_acceptance(probe, test_f, test_y, 0.5)
+    passed = class_probability(probe, test_f, test_y) >= 0.5
+    assert real == pytest.approx(np.mean([passed[test_y == c].mean() for c in range(10)]))
+    assert 0.2 < real < 1 and real > 3 * real_acceptance(probe, test_f, (test_y + 1) % 10, 0.5)
+    assert real_acceptance(probe, test_f, test_y, 0.99) < real  # a stricter threshold turns more down
+    assert real_acceptance(probe, test_f[:0], test_y[:0], 0.5) is None
 
 
 def test_a_probe_of_some_classes_never_predicts_the_others(digit_features):

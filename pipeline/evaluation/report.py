@@ -394,16 +394,20 @@ def data_blocks(ev: dict, assets: Assets) -> list:
         blocks += [Heading("Synthetic samples", 3),
                    Text("Each fold's GAN (trained on that fold's training images only): a row per class, best-scoring "
                         "first. Acceptance is the share of candidates the filter (a classifier of the fold's real "
-                        "images) gave their class at least its threshold. FID and KID compare the accepted samples' "
+                        "images) gave their class at least its threshold; that filter, a probe of a few real images, "
+                        "also turns down real ones, so beside it stands its acceptance of real held-out images (the "
+                        "development part where there is one, else the validation images), what samples as good as "
+                        "real ones would score. FID and KID compare the accepted samples' "
                         "features with the real training images (lower is closer; biased upwards at these sample "
                         "sizes). Novelty is the samples' distance to their nearest real training image over the real "
                         "images' distance to their nearest other one: about 1, as new as another real image; near 0, "
                         "copies. CAS is the accuracy on real validation images of a classifier trained on the samples "
                         "alone, beside the same classifier trained on the real images; on the development part "
                         "(1,000 images) where there is one, since a fold's validation images are few."),
-                   Table(["fold", "accepted", "acceptance", "novelty", "FID", "KID", "CAS (samples)", "CAS (real)",
-                          "CAS on development (samples / real)"],
+                   Table(["fold", "accepted", "acceptance", "acceptance of real images", "novelty", "FID", "KID",
+                          "CAS (samples)", "CAS (real)", "CAS on development (samples / real)"],
                          [[fold, f"{m.get('accepted', '–')} of {m.get('candidates', '–')}", _f(m.get("acceptance")),
+                           _f(m.get("acceptance_real_dev", m.get("acceptance_real"))),
                            _f(m.get("novelty_accepted"), 2), _f(m.get("fid_accepted"), 1),
                            _f(m.get("kid_accepted"), 4), _f(m.get("cas_synthetic")), _f(m.get("cas_real")),
                            f"{_f(m.get('cas_synthetic_dev'))} / {_f(m.get('cas_real_dev'))}"]

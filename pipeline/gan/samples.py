@@ -70,15 +70,27 @@ def candidates(params: SynthesizeParams, trained: TrainedGan, side: int, device)
     return resize(fake, side), labels
 
 
-def accept(params: SynthesizeParams, real_features: np.ndarray, real_targets: np.ndarray, fake_features: np.ndarray,
-           fake_labels: np.ndarray, classes: int, device) -> Selection:
-    """The filter: a probe of the real images must give each candidate its class with at least `min_confidence`
-    (and, with `near_real`, the candidate must lie near a real image of its class); the best `keep_per_class`."""
-    probe = SeenClassesProbe.fit(real_features, real_targets, device)
+def accept(params: SynthesizeParams, probe: SeenClassesProbe, real_features: np.ndarray, real_targets: np.ndarray,
+           fake_features: np.ndarray, fake_labels: np.ndarray, classes: int) -> Selection:
+    """The filter: `probe`, fitted on the real images' features, must give each candidate its class with at least
+    `min_confidence` (and, with `near_real`, the candidate must lie near a real image of its class); the best
+    `keep_per_class`."""
     scores = class_probability(probe, fake_features, fake_labels)
     eligible = (near_real(real_features, real_targets, fake_features, fake_labels, params.near_real)
                 if params.near_real else None)
     return select_samples(scores, fake_labels, classes, params.min_confidence, params.keep_per_class, eligible)
+
+
+def real_acceptance(probe: SeenClassesProbe, features: np.ndarray, targets: np.ndarray,
+                    min_confidence: float) -> float | None:
+    """The share of real images the filter accepts under their own label, averaged over their classes as the
+    candidates' acceptance is (None without images). The filter is a probe of a few real images, so it also turns
+    down real ones; this is the reference a GAN's acceptance is read against (samples more typical than real
+    images can pass more often)."""
+    if len(targets) == 0:
+        return None
+    passed = class_probability(probe, features, targets) >= min_confidence
+    return float(np.mean([passed[targets == c].mean() for c in np.unique(targets)]))
 
 
 def resize(images: np.ndarray, side: int, chunk: int = 256) -> np.ndarray:
@@ -100,7 +112,8 @@ def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake
     (train_images, train_targets), (val_images, val_targets) = (collected.select(r) for r in rows)
     extract = ImageFeatures(params.feature_backbone, params.feature_size, device)
     real_f, fake_f = extract(train_images), extract(fake)
-    chosen = accept(params, real_f, train_targets, fake_f, fake_labels, len(collected.classes), device)
+    probe = SeenClassesProbe.fit(real_f, train_targets, device)
+    chosen = accept(params, probe, real_f, train_targets, fake_f, fake_labels, len(collected.classes))
     kept, scores = chosen.keep, chosen.scores
     if params.fid_features == "inception":
         before, after = (inception_fid_kid(train_images, fake[i], params.seed) for i in (slice(None), kept))
@@ -123,6 +136,8 @@ def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake
     for suffix, (test_f, test_y) in tests.items():
         for name, (train_f, train_y) in trained_on.items():
             metrics[name + suffix] = classification_accuracy_score(train_f, train_y, test_f, test_y, device)
+        # the same filter on real held-out images: the acceptance that samples as good as real ones would score
+        metrics["acceptance_real" + suffix] = real_acceptance(probe, test_f, test_y, params.min_confidence)
     return kept, scores, metrics
 
 

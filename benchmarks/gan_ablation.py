@@ -30,8 +30,9 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `pipeline` importable
+from pipeline.runtime import paths  # noqa: E402
 from pipeline.runtime.params import parse_params  # noqa: E402
-from pipeline.stages import collect, synthesize  # noqa: E402
+from pipeline.stages import augment, collect, synthesize  # noqa: E402
 from pipeline.stages.synthesize import SynthesizeOutputs  # noqa: E402
 
 from benchmarks import workspace  # noqa: E402
@@ -64,6 +65,7 @@ def main() -> None:
     params = load(args.set)
     work = Path(tempfile.mkdtemp(prefix="gan-ablation-"))
     collect.run(params.collect, work / "collected", work / "collect-reports")
+    augment.run(params.augment, work / "collected", work / "augment")  # the filter's views come from its policy
     results: dict[str, list[dict]] = {name: [] for name in versions}
     for fold in args.folds:
         for number, (name, overrides) in enumerate(versions.items()):
@@ -71,7 +73,8 @@ def main() -> None:
             folder = work / f"fold{fold}-version{number}"
             start = time.perf_counter()
             meta = synthesize.run(version, fold, work / "collected",
-                                  SynthesizeOutputs(folder, folder / "reports", "ablation"))
+                                  SynthesizeOutputs(folder, folder / "reports", "ablation"),
+                                  policy=work / "augment" / paths.POLICY_FILE)
             meta["seconds"] = time.perf_counter() - start
             results[name].append(meta)
             print(f"fold {fold} | {name:36} | " + " ".join(f"{k} {_fmt(meta[k])}" for k in SHOWN), flush=True)

@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `pipeline` importable
+from pipeline.augmentation.policy import build_policy  # noqa: E402
 from pipeline.data.collected import load_collected  # noqa: E402
 from pipeline.gan.samples import candidates, check_no_leak, judge, make_samples  # noqa: E402
 from pipeline.runtime.compute import pick_device, seed_everything  # noqa: E402
@@ -38,14 +39,14 @@ SHOWN = ["acceptance", "acceptance_real_dev", "accepted", "fid_accepted", "novel
          "cas_real_dev", "cas_ratio_dev"]
 
 
-def fold_results(params, collected, fold: int, truncations: list[float]) -> dict[float, dict]:
+def fold_results(params, collected, policy, fold: int, truncations: list[float]) -> dict[float, dict]:
     """Train fold `fold`'s GAN as the synthesize stage does (its seed included), then judge each truncation."""
     rows = check_no_leak(collected, fold, 0)
     gan = dataclasses.replace(params.synthesize, seed=params.synthesize.seed + fold)  # the stage's stream for repeat 0
     seed_everything(gan.seed)
     device = pick_device(gan.device)
     start = time.perf_counter()
-    made = make_samples(gan, collected, rows, device, checkpoint=None)
+    made = make_samples(gan, collected, rows, device, checkpoint=None, policy=policy)
     print(f"fold {fold}: GAN trained in {made.seconds:.0f} s", flush=True)
     stored = collected.select(rows[0])[0].shape[1]
     results = {}
@@ -54,7 +55,7 @@ def fold_results(params, collected, fold: int, truncations: list[float]) -> dict
             quality = dict(made.quality)
         else:
             fake, labels = candidates(dataclasses.replace(gan, truncation=t), made.trained, stored, device)
-            _, _, quality = judge(gan, collected, fake, labels, rows, device)
+            _, _, quality = judge(gan, collected, fake, labels, rows, device, policy)
         quality["cas_ratio_dev"] = quality["cas_synthetic_dev"] / max(quality["cas_real_dev"], 1e-9)
         results[t] = quality
         print(f"fold {fold} | truncation {t:.2f} | " + " ".join(f"{k} {quality[k]:.4f}" for k in SHOWN), flush=True)
@@ -72,7 +73,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gan-truncation-"))
     collect.run(params.collect, work / "collected", work / "collect-reports")
     collected = load_collected(work / "collected")
-    per_fold = [fold_results(params, collected, fold, args.truncations) for fold in args.folds]
+    policy = build_policy(params.augment.transforms, params.augment.seed)  # as the augment stage builds it
+    per_fold = [fold_results(params, collected, policy, fold, args.truncations) for fold in args.folds]
     print(f"\nmean over folds {args.folds} ({params.synthesize.steps} steps); lowest acceptance of a fold in brackets:")
     print(f"{'truncation':>10}" + "".join(f"{k:>20}" for k in SHOWN))
     for t in args.truncations:

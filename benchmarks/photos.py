@@ -38,13 +38,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks` importable
 from pipeline import presets  # noqa: E402
-from pipeline.augmentation.policy import build_policy, save_policy  # noqa: E402
+from pipeline.augmentation.policy import build_policy, load_policy, save_policy  # noqa: E402
 from pipeline.data.decode import Normalise, decode_file  # noqa: E402
 from pipeline.data.folds import dev_part  # noqa: E402
 from pipeline.evaluation.statistics import bootstrap_intervals, paired_bootstrap  # noqa: E402
 from pipeline.gan.conditional import train_gan  # noqa: E402
-from pipeline.gan.quality import SeenClassesProbe  # noqa: E402
-from pipeline.gan.samples import accept, candidates, resize  # noqa: E402
+from pipeline.gan.samples import accept, candidates, fit_filter, resize  # noqa: E402
 from pipeline.runtime.compute import World, pick_device, seed_everything  # noqa: E402
 from pipeline.runtime.params import Params, Variant, gan_side, parse_params  # noqa: E402
 from pipeline.training import learners  # noqa: E402
@@ -91,18 +90,18 @@ def reference(images: np.ndarray, targets: np.ndarray, train: np.ndarray, device
     return model.predict_proba(scaler.transform(features))
 
 
-def gan_samples(params: Params, images: np.ndarray, targets: np.ndarray, classes: int,
+def gan_samples(params: Params, images: np.ndarray, targets: np.ndarray, classes: int, policy: Path,
                 device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The accepted GAN samples for these labelled photos, their classes and the filter's confidence, made as the
-    synthesize stage makes them (its GAN, side, candidates, filter and thresholds)."""
+    synthesize stage makes them (its GAN, side, candidates, filter with its views and thresholds)."""
     cfg = params.synthesize
     seed_everything(cfg.seed)
     trained = train_gan(resize(images, gan_side(cfg.image_size, SIDE)), targets, classes, cfg, device)
     fake, labels = candidates(cfg, trained, SIDE, device)
     extract = ImageFeatures(cfg.feature_backbone, cfg.feature_size, device)
     real_f = extract(images)
-    chosen = accept(cfg, SeenClassesProbe.fit(real_f, targets, device), real_f, targets, extract(fake), labels,
-                    classes)
+    probe = fit_filter(cfg, extract, images, targets, real_f, load_policy(policy), device)
+    chosen = accept(cfg, probe, real_f, targets, extract(fake), labels, classes)
     print(f"GAN: {len(chosen.keep)} of {len(fake)} candidates accepted", flush=True)
     return fake[chosen.keep], labels[chosen.keep], chosen.scores[chosen.keep]
 
@@ -165,7 +164,7 @@ def main() -> None:
             samples = None
             if any(r != "reference" and variants[r].synthetic for r in recipes):
                 start = time.perf_counter()
-                samples = gan_samples(params, images[train], targets[train], len(classes), device)
+                samples = gan_samples(params, images[train], targets[train], len(classes), policy, device)
                 print(f"n={per_class} draw {draw} GAN samples in {time.perf_counter() - start:.1f} s", flush=True)
             for recipe in recipes:
                 start = time.perf_counter()

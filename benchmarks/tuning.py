@@ -122,7 +122,8 @@ def train_setting(ws: Path, question: Question, settings: list[str], folds: list
             synthetic = out / "synthetic" / f"r0-fold{fold}"
             start = time.perf_counter()
             synthesize.run(params.synthesize, fold, collected,
-                           synthesize.SynthesizeOutputs(synthetic, out / "synthesize", f"r0-fold{fold}"))
+                           synthesize.SynthesizeOutputs(synthetic, out / "synthesize", f"r0-fold{fold}"),
+                           policy=policy)
             fold_seconds += time.perf_counter() - start
         meta = finetune.run(params.finetune, params.variants[question.variant], fold,
                             finetune.FinetuneInputs(collected, policy, synthetic), out / f"fold{fold}")

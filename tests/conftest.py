@@ -33,6 +33,7 @@ TINY = {
     "synthesize.base_channels": 8,
     "synthesize.candidates_per_class": 6,
     "synthesize.keep_per_class": 3,
+    "synthesize.filter_views": 2,
     "synthesize.feature_size": 32,
     "synthesize.checkpoint_every": 10,
     "synthesize.log_every": 5,
@@ -91,6 +92,17 @@ def collected_dir(tmp_path_factory, tiny_params) -> Path:
     out = root / "collected"
     collect.run(tiny_params.collect, out, root / "reports")
     return out
+
+
+@pytest.fixture(scope="session")
+def policy_file(tmp_path_factory, collected_dir, tiny_params) -> Path:
+    """The augment stage's real policy.json at TINY size (read-only for tests): the filter's views are drawn with
+    it."""
+    from pipeline.stages import augment
+
+    root = tmp_path_factory.mktemp("augment")
+    augment.run(tiny_params.augment, collected_dir, root)
+    return root / "policy.json"
 
 
 # Real colour photos (CC0, 10 classes of clothing, about 256 x 341 px), laid beside the repository as

@@ -74,7 +74,7 @@ def evaluate_known_answers(root: Path) -> Evaluated:
     collect.run(params.collect, root / "collected", root / "reports")
     augment.run(params.augment, root / "collected", root / "augment")
     synthesize.run(params.synthesize, 0, root / "collected", synthesize.SynthesizeOutputs(
-        root / "synthetic", root / "reports" / "synthesize", "r0-fold0"))
+        root / "synthetic", root / "reports" / "synthesize", "r0-fold0"), policy=root / "augment" / "policy.json")
     for n in params.scarcity.images_per_class:
         scarcity.run(params.scarcity, params.finetune, params.variants["probe"], n,
                      scarcity.ScarcityInputs(root / "collected", root / "augment" / "policy.json"),

@@ -40,6 +40,7 @@ def test_stage_outputs_are_the_paths_the_code_writes():
     assert [p if isinstance(p, str) else next(iter(p)) for p in s["synthesize"]["plots"]] == [
         str(paths.SYNTHESIZE_REPORTS / f"{name}-{suffix}") for suffix in ("history.csv", "curves.png", "grid.png")]
     assert str(paths.AUGMENT / paths.POLICY_FILE) in s["finetune"]["deps"]
+    assert str(paths.AUGMENT / paths.POLICY_FILE) in s["synthesize"]["deps"]  # the filter's views are drawn with it
     run = f"{paths.split_name('${item.repeat}', '${item.fold}')}-${{item.variant}}"
     assert s["finetune"]["metrics"] == [str(paths.FINETUNE_REPORTS / run / "metrics.json"),
                                         str(paths.run_facts(paths.FINETUNE_REPORTS, run))]

@@ -30,7 +30,7 @@ def inputs(tmp_path_factory, collected_dir):
     root = tmp_path_factory.mktemp("upstream")
     params = make_params()
     augment.run(params.augment, collected_dir, root / "augment")
-    synthesize.run(params.synthesize, 0, collected_dir, root / "synthetic0")
+    synthesize.run(params.synthesize, 0, collected_dir, root / "synthetic0", policy=root / "augment" / "policy.json")
     return FinetuneInputs(collected_dir, root / "augment" / "policy.json", root / "synthetic0")
 
 

@@ -171,6 +171,9 @@ def test_the_gan_fingerprint_ignores_steps_but_not_the_data_the_processes_or_the
     features = dataclasses.replace(params, condition="label", discriminator="features")
     assert synthesize.checkpoint_fingerprint(features, images, targets, World(), CPU) != synthesize.checkpoint_fingerprint(
         dataclasses.replace(smaller, condition="label", discriminator="features"), images, targets, World(), CPU)
+    # the filter's views judge samples after training: a checkpoint made with other views still resumes
+    views = dataclasses.replace(params, filter_views=params.filter_views + 8)
+    assert synthesize.checkpoint_fingerprint(views, images, targets, World(), CPU) == base
     # the generator's kind shapes training; the sampling temperature does not
     label = dataclasses.replace(params, condition="label")
     assert synthesize.checkpoint_fingerprint(label, images, targets, World(), CPU) != base

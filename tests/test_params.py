@@ -57,6 +57,8 @@ def test_the_study_preset_adds_the_recipes_the_default_leaves_out_and_changes_no
     ({"synthesize.discriminator": "features"}, r"`synthesize.discriminator` must be pixels with condition: image"),
     ({"synthesize.condition": "both"}, r"synthesize.condition"),
     ({"synthesize.truncation": 0}, r"`synthesize.truncation` must be in \(0, 1\]"),
+    ({"synthesize.filter_views": -1}, r"`synthesize.filter_views` must be >= 0 \(0 = the real images alone\)"),
+    ({"synthesize.filter_views": 2.5}, r"synthesize.filter_views"),
     ({"finetune.warmup_epochs": -1}, r"`finetune.warmup_epochs` must be >= 0"),
     ({"finetune.device": "tpu"}, r"`finetune.device` must be one of 'auto', 'cpu', 'cuda'"),
     ({"finetune.synthetic_share": 1.0}, r"`finetune.synthetic_share` must be in \[0, 1\)"),

@@ -1,6 +1,7 @@
 """The synthesize stage: each fold's GAN sees that fold's training images only, its samples are filtered by a
 classifier of real images, measured, checkpointed, resumable after a kill, and data-parallel under torchrun."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,9 +14,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from pipeline.augmentation.policy import load_policy
 from pipeline.data.collected import load_collected
 from pipeline.data.decode import pixel_sha256
 from pipeline.gan import conditional as gan
+from pipeline.gan import samples
 from pipeline.gan.quality import (
     SeenClassesProbe,
     class_probability,
@@ -26,7 +29,7 @@ from pipeline.gan.quality import (
     novelty,
     select_samples,
 )
-from pipeline.gan.samples import real_acceptance
+from pipeline.gan.samples import fit_filter, real_acceptance
 from pipeline.runtime.checkpoint import Checkpointing, load_checkpoint
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import gan_side
@@ -43,10 +46,10 @@ def outputs(root, name="r0-fold0", checkpoints=True):
     return SynthesizeOutputs(root / "out", root / "reports", name, root / "checkpoints" if checkpoints else None)
 
 
-def test_gan_sees_only_the_folds_training_images_and_writes_filtered_samples(tmp_path, collected_dir):
+def test_gan_sees_only_the_folds_training_images_and_writes_filtered_samples(tmp_path, collected_dir, policy_file):
     params = make_params()
     out = outputs(tmp_path, "r0-fold1")
-    meta = synthesize.run(params.synthesize, 1, collected_dir, out)
+    meta = synthesize.run(params.synthesize, 1, collected_dir, out, policy=policy_file)
     data = load_collected(collected_dir)
     train_rows, val_rows = data.fold_split(1)
     trained_on = set(json.loads((out.folder / "meta.json").read_text())["trained_on_sha256"])
@@ -82,12 +85,13 @@ def test_gan_sees_only_the_folds_training_images_and_writes_filtered_samples(tmp
     assert not (out.checkpoints / gan.CHECKPOINT_FILE).exists()  # removed once training finished
 
 
-def test_the_gan_trains_at_its_own_resolution_and_its_samples_come_back_at_the_stored_side(tmp_path):
+def test_the_gan_trains_at_its_own_resolution_and_its_samples_come_back_at_the_stored_side(tmp_path, policy_file):
     """Images stored at 40 px (no power of two): the GAN trains at 32, the largest of its sides below; its
     candidates and accepted samples are resized to 40, so they mix with the real images."""
     params = make_params(collect__image_size=40)
     collect.run(params.collect, tmp_path / "collected", tmp_path / "collect-reports")
-    meta = synthesize.run(params.synthesize, 0, tmp_path / "collected", outputs(tmp_path, checkpoints=False))
+    meta = synthesize.run(params.synthesize, 0, tmp_path / "collected", outputs(tmp_path, checkpoints=False),
+                          policy=policy_file)
     assert (meta["image_size"], meta["gan_image_size"]) == (40, 32)
     with np.load(tmp_path / "out" / "candidates.npz") as c, np.load(tmp_path / "out" / "samples.npz") as k:
         assert c["images"].shape[1:] == (40, 40, 1) and k["images"].shape[1:] == (40, 40, 1)
@@ -105,10 +109,11 @@ def test_resizing_for_the_gan_antialiases_when_shrinking_and_keeps_what_it_need_
     assert gan_side(0, 32) == 32 and gan_side(0, 224) == 128 and gan_side(0, 40) == 32 and gan_side(64, 224) == 64
 
 
-def test_same_seed_gives_the_same_samples(tmp_path, collected_dir):
+def test_same_seed_gives_the_same_samples(tmp_path, collected_dir, policy_file):
     params = make_params(synthesize__steps=5)
     for name in ("a", "b"):
-        synthesize.run(params.synthesize, 0, collected_dir, outputs(tmp_path / name, checkpoints=False))
+        synthesize.run(params.synthesize, 0, collected_dir, outputs(tmp_path / name, checkpoints=False),
+                       policy=policy_file)
     a, b = (np.load(tmp_path / name / "out" / "candidates.npz")["images"] for name in ("a", "b"))
     assert np.array_equal(a, b)
 
@@ -132,20 +137,20 @@ def planted(tmp_path, collected_dir, in_train_too=False):
     return root, pixel_sha256(checker)
 
 
-def test_a_planted_validation_image_is_never_seen_by_its_folds_gan(tmp_path, collected_dir):
+def test_a_planted_validation_image_is_never_seen_by_its_folds_gan(tmp_path, collected_dir, policy_file):
     root, sha = planted(tmp_path, collected_dir)
     params = make_params(synthesize__steps=4)
-    fold0 = synthesize.run(params.synthesize, 0, root, outputs(tmp_path / "f0", checkpoints=False))
-    fold1 = synthesize.run(params.synthesize, 1, root, outputs(tmp_path / "f1", checkpoints=False))
+    fold0, fold1 = (synthesize.run(params.synthesize, fold, root, outputs(tmp_path / f"f{fold}", checkpoints=False),
+                                   policy=policy_file) for fold in (0, 1))
     assert sha not in fold0["trained_on_sha256"]
     assert sha in fold1["trained_on_sha256"]  # the same image is fold 1's training data: the check can see it
 
 
-def test_synthesize_refuses_data_that_contradicts_the_fold_assignment(tmp_path, collected_dir):
+def test_synthesize_refuses_data_that_contradicts_the_fold_assignment(tmp_path, collected_dir, policy_file):
     root, _ = planted(tmp_path, collected_dir, in_train_too=True)
     with pytest.raises(PipelineError, match=r"fold 0 \(repeat 0\): 1 picture\(s\) in its training part are also "
                                             r"held out for testing"):
-        synthesize.run(make_params().synthesize, 0, root, outputs(tmp_path))
+        synthesize.run(make_params().synthesize, 0, root, outputs(tmp_path), policy=policy_file)
     assert not (tmp_path / "out").exists()
 
 
@@ -213,8 +218,8 @@ def test_a_killed_run_resumes_exactly_where_its_checkpoint_left_off(tmp_path, mo
 
 
 @pytest.mark.slow
-def test_the_stage_command_resumes_after_sigkill(tmp_path, collected_dir):
-    work = stage_workspace(tmp_path, collected_dir, None,
+def test_the_stage_command_resumes_after_sigkill(tmp_path, collected_dir, policy_file):
+    work = stage_workspace(tmp_path, collected_dir, policy_file,
                            **{"synthesize.steps": 1500, "synthesize.checkpoint_every": 100})
     command = [sys.executable, "-m", "pipeline.stages.synthesize", "--fold", "0"]
     checkpoint = work / "data" / "checkpoints" / "synthesize" / "r0-fold0" / gan.CHECKPOINT_FILE
@@ -232,8 +237,9 @@ def test_the_stage_command_resumes_after_sigkill(tmp_path, collected_dir):
 
 
 @pytest.mark.slow
-def test_torchrun_runs_the_same_command_data_parallel_on_cpu(tmp_path, collected_dir):
-    work = stage_workspace(tmp_path, collected_dir, None, **{"synthesize.steps": 40, "synthesize.device": "cpu"})
+def test_torchrun_runs_the_same_command_data_parallel_on_cpu(tmp_path, collected_dir, policy_file):
+    work = stage_workspace(tmp_path, collected_dir, policy_file,
+                           **{"synthesize.steps": 40, "synthesize.device": "cpu"})
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "-m", "pipeline.stages.synthesize", "--fold", "0"], cwd=work, env=stage_env(),
                           capture_output=True, text=True, timeout=300)
@@ -346,3 +352,40 @@ def test_inception_features_without_torch_fidelity_say_what_to_install():
     images = np.zeros((4, 16, 16, 1), np.uint8)
     with pytest.raises(PipelineError, match=r"inception needs the torch-fidelity package .* `fid_features: backbone`"):
         inception_fid_kid(images, images, seed=0)
+
+
+def test_the_filters_views_of_the_real_images_make_it_right_on_more_held_out_digits(digit_features, collected_dir,
+                                                                                   policy_file):
+    """With views (augmented copies of the few real images, drawn with the augment stage's policy) the filter is
+    right on more held-out digits and passes more of them under their own label: at full size 0.70 -> 0.78 of
+    development digits with 16 views. Without views it is the plain probe; the views are seeded."""
+    extract, train_f, train_y, test_f, test_y, _ = digit_features
+    data = load_collected(collected_dir)
+    train_images, _ = data.select(data.labelled)
+    params, policy = make_params().synthesize, load_policy(policy_file)
+    judged = {}
+    for views in (0, 8):
+        cfg = dataclasses.replace(params, filter_views=views)
+        probe = fit_filter(cfg, extract, train_images, train_y, train_f, policy, CPU)
+        judged[views] = ((probe.predict(test_f) == test_y).mean(), real_acceptance(probe, test_f, test_y, 0.5), probe)
+    plain = SeenClassesProbe.fit(train_f, train_y, CPU)
+    assert np.allclose(judged[0][2].probe.predict_proba(test_f), plain.probe.predict_proba(test_f))
+    assert judged[8][0] > judged[0][0] + 0.03 and judged[8][1] > judged[0][1] + 0.03
+    again = fit_filter(dataclasses.replace(params, filter_views=8), extract, train_images, train_y, train_f, policy,
+                       CPU)
+    assert np.array_equal(again.probe.predict_proba(test_f), judged[8][2].probe.predict_proba(test_f))
+    with pytest.raises(PipelineError, match="no augmentation policy"):
+        fit_filter(dataclasses.replace(params, filter_views=8), extract, train_images, train_y, train_f, None, CPU)
+
+
+def test_the_stage_says_to_run_augment_before_training_when_the_filters_policy_is_missing(tmp_path, collected_dir,
+                                                                                          monkeypatch):
+    def trained(*args, **kwargs):
+        raise AssertionError("the GAN trained before the missing policy was noticed")
+
+    monkeypatch.setattr(samples, "train_gan", trained)
+    with pytest.raises(PipelineError, match=r"filter_views is 2: .* Run `dvc repro augment` first"):
+        synthesize.run(make_params().synthesize, 0, collected_dir, outputs(tmp_path), policy=tmp_path / "none.json")
+    without_views = dataclasses.replace(make_params().synthesize, filter_views=0)  # needs no policy, so it trains
+    with pytest.raises(AssertionError, match="the GAN trained"):
+        synthesize.run(without_views, 0, collected_dir, outputs(tmp_path), policy=None)

@@ -185,6 +185,14 @@ def augment_seeded(policy: Any, image: np.ndarray, seed: int) -> np.ndarray:
     return augment_image(policy, image)
 
 
+def augmented_views(images: np.ndarray, policy: Any, views: int, seed: int) -> np.ndarray:
+    """`views` augmented copies of every image, each drawn with its own seed (view-major: all images' first view,
+    then all images' second, so `np.tile(targets, views)` labels them)."""
+    out = [augment_seeded(policy, image, seed * 7919 + view * len(images) + i)
+           for view in range(views) for i, image in enumerate(images)]
+    return np.stack(out) if out else images[:0]
+
+
 def save_policy(policy: Any, path: Path) -> None:
     _albumentations().save(policy, str(path), data_format="json")
 

@@ -175,6 +175,7 @@ class SynthesizeParams:
     truncation: float  # z is drawn from N(0, truncation^2) when sampling (the truncation trick); 1 = as trained
     keep_per_class: int
     min_confidence: float
+    filter_views: int  # augmented copies of each real training image (augment's policy) the filter also learns from
     near_real: float  # 0 = off; else a sample must lie this quantile of its class's spread from a real image
     image_size: int  # the GAN's resolution, a power of two from 16 to 128; 0 = from collect.image_size (gan_side)
     feature_backbone: str
@@ -194,6 +195,8 @@ class SynthesizeParams:
         _require(0 <= self.ada_target < 1, "synthesize.ada_target", "in [0, 1) (0 = fixed p = 1)", self.ada_target)
         _require(0 <= self.min_confidence < 1, "synthesize.min_confidence", "in [0, 1)", self.min_confidence)
         _require(0 < self.truncation <= 1, "synthesize.truncation", "in (0, 1]", self.truncation)
+        _require(self.filter_views >= 0, "synthesize.filter_views", ">= 0 (0 = the real images alone)",
+                 self.filter_views)
         _require(0 <= self.near_real <= 1, "synthesize.near_real", "in [0, 1] (0 = off)", self.near_real)
         _require(self.condition == "label" or self.discriminator == "pixels", "synthesize.discriminator",
                  "pixels with condition: image (its discriminator judges pairs of images)", self.discriminator)

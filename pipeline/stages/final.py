@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.augmentation.policy import load_policy
 from pipeline.data.collected import EXTERNAL_PARTS, Collected, load_collected
 from pipeline.data.decode import Normalise
 from pipeline.gan.samples import make_samples
@@ -59,13 +60,14 @@ class FinalOutputs:
     checkpoints: Path | None = None
 
 
-def gan_samples(settings: FinalSettings, collected: Collected,
+def gan_samples(settings: FinalSettings, collected: Collected, policy: Path,
                 device) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """The accepted samples of a GAN trained on every labelled image (no validation images are left to measure
-    CAS on, so only the external set's CAS is recorded, where there is one)."""
+    CAS on, so only the external set's CAS is recorded, where there is one); `policy` draws the filter's views."""
     seed_everything(settings.synthesize.seed)
     labelled = collected.labelled
-    made = make_samples(settings.synthesize, collected, (labelled, labelled.iloc[:0]), device, None)
+    made = make_samples(settings.synthesize, collected, (labelled, labelled.iloc[:0]), device, None,
+                        policy=load_policy(policy))
     quality = {k: v for k, v in made.quality.items() if v is not None and k != "acceptance_per_class"}
     return made.fake[made.kept], made.labels[made.kept].astype(np.int64), made.scores[made.kept], quality
 
@@ -86,7 +88,7 @@ def run(settings: FinalSettings, inputs: FinalInputs, outputs: FinalOutputs) -> 
     data = real_training_set(images, targets, rows["group"].to_numpy(), finetune, variant, finetune.seed)
     gan = {}
     if variant.synthetic:
-        fake, fake_targets, confidence, gan = gan_samples(settings, collected, device)
+        fake, fake_targets, confidence, gan = gan_samples(settings, collected, inputs.policy, device)
         data = dataclasses.replace(data, synthetic=fake, synthetic_targets=fake_targets,
                                    synthetic_confidence=confidence.astype(np.float32))
     if variant.unlabelled:

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
+from pipeline.augmentation.policy import load_policy
 from pipeline.data.collected import load_collected
 from pipeline.data.pictures import save_png
 from pipeline.gan.review import curves_png, review_grid
@@ -31,6 +32,7 @@ from pipeline.runtime import atomic, paths
 from pipeline.runtime.checkpoint import Checkpointing
 from pipeline.runtime.cli import cli, stage_args
 from pipeline.runtime.compute import World, leave_process_group, pick_device, seed_everything, torchrun_world
+from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.fingerprint import fingerprint
 from pipeline.runtime.params import SynthesizeParams, gan_side
 
@@ -67,7 +69,7 @@ def checkpoint_fingerprint(params: SynthesizeParams, images: np.ndarray, targets
     `steps`: a killed run may be resumed with more steps. The filter's backbone and side shape training only when the
     discriminator is built on them."""
     ignored = {"steps", "log_every", "checkpoint_every", "candidates_per_class", "keep_per_class", "min_confidence",
-               "near_real", "fid_features", "device", "truncation"}
+               "filter_views", "near_real", "fid_features", "device", "truncation"}
     if params.discriminator != "features":
         ignored |= {"feature_backbone", "feature_size"}
     shaping = {k: v for k, v in dataclasses.asdict(params).items() if k not in ignored}
@@ -95,10 +97,23 @@ def write_outputs(out: SynthesizeOutputs, trained, candidates: tuple[np.ndarray,
     atomic.write_text(reports / f"{out.name}-history.csv", pd.DataFrame(trained.history).to_csv(index=False))
 
 
+def filter_policy(params: SynthesizeParams, policy: Path | None):
+    """The augment stage's policy, built, when the filter draws views of the real images with it (checked before the
+    GAN trains, not after); None when it does not."""
+    if params.filter_views == 0:
+        return None
+    if policy is None or not Path(policy).is_file():
+        raise PipelineError(f"synthesize.filter_views is {params.filter_views}: the filter learns from augmented views "
+                            f"of the real images, drawn with the augment stage's policy ({policy}), which is "
+                            "missing. Run `dvc repro augment` first, or set synthesize.filter_views: 0")
+    return load_policy(policy)
+
+
 def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path | SynthesizeOutputs,
-        repeat: int = 0, world: World = World()) -> dict:
+        repeat: int = 0, world: World = World(), policy: Path | None = None) -> dict:
     """Train, sample, filter, measure and write one fold's GAN; returns meta.json's content (empty on the
-    non-main processes of a torchrun)."""
+    non-main processes of a torchrun). `policy` is the augment stage's policy.json, from which the filter's views
+    of the real images are drawn (needed when `filter_views` is above 0)."""
     out = output if isinstance(output, SynthesizeOutputs) else SynthesizeOutputs(
         Path(output), Path(output).parent / "reports", paths.split_name(repeat, fold))
     collected = load_collected(collected_dir)
@@ -113,7 +128,7 @@ def run(params: SynthesizeParams, fold: int, collected_dir: Path, output: Path |
     if out.checkpoints is not None:
         checkpoint = Checkpointing(out.checkpoints, params.checkpoint_every,
                                    checkpoint_fingerprint(params, images, targets, world, device))
-    made = make_samples(params, collected, rows, device, checkpoint, world)
+    made = make_samples(params, collected, rows, device, checkpoint, world, filter_policy(params, policy))
     if made is None:
         return {}
     trained, quality = made.trained, made.quality
@@ -140,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     args, params = stage_args(__doc__, argv, PARAMS, fold=True)
     world = torchrun_world(params.synthesize.device)
     try:
-        run(params.synthesize, args.fold, paths.COLLECTED, outputs_for(args.repeat, args.fold), args.repeat, world)
+        run(params.synthesize, args.fold, paths.COLLECTED, outputs_for(args.repeat, args.fold), args.repeat, world,
+            paths.AUGMENT / paths.POLICY_FILE)
     finally:
         leave_process_group()  # when run() failed before parting
 

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.augmentation.policy import augment_seeded, load_policy
+from pipeline.augmentation.policy import augmented_views, load_policy
 from pipeline.data.collected import Collected
 from pipeline.runtime.checkpoint import Checkpointing
 from pipeline.runtime.compute import World, channels_last
@@ -174,13 +174,6 @@ def full(job: Job) -> Outcome | None:
             "resumed_from_epoch": result.resumed_from, "steps": epochs * per_epoch, "train_seconds": round(seconds, 2),
             "train_images_per_second": round(shown / max(seconds, 1e-9), 1)}
     return Outcome(probs, result.history, meta, result.model)
-
-
-def augmented_views(images: np.ndarray, policy, views: int, seed: int) -> np.ndarray:
-    """`views` augmented copies of every image, each drawn with its own seed (view-major)."""
-    out = [augment_seeded(policy, image, seed * 7919 + view * len(images) + i)
-           for view in range(views) for i, image in enumerate(images)]
-    return np.stack(out) if out else images[:0]
 
 
 def frozen_training_rows(job: Job, frozen: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -394,8 +394,8 @@ def data_blocks(ev: dict, assets: Assets) -> list:
         blocks += [Heading("Synthetic samples", 3),
                    Text("Each fold's GAN (trained on that fold's training images only): a row per class, best-scoring "
                         "first. Acceptance is the share of candidates the filter (a classifier of the fold's real "
-                        "images) gave their class at least its threshold; that filter, a probe of a few real images, "
-                        "also turns down real ones, so beside it stands its acceptance of real held-out images (the "
+                        "images and of their augmented views) gave their class at least its threshold; that filter, a "
+                        "probe of a few real images, also turns down real ones, so beside it stands its acceptance of real held-out images (the "
                         "development part where there is one, else the validation images), what samples as good as "
                         "real ones would score. FID and KID compare the accepted samples' "
                         "features with the real training images (lower is closer; biased upwards at these sample "

@@ -77,7 +77,6 @@ def fold_results(params, collected, policy, fold: int, combos: list[dict]) -> li
         else:
             fake, labels = candidates(setting, made.trained, stored, device)
             _, _, quality = judge(setting, collected, fake, labels, rows, device, policy)
-        quality["cas_ratio_dev"] = quality["cas_synthetic_dev"] / max(quality["cas_real_dev"], 1e-9)
         results.append(quality)
         print(f"fold {fold} | {label(combo)} | " + " ".join(f"{k} {quality[k]:.4f}" for k in SHOWN), flush=True)
     print(f"fold {fold}: {time.perf_counter() - start:.0f} s in all", flush=True)

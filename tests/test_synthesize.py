@@ -29,7 +29,7 @@ from pipeline.gan.quality import (
     novelty,
     select_samples,
 )
-from pipeline.gan.samples import fit_filter, real_acceptance
+from pipeline.gan.samples import cas_ratio, fit_filter, real_acceptance
 from pipeline.runtime.checkpoint import Checkpointing, load_checkpoint
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.params import gan_side
@@ -71,6 +71,12 @@ def test_gan_sees_only_the_folds_training_images_and_writes_filtered_samples(tmp
                             "cas_real_dev", "cas_candidates_dev", "acceptance", "acceptance_per_class",
                             "acceptance_real", "acceptance_real_dev", "augment_p"}
     assert 0 <= metrics["acceptance_real"] <= 1 and 0 <= metrics["acceptance_real_dev"] <= 1
+    for suffix in ("", "_dev"):  # what the samples teach a classifier, over what the real images teach it
+        if metrics["cas_synthetic" + suffix] is not None and metrics["cas_real" + suffix]:
+            assert metrics["cas_ratio" + suffix] == pytest.approx(metrics["cas_synthetic" + suffix]
+                                                                  / metrics["cas_real" + suffix])
+        else:
+            assert metrics["cas_ratio" + suffix] is None
     assert metrics["fid_candidates"] > 0 and 0 <= metrics["cas_real"] <= 1
     # the development part of the 300 external images (about 150): accuracies in steps of 1/150, not of the 20
     # validation images' 1/20; never measured on the final test, since GAN settings are chosen by it
@@ -312,6 +318,11 @@ def test_near_real_keeps_digits_near_their_class_and_refuses_noise_and_wrong_lab
     chosen = select_samples(np.ones(len(test_y)), test_y, 10, min_confidence=0.5, keep_per_class=1000,
                             eligible=near)
     assert set(chosen.keep) == set(np.flatnonzero(near))
+
+
+def test_the_cas_ratio_is_what_samples_teach_over_what_real_images_teach():
+    assert cas_ratio(0.6, 0.75) == pytest.approx(0.8)
+    assert cas_ratio(None, 0.75) is None and cas_ratio(0.6, None) is None and cas_ratio(0.6, 0.0) is None
 
 
 def test_select_samples_known_answer():

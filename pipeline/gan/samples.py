@@ -154,9 +154,18 @@ def judge(params: SynthesizeParams, collected: Collected, fake: np.ndarray, fake
     for suffix, (test_f, test_y) in tests.items():
         for name, (train_f, train_y) in trained_on.items():
             metrics[name + suffix] = classification_accuracy_score(train_f, train_y, test_f, test_y, device)
+        metrics["cas_ratio" + suffix] = cas_ratio(metrics["cas_synthetic" + suffix], metrics["cas_real" + suffix])
         # the same filter on real held-out images: the acceptance that samples as good as real ones would score
         metrics["acceptance_real" + suffix] = real_acceptance(probe, test_f, test_y, params.min_confidence)
     return kept, scores, metrics
+
+
+def cas_ratio(synthetic: float | None, real: float | None) -> float | None:
+    """What the accepted samples teach a classifier, as a share of what the real training images teach the same
+    classifier (None where either is missing, or the real images taught nothing)."""
+    if synthetic is None or not real:
+        return None
+    return synthetic / real
 
 
 def check_no_leak(collected: Collected, fold: int, repeat: int) -> tuple[pd.DataFrame, pd.DataFrame]:

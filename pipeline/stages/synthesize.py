@@ -42,8 +42,8 @@ PARAMS = ("synthesize",)
 METRIC_KEYS = (  # what goes into reports/synthesize/rR-foldK.json
     "fid_candidates", "kid_candidates", "kid_std_candidates", "fid_accepted", "kid_accepted",
     "kid_std_accepted", "cas_synthetic", "cas_candidates", "cas_real", "cas_synthetic_dev",
-    "cas_candidates_dev", "cas_real_dev", "acceptance", "accepted", "candidates", "novelty_candidates",
-    "novelty_accepted", "acceptance_real", "acceptance_real_dev",
+    "cas_candidates_dev", "cas_real_dev", "cas_ratio", "cas_ratio_dev", "acceptance", "accepted", "candidates",
+    "novelty_candidates", "novelty_accepted", "acceptance_real", "acceptance_real_dev",
     "acceptance_per_class", "augment_p", "train_seconds", "steps_per_second", "resumed_from_step",
 )
 

@@ -19,7 +19,8 @@ is then the result, beside the reference's test figure. The test halves choose n
 - with GAN samples, asked for by name (`--recipes partial partial_synthetic probe probe+gan`): the preset's
   synthetic variants, and any variant with `+gan`. Each draw trains the preset's GAN (`synthesize`, at its 64 px)
   on that draw's labelled photos only, filters its candidates with a probe of those photos and of their
-  augmented views (`synthesize.filter_views`, drawn with the preset's policy), as the synthesize stage does, and every such recipe of the draw trains on the same accepted samples.
+  augmented views (`synthesize.filter_views`, drawn with the preset's policy), as the synthesize stage does, and
+  every such recipe of the draw trains on the same accepted samples.
 """
 
 from __future__ import annotations
